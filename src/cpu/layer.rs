@@ -1,0 +1,399 @@
+//! [`CpuLayer`]: an SVFT linear layer in f32 on row-major host buffers.
+//!
+//! `Y = X (U C V^T)^T + bias` with `C = diag(s) + g M`. The layer owns its frozen factors,
+//! coefficients, gate and a workspace sized on the first call with a given token count, so the
+//! hot path (`forward_into`, `backward_into`) allocates nothing after that call.
+
+use crate::config::{gate_value, Init, LayerConfig};
+use crate::cpu::gemm::{gemm, Operand as Op};
+use crate::cpu::sparse::{apply_core, coefficient_grads, sddmm, sddmm_chunks, CoreIndex};
+use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
+use crate::pattern::Omega;
+use crate::plan::{Dims, ExecPlan, Plan};
+use crate::rng::Rng;
+use crate::svd::{thin_svd, Factors};
+
+/// Gradients of one backward pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grads {
+    /// `dL/dX`, `n x d_in`.
+    pub dx: Vec<f32>,
+    /// `dL/dM`, one per coefficient, canonical order.
+    pub dm: Vec<f32>,
+    /// `dL/dgamma` (0 when the gate is off).
+    pub dgamma: f32,
+}
+
+/// Reusable buffers; each grows once to the size a token count needs.
+#[derive(Debug, Default)]
+struct Workspace {
+    /// Core values gathered in row-CSR and column-CSR order.
+    vals_row: Vec<f32>,
+    vals_col: Vec<f32>,
+    /// Factored: T = X V (saved) and S = T C^T / A C.
+    t: Vec<f32>,
+    core_act: Vec<f32>,
+    a: Vec<f32>,
+    /// Folded factors U_C = U C (d_out x r) and V_C = V C^T (d_in x r).
+    uc: Vec<f32>,
+    vc: Vec<f32>,
+    /// Merged: W (d_out x d_in), saved X, P = G^T X, Q = P V.
+    w: Vec<f32>,
+    x: Vec<f32>,
+    p: Vec<f32>,
+    q: Vec<f32>,
+    /// dC and the SDDMM's per-chunk partial sums.
+    dc: Vec<f32>,
+    partial: Vec<f32>,
+}
+
+/// Sizes `v` to `len` elements; allocates only when `len` exceeds every earlier size.
+fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if v.len() != len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// What the last forward pass left for backward.
+#[derive(Debug, Clone, Copy)]
+struct Saved {
+    n: usize,
+    plan: ExecPlan,
+}
+
+/// An SVFT layer on the CPU.
+///
+/// ```
+/// use svft::{cpu::CpuLayer, LayerConfig, Pattern, svd::random_factors};
+/// let factors = random_factors(6, 5, 5, 1).unwrap();
+/// let config = LayerConfig { pattern: "banded:1".parse().unwrap(), ..Default::default() };
+/// let mut layer = CpuLayer::new(factors, &config, None).unwrap();
+/// let x = vec![0.5f32; 3 * 5];                       // 3 tokens, d_in = 5
+/// let y = layer.forward(&x, 3).unwrap();             // 3 x 6
+/// let grads = layer.backward(&vec![1.0; 3 * 6], 3).unwrap();
+/// assert_eq!((y.len(), grads.dx.len(), grads.dm.len()), (18, 15, 13));
+/// ```
+#[derive(Debug)]
+pub struct CpuLayer {
+    factors: Factors,
+    omega: Omega,
+    index: CoreIndex,
+    config: LayerConfig,
+    m: Vec<f32>,
+    gamma: f32,
+    bias: Option<Vec<f32>>,
+    svd_residual: Option<f64>,
+    ws: Workspace,
+    saved: Option<Saved>,
+}
+
+impl CpuLayer {
+    /// A layer over given factors. The pattern is materialised here (TopK scores the factors).
+    pub fn new(factors: Factors, config: &LayerConfig, bias: Option<Vec<f32>>) -> Result<Self> {
+        let omega = config.pattern.omega(&factors)?;
+        Self::with_omega(factors, omega, config, bias)
+    }
+
+    /// A layer over given factors and an explicit index set (e.g. from an adapter file).
+    pub fn with_omega(
+        factors: Factors,
+        omega: Omega,
+        config: &LayerConfig,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if omega.r != factors.r {
+            return Err(Error::InvalidArgument(format!(
+                "pattern built for rank {} but the factors have rank {}",
+                omega.r, factors.r
+            )));
+        }
+        check_positive("|Omega|", omega.len())?;
+        if let Some(b) = &bias {
+            check_len("bias", b, factors.d_out)?;
+            check_finite("bias", b)?;
+        }
+        let k = omega.len();
+        let m = match config.init {
+            Init::Zero => vec![0.0; k],
+            Init::Official => Rng::new(config.seed).normal_vec(k, (2.0 / k as f64).sqrt()),
+        };
+        let index = CoreIndex::new(&omega);
+        Ok(CpuLayer {
+            factors,
+            omega,
+            index,
+            config: *config,
+            m,
+            gamma: 0.0,
+            bias,
+            svd_residual: None,
+            ws: Workspace::default(),
+            saved: None,
+        })
+    }
+
+    /// Decomposes a row-major `d_out x d_in` weight (thin SVD, optionally truncated) and builds
+    /// the layer over it. [`CpuLayer::svd_residual`] reports the decomposition's accuracy.
+    pub fn from_weight(
+        w: &[f32],
+        d_out: usize,
+        d_in: usize,
+        rank: Option<usize>,
+        config: &LayerConfig,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let dec = thin_svd(w, d_out, d_in, rank)?;
+        let mut layer = Self::new(dec.factors, config, bias)?;
+        layer.svd_residual = Some(dec.residual);
+        Ok(layer)
+    }
+
+    /// The frozen factors.
+    pub fn factors(&self) -> &Factors {
+        &self.factors
+    }
+    /// The index set of the trainable coefficients.
+    pub fn omega(&self) -> &Omega {
+        &self.omega
+    }
+    /// The configuration the layer was built with.
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
+    }
+    /// The frozen bias, if any.
+    pub fn bias(&self) -> Option<&[f32]> {
+        self.bias.as_deref()
+    }
+    /// `||U diag(s) V^T - W0|| / ||W0||` when built by [`CpuLayer::from_weight`].
+    pub fn svd_residual(&self) -> Option<f64> {
+        self.svd_residual
+    }
+    /// Dimensions for the cost model.
+    pub fn dims(&self) -> Dims {
+        Dims {
+            d_out: self.factors.d_out,
+            d_in: self.factors.d_in,
+            r: self.factors.r,
+            nnz: self.omega.len(),
+        }
+    }
+    /// Trainable parameters: |Omega| (+1 with the gate).
+    pub fn trainable_params(&self) -> usize {
+        self.omega.len() + usize::from(self.config.gate)
+    }
+    /// The plan that `forward` runs for `n` tokens.
+    pub fn plan_for(&self, n: usize) -> ExecPlan {
+        self.config.plan.resolve(&self.dims(), n)
+    }
+    /// Overrides the plan choice.
+    pub fn set_plan(&mut self, plan: Plan) {
+        self.config.plan = plan;
+        self.saved = None;
+    }
+    /// The coefficients M, canonical order.
+    pub fn coefficients(&self) -> &[f32] {
+        &self.m
+    }
+    /// Replaces the coefficients; they must be finite and |Omega| long. Forgets the saved forward.
+    pub fn set_coefficients(&mut self, m: &[f32]) -> Result<()> {
+        check_len("coefficients", m, self.m.len())?;
+        check_finite("coefficients", m)?;
+        self.m.copy_from_slice(m);
+        self.saved = None;
+        Ok(())
+    }
+    /// The gate parameter gamma (`g = sigmoid(gamma)` when the gate is on).
+    pub fn gamma(&self) -> f32 {
+        self.gamma
+    }
+    /// Sets gamma; it must be finite. Forgets the saved forward.
+    pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
+        if !gamma.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gamma",
+                index: 0,
+            });
+        }
+        self.gamma = gamma;
+        self.saved = None;
+        Ok(())
+    }
+    /// The gate value g in use.
+    pub fn gate_value(&self) -> f32 {
+        gate_value(self.config.gate, self.gamma)
+    }
+
+    /// `Y = X W^T (+ bias)` for `n` tokens; allocates the result.
+    pub fn forward(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0.0; n * self.factors.d_out];
+        self.forward_into(x, n, &mut y)?;
+        Ok(y)
+    }
+
+    /// `(dX, dM, dgamma)` for `G = dL/dY`; allocates the results.
+    pub fn backward(&mut self, g: &[f32], n: usize) -> Result<Grads> {
+        let mut dx = vec![0.0; n * self.factors.d_in];
+        let mut dm = vec![0.0; self.m.len()];
+        let dgamma = self.backward_into(g, n, &mut dx, &mut dm)?;
+        Ok(Grads { dx, dm, dgamma })
+    }
+
+    /// Gathers `g M` into both CSR orders.
+    fn gather_core(&mut self) -> f32 {
+        let g = self.gate_value();
+        let nnz = self.m.len();
+        self.index
+            .by_row
+            .gather(&self.m, g, sized(&mut self.ws.vals_row, nnz));
+        self.index
+            .by_col
+            .gather(&self.m, g, sized(&mut self.ws.vals_col, nnz));
+        g
+    }
+
+    /// `U_C = U C` into the workspace (the fold of the forward core into U).
+    fn fold_u(&mut self) {
+        let f = &self.factors;
+        let uc = sized(&mut self.ws.uc, f.d_out * f.r);
+        apply_core(&f.u, uc, f.r, &f.s, &self.index.by_col, &self.ws.vals_col);
+    }
+
+    /// Forward into a caller buffer `y` (`n x d_out`); `x` is `n x d_in`.
+    pub fn forward_into(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
+        check_positive("tokens", n)?;
+        check_len("X (n x d_in)", x, n * d_in)?;
+        check_len("Y (n x d_out)", y, n * d_out)?;
+        self.saved = None;
+        self.gather_core();
+        let plan = self.plan_for(n);
+        match plan {
+            ExecPlan::Factored => {
+                let t = sized(&mut self.ws.t, n * r);
+                gemm(t, Op::n(x, n, d_in), Op::n(&self.factors.v, d_in, r), false);
+                if n <= d_out {
+                    // Apply C to the activations: S = T C^T, Y = S U^T.
+                    let f = &self.factors;
+                    let s_act = sized(&mut self.ws.core_act, n * r);
+                    apply_core(
+                        &self.ws.t,
+                        s_act,
+                        r,
+                        &f.s,
+                        &self.index.by_row,
+                        &self.ws.vals_row,
+                    );
+                    gemm(y, Op::n(s_act, n, r), Op::t(&f.u, d_out, r), false);
+                } else {
+                    // Fold C into U: Y = T U_C^T.
+                    self.fold_u();
+                    gemm(
+                        y,
+                        Op::n(&self.ws.t, n, r),
+                        Op::t(&self.ws.uc, d_out, r),
+                        false,
+                    );
+                }
+            }
+            ExecPlan::Merged => {
+                self.fold_u();
+                let w = sized(&mut self.ws.w, d_out * d_in);
+                gemm(
+                    w,
+                    Op::n(&self.ws.uc, d_out, r),
+                    Op::t(&self.factors.v, d_in, r),
+                    false,
+                );
+                gemm(y, Op::n(x, n, d_in), Op::t(w, d_out, d_in), false);
+                sized(&mut self.ws.x, n * d_in).copy_from_slice(x);
+            }
+        }
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(d_out) {
+                for (o, &bi) in row.iter_mut().zip(b) {
+                    *o += bi;
+                }
+            }
+        }
+        self.saved = Some(Saved { n, plan });
+        Ok(())
+    }
+
+    /// Backward into caller buffers: `dx` (`n x d_in`) and `dm` (|Omega|); returns dgamma.
+    /// Needs the forward pass of the same `n` just before (its saved activations).
+    pub fn backward_into(
+        &mut self,
+        g_out: &[f32],
+        n: usize,
+        dx: &mut [f32],
+        dm: &mut [f32],
+    ) -> Result<f32> {
+        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
+        let saved = self
+            .saved
+            .ok_or(Error::NoForward(ForwardMismatch::Missing))?;
+        if saved.n != n {
+            return Err(Error::NoForward(ForwardMismatch::Tokens {
+                forward: saved.n,
+                backward: n,
+            }));
+        }
+        check_len("G (n x d_out)", g_out, n * d_out)?;
+        check_len("dX (n x d_in)", dx, n * d_in)?;
+        check_len("dM (|Omega|)", dm, self.m.len())?;
+        let nnz = self.m.len();
+        let g = self.gate_value(); // core values were gathered by forward
+        let f = &self.factors;
+        let ws = &mut self.ws;
+        match saved.plan {
+            ExecPlan::Factored => {
+                let a = sized(&mut ws.a, n * r);
+                gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
+                let partial = sized(&mut ws.partial, sddmm_chunks(n).0 * nnz);
+                sddmm(a, &ws.t, r, &self.index, partial, sized(&mut ws.dc, nnz));
+                if n <= d_in {
+                    // dX = (A C) V^T
+                    let ac = sized(&mut ws.core_act, n * r);
+                    apply_core(a, ac, r, &f.s, &self.index.by_col, &ws.vals_col);
+                    gemm(dx, Op::n(ac, n, r), Op::t(&f.v, d_in, r), false);
+                } else {
+                    // dX = A V_C^T with V_C = V C^T
+                    let vc = sized(&mut ws.vc, d_in * r);
+                    apply_core(&f.v, vc, r, &f.s, &self.index.by_row, &ws.vals_row);
+                    gemm(dx, Op::n(a, n, r), Op::t(vc, d_in, r), false);
+                }
+            }
+            ExecPlan::Merged => {
+                gemm(dx, Op::n(g_out, n, d_out), Op::n(&ws.w, d_out, d_in), false);
+                let p = sized(&mut ws.p, d_out * d_in);
+                gemm(p, Op::t(g_out, n, d_out), Op::n(&ws.x, n, d_in), false);
+                let q = sized(&mut ws.q, d_out * r);
+                gemm(q, Op::n(p, d_out, d_in), Op::n(&f.v, d_in, r), false);
+                let partial = sized(&mut ws.partial, sddmm_chunks(d_out).0 * nnz);
+                sddmm(&f.u, q, r, &self.index, partial, sized(&mut ws.dc, nnz));
+            }
+        }
+        Ok(coefficient_grads(&ws.dc, &self.m, g, self.config.gate, dm))
+    }
+
+    /// The dense adapted weight `U C V^T`, row-major `d_out x d_in` (bias not included).
+    pub fn merge(&mut self) -> Vec<f32> {
+        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
+        self.gather_core();
+        self.fold_u();
+        let mut w = vec![0.0; d_out * d_in];
+        gemm(
+            &mut w,
+            Op::n(&self.ws.uc, d_out, r),
+            Op::t(&self.factors.v, d_in, r),
+            false,
+        );
+        w
+    }
+
+    /// Bytes kept between steps: factors, coefficients, gate, bias (no optimizer state).
+    pub fn persistent_bytes(&self) -> usize {
+        self.factors.bytes() + 4 * (self.m.len() + 1 + self.bias.as_ref().map_or(0, Vec::len))
+    }
+}

@@ -1,0 +1,39 @@
+//! # svft
+//!
+//! SVFT (Singular Vectors guided Fine-Tuning) layers: a frozen weight is decomposed once,
+//! `W0 = U diag(s) V^T`, and training learns only a sparse `r x r` matrix `M` on a fixed
+//! pattern, `W = U (diag(s) + g M) V^T`. See `SVFT.md` (shared with the project) for the math.
+//!
+//! - [`pattern`]: the sparsity patterns (plain, banded, random, top-k) and their index sets.
+//! - [`svd`]: the one-time thin SVD on the CPU and the frozen [`svd::Factors`].
+//! - [`cpu`]: the CPU layer (faer GEMMs plus hand-written sparse passes).
+//! - [`plan`]: the factored and merged execution plans and their cost model.
+//! - [`reference`]: an f64 dense reference, for tests.
+//!
+//! ```
+//! use svft::{cpu::CpuLayer, LayerConfig};
+//! // A 8x6 weight, adapted with a band of half-width 1 around the diagonal.
+//! let w: Vec<f32> = (0..48).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+//! let config = LayerConfig { pattern: "banded:1".parse().unwrap(), ..Default::default() };
+//! let mut layer = CpuLayer::from_weight(&w, 8, 6, None, &config, None).unwrap();
+//! assert!(layer.svd_residual().unwrap() < 1e-5);
+//! // Zero init: the layer reproduces W0 until M is trained.
+//! let merged = layer.merge();
+//! assert!(merged.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-4));
+//! ```
+
+pub mod baseline;
+pub mod bench;
+pub mod config;
+pub mod cpu;
+pub mod error;
+pub mod pattern;
+pub mod plan;
+pub mod reference;
+pub mod rng;
+pub mod svd;
+
+pub use config::{Init, LayerConfig};
+pub use error::{Error, Result};
+pub use pattern::{Omega, Pattern, TopKCriterion};
+pub use plan::{ExecPlan, Plan};

@@ -1,0 +1,160 @@
+//! Execution plans (SVFT.md section 3) and the FLOP cost model that chooses between them.
+//!
+//! - **Factored**: `T = X V`, `Y = S U^T` (or `Y = T U_C^T`), backward `A = G U`,
+//!   `dX = (A C) V^T` (or `A V_C^T`) and an SDDMM for dC. Saves T (`n x r`).
+//! - **Merged** (the official order): `W = U_C V^T` every step, `Y = X W^T`, backward `dX = G W`,
+//!   `P = G^T X`, `Q = P V`, `dC_ij = U[:, i] . Q[:, j]`. Saves X (`n x d_in`).
+//!
+//! Inside the factored plan the core C is applied to whichever is smaller: the activations
+//! (`n x r`) or the frozen factor (`d_out x r` forward, `d_in x r` backward).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::Error;
+
+/// The plan a caller asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Plan {
+    /// Let the cost model choose per token count.
+    #[default]
+    Auto,
+    /// Always the factored plan.
+    Factored,
+    /// Always the merged (official-order) plan.
+    Merged,
+}
+
+/// The plan actually run for a given token count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ExecPlan {
+    /// See [`Plan::Factored`].
+    Factored,
+    /// See [`Plan::Merged`].
+    Merged,
+}
+
+/// Layer dimensions that the cost model needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dims {
+    /// Output features.
+    pub d_out: usize,
+    /// Input features.
+    pub d_in: usize,
+    /// Rank.
+    pub r: usize,
+    /// |Omega|.
+    pub nnz: usize,
+}
+
+impl Dims {
+    /// FLOPs of the factored plan's dense products, forward plus backward, for n tokens:
+    /// `4 n r (d_in + d_out)`.
+    pub fn factored_gemm_flops(&self, n: usize) -> f64 {
+        4.0 * n as f64 * self.r as f64 * (self.d_in + self.d_out) as f64
+    }
+
+    /// FLOPs of the factored plan including the sparse passes (core apply twice, SDDMM).
+    pub fn factored_flops(&self, n: usize) -> f64 {
+        let core_fwd = 2.0 * (n.min(self.d_out) * (self.r + self.nnz)) as f64;
+        let core_bwd = 2.0 * (n.min(self.d_in) * (self.r + self.nnz)) as f64;
+        self.factored_gemm_flops(n) + core_fwd + core_bwd + 2.0 * (n * self.nnz) as f64
+    }
+
+    /// FLOPs of the merged plan's dense products: `4 d_out d_in r + 6 n d_out d_in`.
+    pub fn merged_gemm_flops(&self, n: usize) -> f64 {
+        let (o, i, r) = (self.d_out as f64, self.d_in as f64, self.r as f64);
+        4.0 * o * i * r + 6.0 * n as f64 * o * i
+    }
+
+    /// FLOPs of the merged plan including its sparse passes (fold, SDDMM over d_out rows).
+    pub fn merged_flops(&self, n: usize) -> f64 {
+        self.merged_gemm_flops(n) + 4.0 * (self.d_out * (self.r + self.nnz)) as f64
+    }
+
+    /// LoRA rank `rl` with dX, forward plus backward (SVFT.md section 3).
+    pub fn lora_flops(&self, n: usize, rl: usize) -> f64 {
+        let (o, i) = (self.d_out as f64, self.d_in as f64);
+        let (n, rl) = (n as f64, rl as f64);
+        4.0 * n * i * o + 6.0 * n * rl * (i + o)
+    }
+
+    /// The cheaper plan by FLOP count.
+    pub fn cheaper(&self, n: usize) -> ExecPlan {
+        if self.merged_flops(n) < self.factored_flops(n) {
+            ExecPlan::Merged
+        } else {
+            ExecPlan::Factored
+        }
+    }
+}
+
+impl Plan {
+    /// Resolves `Auto` for `n` tokens.
+    pub fn resolve(self, dims: &Dims, n: usize) -> ExecPlan {
+        match self {
+            Plan::Factored => ExecPlan::Factored,
+            Plan::Merged => ExecPlan::Merged,
+            Plan::Auto => dims.cheaper(n),
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Plan::Auto => "auto",
+            Plan::Factored => "factored",
+            Plan::Merged => "merged",
+        })
+    }
+}
+
+impl fmt::Display for ExecPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ExecPlan::Factored => "factored",
+            ExecPlan::Merged => "merged",
+        })
+    }
+}
+
+impl FromStr for Plan {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Plan::Auto),
+            "factored" => Ok(Plan::Factored),
+            "merged" | "official" => Ok(Plan::Merged),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown plan `{s}`: expected auto, factored or merged"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn square_merged_wins_only_beyond_2d() {
+        let dims = Dims {
+            d_out: 1024,
+            d_in: 1024,
+            r: 1024,
+            nnz: 1024,
+        };
+        assert_eq!(dims.factored_gemm_flops(100), 8.0 * 100.0 * 1024f64.powi(2));
+        assert_eq!(dims.cheaper(512), ExecPlan::Factored);
+        assert_eq!(dims.cheaper(8192), ExecPlan::Merged);
+        // Rectangular: r = min, factored wins at every n.
+        let rect = Dims {
+            d_out: 4096,
+            d_in: 512,
+            r: 512,
+            nnz: 512,
+        };
+        assert_eq!(rect.cheaper(1 << 20), ExecPlan::Factored);
+    }
+}
