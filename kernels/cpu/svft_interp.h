@@ -1,0 +1,85 @@
+// svft_interp.h: the C ABI of interpret mode (kernels/cpu/interpret.cpp), for Rust FFI and the
+// C++ test drivers. One wrapper per CUDA kernel: svft_interp_<kernel name>(cfg, <the kernel's
+// arguments, in the same order>). The kernel runs on CPU threads (see cuda_interpret.h) over the
+// grid/block in cfg, with cfg.shared_mem_bytes of dynamic shared memory, exactly as the CUDA
+// launch would; it returns when the whole grid is done. Pointers are host pointers.
+// bf16 and f16 activations are passed as their 16-bit patterns (uint16_t; Rust: u16,
+// half::bf16, half::f16). Return value: 0 ok, 1 a grid dimension is 0, 2 block has 0 or more
+// than 1024 threads. Launches are serialised process-wide (safe to call from many threads).
+// Argument meanings, layouts and launch requirements: kernels/*.cu headers and docs/KERNELS.md.
+#pragma once
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Same fields and order as cudarc's LaunchConfig { grid_dim, block_dim, shared_mem_bytes }.
+typedef struct svft_launch_cfg {
+  uint32_t grid_x, grid_y, grid_z;
+  uint32_t block_x, block_y, block_z;
+  uint32_t shared_mem_bytes;
+} svft_launch_cfg;
+
+// Compile-time constants of the kernels that the host needs to size launches
+// (SVFT_APPLY_ROWS in core_apply.cu, SVFT_SDDMM_OFFSETS in sddmm.cu).
+enum { SVFT_INTERP_APPLY_ROWS = 4, SVFT_INTERP_SDDMM_OFFSETS = 4 };
+
+// Dynamic shared memory of the band kernels (d already clamped to r-1 or not: larger is fine).
+static inline uint32_t svft_band_apply_smem_bytes(uint32_t block_x, int d) {
+  return 4u * SVFT_INTERP_APPLY_ROWS * (block_x + 2u * (uint32_t)d);
+}
+static inline uint32_t svft_band_sddmm_smem_bytes(uint32_t block_x, int d, int chunk_rows) {
+  return 4u * (uint32_t)chunk_rows *
+         (2u * block_x + 2u * (uint32_t)d + SVFT_INTERP_SDDMM_OFFSETS - 1u);
+}
+
+
+int svft_interp_band_apply_fwd_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_fwd_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_fwd_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+
+int svft_interp_band_apply_bwd_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_bwd_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_bwd_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+
+int svft_interp_coo_apply_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, const int32_t* ptr,
+    const int32_t* idx, const int32_t* perm, float g, int n, int r);
+int svft_interp_coo_apply_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const int32_t* ptr,
+    const int32_t* idx, const int32_t* perm, float g, int n, int r);
+int svft_interp_coo_apply_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const int32_t* ptr,
+    const int32_t* idx, const int32_t* perm, float g, int n, int r);
+
+int svft_interp_band_sddmm_atomic_f32(svft_launch_cfg cfg, const float* A, const float* X, float* dC, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_atomic_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_atomic_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d, int chunk_rows);
+
+int svft_interp_band_sddmm_partial_f32(svft_launch_cfg cfg, const float* A, const float* X, float* workspace, int n, int r, int d,
+    int chunk_rows);
+int svft_interp_band_sddmm_partial_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r, int d,
+    int chunk_rows);
+int svft_interp_band_sddmm_partial_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r, int d,
+    int chunk_rows);
+
+int svft_interp_coo_sddmm_atomic_f32(svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_atomic_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_atomic_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+
+int svft_interp_coo_sddmm_partial_f32(svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_partial_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_partial_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
+
+int svft_interp_sddmm_epilogue(svft_launch_cfg cfg, const float* partial, int nchunks,
+    const float* M, float g, float* dM, float* gate_partial, int nnz, int accumulate);
+int svft_interp_gate_grad_reduce(svft_launch_cfg cfg, const float* gate_partial, int nparts,
+    float g, float* dgamma, int accumulate);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif
