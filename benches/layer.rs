@@ -14,10 +14,7 @@ use svft::{LayerConfig, Pattern, Plan};
 fn cases(c: &mut Criterion) {
     let d = 1024;
     let mut group = c.benchmark_group("fwd_bwd_1024x1024_banded2");
-    group
-        .sample_size(10)
-        .measurement_time(Duration::from_secs(4))
-        .warm_up_time(Duration::from_secs(1));
+    group.sample_size(10).measurement_time(Duration::from_secs(4)).warm_up_time(Duration::from_secs(1));
     let factors = random_factors(d, d, d, 1).unwrap();
     for n in [512usize, 2048] {
         let mut rng = Rng::new(2);
@@ -25,10 +22,7 @@ fn cases(c: &mut Criterion) {
         let gy = rng.normal_vec(n * d, 1.0);
         let (mut y, mut dx) = (vec![0.0; n * d], vec![0.0; n * d]);
         for plan in [Plan::Factored, Plan::Merged] {
-            let config = LayerConfig {
-                plan,
-                ..LayerConfig::official(Pattern::Banded { d: 2 })
-            };
+            let config = LayerConfig { plan, ..LayerConfig::official(Pattern::Banded { d: 2 }) };
             let mut layer = CpuLayer::new(factors.clone(), &config, None).unwrap();
             let mut dm = vec![0.0; layer.omega().len()];
             group.bench_function(BenchmarkId::new(format!("svft_{plan}"), n), |b| {
@@ -38,12 +32,7 @@ fn cases(c: &mut Criterion) {
                 })
             });
         }
-        let layer = CpuLayer::new(
-            factors.clone(),
-            &LayerConfig::official(Pattern::Banded { d: 2 }),
-            None,
-        )
-        .unwrap();
+        let layer = CpuLayer::new(factors.clone(), &LayerConfig::official(Pattern::Banded { d: 2 }), None).unwrap();
         let mut official = OfficialLayer::new(&factors, layer.omega(), layer.coefficients(), 0.0);
         let mut dm = vec![0.0; layer.omega().len()];
         group.bench_function(BenchmarkId::new("official_order", n), |b| {

@@ -74,15 +74,8 @@ impl OfficialLayer {
         let (r, d_in, d_out) = (self.r, self.d_in, self.d_out);
         let g = self.g();
         // SparseTensor(row, col, value = M g) + s_pre, coalesced: sort by (row, col), sum dups.
-        let mut entries: Vec<(i64, i64, f32)> =
-            (0..r as i64).map(|i| (i, i, self.s[i as usize])).collect();
-        entries.extend(
-            self.rows
-                .iter()
-                .zip(&self.cols)
-                .zip(&self.m)
-                .map(|((&i, &j), &v)| (i, j, v * g)),
-        );
+        let mut entries: Vec<(i64, i64, f32)> = (0..r as i64).map(|i| (i, i, self.s[i as usize])).collect();
+        entries.extend(self.rows.iter().zip(&self.cols).zip(&self.m).map(|((&i, &j), &v)| (i, j, v * g)));
         entries.sort_by_key(|&(i, j, _)| (i, j));
         let mut coalesced: Vec<(i64, i64, f32)> = Vec::with_capacity(entries.len());
         for (i, j, v) in entries {
@@ -100,12 +93,7 @@ impl OfficialLayer {
             }
         }
         // W^T = Z^T U^T (d_in x d_out), then Y = X W^T.
-        gemm(
-            &mut self.wt,
-            Op::t(&self.z, r, d_in),
-            Op::t(&self.u, d_out, r),
-            false,
-        );
+        gemm(&mut self.wt, Op::t(&self.z, r, d_in), Op::t(&self.u, d_out, r), false);
         gemm(y, Op::n(x, n, d_in), Op::n(&self.wt, d_in, d_out), false);
         self.x.clear();
         self.x.extend_from_slice(x);
@@ -114,20 +102,10 @@ impl OfficialLayer {
     /// Backward through the dense weight: returns dgamma, fills `dx` and `dm`.
     pub fn backward(&mut self, gy: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> f32 {
         let (r, d_in, d_out) = (self.r, self.d_in, self.d_out);
-        gemm(
-            &mut self.dwt,
-            Op::t(&self.x, n, d_in),
-            Op::n(gy, n, d_out),
-            false,
-        );
+        gemm(&mut self.dwt, Op::t(&self.x, n, d_in), Op::n(gy, n, d_out), false);
         gemm(dx, Op::n(gy, n, d_out), Op::t(&self.wt, d_in, d_out), false);
         // dZ = (dW^T U)^T = U^T dW (r x d_in)
-        gemm(
-            &mut self.dz,
-            Op::t(&self.u, d_out, r),
-            Op::t(&self.dwt, d_in, d_out),
-            false,
-        );
+        gemm(&mut self.dz, Op::t(&self.u, d_out, r), Op::t(&self.dwt, d_in, d_out), false);
         let g = self.g();
         let mut dot = 0.0f64;
         for k in 0..self.m.len() {
@@ -191,12 +169,7 @@ impl LoraLayer {
         let (d_out, d_in, rl) = (self.d_out, self.d_in, self.rl);
         gemm(y, Op::n(x, n, d_in), Op::t(&self.w0, d_out, d_in), false);
         self.h.resize(n * rl, 0.0);
-        gemm(
-            &mut self.h,
-            Op::n(x, n, d_in),
-            Op::t(&self.a, rl, d_in),
-            false,
-        );
+        gemm(&mut self.h, Op::n(x, n, d_in), Op::t(&self.a, rl, d_in), false);
         let hs: &mut [f32] = &mut self.h;
         hs.iter_mut().for_each(|v| *v *= self.scale);
         gemm(y, Op::n(&self.h, n, rl), Op::t(&self.b, d_out, rl), true);
@@ -209,26 +182,11 @@ impl LoraLayer {
         let (d_out, d_in, rl) = (self.d_out, self.d_in, self.rl);
         gemm(dx, Op::n(gy, n, d_out), Op::n(&self.w0, d_out, d_in), false);
         self.gb.resize(n * rl, 0.0);
-        gemm(
-            &mut self.gb,
-            Op::n(gy, n, d_out),
-            Op::n(&self.b, d_out, rl),
-            false,
-        );
+        gemm(&mut self.gb, Op::n(gy, n, d_out), Op::n(&self.b, d_out, rl), false);
         let gbs: &mut [f32] = &mut self.gb;
         gbs.iter_mut().for_each(|v| *v *= self.scale);
         gemm(dx, Op::n(&self.gb, n, rl), Op::n(&self.a, rl, d_in), true);
-        gemm(
-            &mut self.db,
-            Op::t(gy, n, d_out),
-            Op::n(&self.h, n, rl),
-            false,
-        );
-        gemm(
-            &mut self.da,
-            Op::t(&self.gb, n, rl),
-            Op::n(&self.x, n, d_in),
-            false,
-        );
+        gemm(&mut self.db, Op::t(gy, n, d_out), Op::n(&self.h, n, rl), false);
+        gemm(&mut self.da, Op::t(&self.gb, n, rl), Op::n(&self.x, n, d_in), false);
     }
 }

@@ -159,20 +159,31 @@ pub fn cpu_name() -> String {
     format!("{model}, {} threads", rayon::current_num_threads())
 }
 
-/// Median wall time of `f` in milliseconds: two warm-up calls, then at least 5 timed calls and
-/// at least `budget` of measuring.
-pub fn median_ms(budget: Duration, mut f: impl FnMut()) -> f64 {
-    f();
-    f();
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 5 || (start.elapsed() < budget && times.len() < 1000) {
-        let t = Instant::now();
-        f();
-        times.push(t.elapsed().as_secs_f64() * 1e3);
+/// Medians of several timed closures, in milliseconds, measured in interleaved rounds
+/// (each round runs every closure once), so that a change in machine load hits all of them
+/// alike and their ratios stay meaningful. Two warm-up rounds, then at least 5 rounds and at
+/// least `budget` per closure on average.
+pub fn interleaved_medians_ms(budget: Duration, fs: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    for _ in 0..2 {
+        fs.iter_mut().for_each(|f| f());
     }
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); fs.len()];
+    let start = Instant::now();
+    let total = budget * fs.len() as u32;
+    while times[0].len() < 5 || (start.elapsed() < total && times[0].len() < 1000) {
+        for (f, t) in fs.iter_mut().zip(&mut times) {
+            let t0 = Instant::now();
+            f();
+            t.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        })
+        .collect()
 }
 
 fn random_vec(rng: &mut Rng, len: usize) -> Vec<f32> {
@@ -184,73 +195,67 @@ pub fn run_cpu(case: &BenchCase) -> Result<BenchReport> {
     let (d_out, d_in, n) = (case.d_out, case.d_in, case.tokens);
     let r = d_out.min(d_in);
     let factors = random_factors(d_out, d_in, r, 1)?;
-    let config = LayerConfig {
-        plan: case.plan,
-        ..LayerConfig::official(case.pattern)
-    };
+    let config = LayerConfig { plan: case.plan, ..LayerConfig::official(case.pattern) };
     let mut layer = CpuLayer::new(factors.clone(), &config, None)?;
     let plan = layer.plan_for(n);
     let dims = layer.dims();
     let mut rng = Rng::new(2);
     let x = random_vec(&mut rng, n * d_in);
     let gy = random_vec(&mut rng, n * d_out);
-    let mut y = vec![0.0; n * d_out];
-    let mut dx = vec![0.0; n * d_in];
-    let mut dm = vec![0.0; layer.omega().len()];
+    let buffers = || (vec![0.0f32; n * d_out], vec![0.0f32; n * d_in]);
 
-    let svft = median_ms(case.budget, || {
-        layer.forward_into(&x, n, &mut y).expect("bench forward");
-        layer
-            .backward_into(&gy, n, &mut dx, &mut dm)
-            .expect("bench backward");
-    });
+    let nnz = layer.omega().len();
+    let trainable_params = layer.trainable_params();
+    let mut official = OfficialLayer::new(&factors, layer.omega(), layer.coefficients(), 0.0);
+    let (mut y1, mut dx1) = buffers();
+    let mut dm1 = vec![0.0; nnz];
+    let mut svft = || {
+        layer.forward_into(&x, n, &mut y1).expect("bench forward");
+        layer.backward_into(&gy, n, &mut dx1, &mut dm1).expect("bench backward");
+    };
 
     // The same plan's dense products alone, on buffers of the same shapes.
     let (u, v) = (&factors.u, &factors.v);
-    let floor = match plan {
+    let (mut y2, mut dx2) = buffers();
+    let (mut t, mut a, mut s) = (vec![0.0; n * r], vec![0.0; n * r], vec![0.5; n * r]);
+    let (mut w, mut p, mut q) = match plan {
+        ExecPlan::Merged => (vec![0.0; d_out * d_in], vec![0.0; d_out * d_in], vec![0.0; d_out * r]),
+        ExecPlan::Factored => (Vec::new(), Vec::new(), Vec::new()),
+    };
+    let mut floor = || match plan {
         ExecPlan::Factored => {
-            let (mut t, mut a, mut s) = (vec![0.0; n * r], vec![0.0; n * r], vec![0.5; n * r]);
-            median_ms(case.budget, || {
-                gemm(&mut t, Op::n(&x, n, d_in), Op::n(v, d_in, r), false);
-                gemm(&mut y, Op::n(&s, n, r), Op::t(u, d_out, r), false);
-                gemm(&mut a, Op::n(&gy, n, d_out), Op::n(u, d_out, r), false);
-                gemm(&mut dx, Op::n(&a, n, r), Op::t(v, d_in, r), false);
-                s[0] = t[0]; // keep every product live
-            })
+            gemm(&mut t, Op::n(&x, n, d_in), Op::n(v, d_in, r), false);
+            gemm(&mut y2, Op::n(&s, n, r), Op::t(u, d_out, r), false);
+            gemm(&mut a, Op::n(&gy, n, d_out), Op::n(u, d_out, r), false);
+            gemm(&mut dx2, Op::n(&a, n, r), Op::t(v, d_in, r), false);
+            s[0] = t[0]; // keep every product live
         }
         ExecPlan::Merged => {
-            let (mut w, mut p, mut q) = (
-                vec![0.0; d_out * d_in],
-                vec![0.0; d_out * d_in],
-                vec![0.0; d_out * r],
-            );
-            median_ms(case.budget, || {
-                gemm(&mut w, Op::n(u, d_out, r), Op::t(v, d_in, r), false);
-                gemm(&mut y, Op::n(&x, n, d_in), Op::t(&w, d_out, d_in), false);
-                gemm(&mut dx, Op::n(&gy, n, d_out), Op::n(&w, d_out, d_in), false);
-                gemm(&mut p, Op::t(&gy, n, d_out), Op::n(&x, n, d_in), false);
-                gemm(&mut q, Op::n(&p, d_out, d_in), Op::n(v, d_in, r), false);
-            })
+            gemm(&mut w, Op::n(u, d_out, r), Op::t(v, d_in, r), false);
+            gemm(&mut y2, Op::n(&x, n, d_in), Op::t(&w, d_out, d_in), false);
+            gemm(&mut dx2, Op::n(&gy, n, d_out), Op::n(&w, d_out, d_in), false);
+            gemm(&mut p, Op::t(&gy, n, d_out), Op::n(&x, n, d_in), false);
+            gemm(&mut q, Op::n(&p, d_out, d_in), Op::n(v, d_in, r), false);
         }
     };
 
-    let mut lora = LoraLayer::new(
-        random_vec(&mut rng, d_out * d_in),
-        d_out,
-        d_in,
-        LORA_RANK,
-        3,
-    );
-    let lora_ms = median_ms(case.budget, || {
-        lora.forward(&x, n, &mut y);
-        lora.backward(&gy, n, &mut dx);
-    });
+    let mut lora = LoraLayer::new(random_vec(&mut rng, d_out * d_in), d_out, d_in, LORA_RANK, 3);
+    let lora_params = lora.trainable_params();
+    let (mut y3, mut dx3) = buffers();
+    let mut lora_step = || {
+        lora.forward(&x, n, &mut y3);
+        lora.backward(&gy, n, &mut dx3);
+    };
 
-    let mut official = OfficialLayer::new(&factors, layer.omega(), layer.coefficients(), 0.0);
-    let official_ms = median_ms(case.budget, || {
-        official.forward(&x, n, &mut y);
-        official.backward(&gy, n, &mut dx, &mut dm);
-    });
+    let (mut y4, mut dx4) = buffers();
+    let mut dm4 = vec![0.0; nnz];
+    let mut official_step = || {
+        official.forward(&x, n, &mut y4);
+        official.backward(&gy, n, &mut dx4, &mut dm4);
+    };
+
+    let ms = interleaved_medians_ms(case.budget, &mut [&mut svft, &mut floor, &mut lora_step, &mut official_step]);
+    let (svft, floor, lora_ms, official_ms) = (ms[0], ms[1], ms[2], ms[3]);
 
     let plan_gemm_flops = match plan {
         ExecPlan::Factored => dims.factored_gemm_flops(n),
@@ -260,8 +265,8 @@ pub fn run_cpu(case: &BenchCase) -> Result<BenchReport> {
         case: case.clone(),
         plan,
         device: cpu_name(),
-        trainable_params: layer.trainable_params(),
-        lora_params: lora.trainable_params(),
+        trainable_params,
+        lora_params,
         svft_fwd_bwd_ms: svft,
         gemm_floor_ms: floor,
         lora_fwd_bwd_ms: lora_ms,

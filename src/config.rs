@@ -33,9 +33,7 @@ impl FromStr for Init {
         match s.to_ascii_lowercase().as_str() {
             "zero" => Ok(Init::Zero),
             "official" | "kaiming" => Ok(Init::Official),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown init `{s}`: expected zero or official"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("unknown init `{s}`: expected zero or official"))),
         }
     }
 }
@@ -57,25 +55,14 @@ pub struct LayerConfig {
 
 impl Default for LayerConfig {
     fn default() -> Self {
-        LayerConfig {
-            pattern: Pattern::Plain,
-            init: Init::Zero,
-            gate: false,
-            plan: Plan::Auto,
-            seed: 0,
-        }
+        LayerConfig { pattern: Pattern::Plain, init: Init::Zero, gate: false, plan: Plan::Auto, seed: 0 }
     }
 }
 
 impl LayerConfig {
     /// The official layer's construction: this pattern, `Official` init, gate on.
     pub fn official(pattern: Pattern) -> Self {
-        LayerConfig {
-            pattern,
-            init: Init::Official,
-            gate: true,
-            ..Default::default()
-        }
+        LayerConfig { pattern, init: Init::Official, gate: true, ..Default::default() }
     }
 }
 

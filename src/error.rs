@@ -16,11 +16,7 @@ pub enum Error {
 
     /// A buffer or matrix whose size does not match what the call needs.
     #[error("wrong size for {what}: expected {expected} elements, got {got}")]
-    Shape {
-        what: &'static str,
-        expected: usize,
-        got: usize,
-    },
+    Shape { what: &'static str, expected: usize, got: usize },
 
     /// A zero dimension where a positive one is required.
     #[error("empty shape: {what} must be positive (got {value})")]
@@ -52,10 +48,7 @@ pub enum Error {
 
     /// Reading or writing a file.
     #[error("I/O error on {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
 }
 
 /// Why a backward pass could not use the saved forward state.
@@ -71,10 +64,9 @@ impl fmt::Display for ForwardMismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ForwardMismatch::Missing => write!(f, "before any forward pass"),
-            ForwardMismatch::Tokens { forward, backward } => write!(
-                f,
-                "with {backward} tokens, but the last forward pass had {forward}"
-            ),
+            ForwardMismatch::Tokens { forward, backward } => {
+                write!(f, "with {backward} tokens, but the last forward pass had {forward}")
+            }
         }
     }
 }
@@ -87,11 +79,7 @@ pub(crate) fn check_len<T>(what: &'static str, buf: &[T], expected: usize) -> Re
     if buf.len() == expected {
         Ok(())
     } else {
-        Err(Error::Shape {
-            what,
-            expected,
-            got: buf.len(),
-        })
+        Err(Error::Shape { what, expected, got: buf.len() })
     }
 }
 

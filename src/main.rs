@@ -9,11 +9,7 @@ use svft::bench::{run_cpu, BenchCase};
 use svft::{Pattern, Plan};
 
 #[derive(Parser)]
-#[command(
-    name = "svft",
-    version,
-    about = "SVFT fine-tuning layers: benchmarks and tools"
-)]
+#[command(name = "svft", version, about = "SVFT fine-tuning layers: benchmarks and tools")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -74,33 +70,13 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> svft::Result<()> {
     match command {
-        Command::Bench {
-            backend: Backend::Cpu,
-            d_out,
-            d_in,
-            tokens,
-            pattern,
-            plan,
-            seconds,
-            json,
-        } => {
+        Command::Bench { backend: Backend::Cpu, d_out, d_in, tokens, pattern, plan, seconds, json } => {
             if !(seconds.is_finite() && seconds > 0.0) {
-                return Err(svft::Error::InvalidArgument(
-                    "--seconds must be positive".into(),
-                ));
+                return Err(svft::Error::InvalidArgument("--seconds must be positive".into()));
             }
-            let case = BenchCase {
-                d_out,
-                d_in,
-                tokens,
-                pattern,
-                plan,
-                budget: Duration::from_secs_f64(seconds),
-            };
+            let case = BenchCase { d_out, d_in, tokens, pattern, plan, budget: Duration::from_secs_f64(seconds) };
             if d_out == 0 || d_in == 0 || tokens == 0 {
-                return Err(svft::Error::InvalidArgument(
-                    "--d-out, --d-in and --tokens must be positive".into(),
-                ));
+                return Err(svft::Error::InvalidArgument("--d-out, --d-in and --tokens must be positive".into()));
             }
             let report = run_cpu(&case)?;
             if json {

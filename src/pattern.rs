@@ -53,10 +53,7 @@ impl Pattern {
     /// |Omega| for rank `r`, or an error when `d >= r`.
     pub fn size(&self, r: usize) -> Result<usize> {
         if r == 0 {
-            return Err(Error::Empty {
-                what: "rank",
-                value: 0,
-            });
+            return Err(Error::Empty { what: "rank", value: 0 });
         }
         let d = self.d();
         if d >= r {
@@ -77,12 +74,7 @@ impl Pattern {
             Pattern::Random { seed, .. } => random_indices(r, k, seed),
             Pattern::TopK { criterion, .. } => topk_indices(self, criterion, factors, k)?,
         };
-        Ok(Omega {
-            pattern: *self,
-            r,
-            rows,
-            cols,
-        })
+        Ok(Omega { pattern: *self, r, rows, cols })
     }
 
     /// Materialises the index set from the rank alone (every pattern but TopK).
@@ -98,12 +90,7 @@ impl Pattern {
                 })
             }
         };
-        Ok(Omega {
-            pattern: *self,
-            r,
-            rows,
-            cols,
-        })
+        Ok(Omega { pattern: *self, r, rows, cols })
     }
 
     /// Whether the pattern is a band around the diagonal (a stencil, no index arrays needed).
@@ -132,17 +119,9 @@ fn random_indices(r: usize, k: usize, seed: u64) -> (Vec<u32>, Vec<u32>) {
     (rows, cols)
 }
 
-fn topk_indices(
-    pattern: &Pattern,
-    criterion: TopKCriterion,
-    f: &Factors,
-    k: usize,
-) -> Result<(Vec<u32>, Vec<u32>)> {
+fn topk_indices(pattern: &Pattern, criterion: TopKCriterion, f: &Factors, k: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     let r = f.r;
-    let impossible = |reason: String| Error::PatternSize {
-        pattern: pattern.to_string(),
-        reason,
-    };
+    let impossible = |reason: String| Error::PatternSize { pattern: pattern.to_string(), reason };
     // score(i, j) for the r x r score matrix, computed in f64.
     let scores: Vec<f64> = match criterion {
         TopKCriterion::Paper => {
@@ -182,9 +161,7 @@ fn topk_indices(
                 f.u.iter().map(|&x| x as f64).collect()
             } else if f.d_in == r {
                 // V^T, row-major: (V^T)_ij = V[j, i]
-                (0..r * r)
-                    .map(|idx| f.v[(idx % r) * r + idx / r] as f64)
-                    .collect()
+                (0..r * r).map(|idx| f.v[(idx % r) * r + idx / r] as f64).collect()
             } else {
                 return Err(impossible(format!(
                     "the official top-k score needs a square factor, but U is {}x{r} and V is {}x{r}",
@@ -194,18 +171,11 @@ fn topk_indices(
         }
     };
     if let Some(bad) = scores.iter().position(|x| !x.is_finite()) {
-        return Err(Error::NonFinite {
-            what: "top-k scores",
-            index: bad,
-        });
+        return Err(Error::NonFinite { what: "top-k scores", index: bad });
     }
     let mut order: Vec<u32> = (0..(r * r) as u32).collect();
     // Descending score, ties by ascending flat index: a total order, so every platform agrees.
-    order.sort_unstable_by(|&a, &b| {
-        scores[b as usize]
-            .total_cmp(&scores[a as usize])
-            .then(a.cmp(&b))
-    });
+    order.sort_unstable_by(|&a, &b| scores[b as usize].total_cmp(&scores[a as usize]).then(a.cmp(&b)));
     order.truncate(k);
     let rows = order.iter().map(|&f| f / r as u32).collect();
     let cols = order.iter().map(|&f| f % r as u32).collect();
@@ -227,18 +197,9 @@ pub struct Omega {
 
 impl Omega {
     /// Builds an index set from explicit indices (e.g. loaded from an adapter file).
-    pub fn from_indices(
-        pattern: Pattern,
-        r: usize,
-        rows: Vec<u32>,
-        cols: Vec<u32>,
-    ) -> Result<Self> {
+    pub fn from_indices(pattern: Pattern, r: usize, rows: Vec<u32>, cols: Vec<u32>) -> Result<Self> {
         if rows.len() != cols.len() {
-            return Err(Error::Shape {
-                what: "pattern columns",
-                expected: rows.len(),
-                got: cols.len(),
-            });
+            return Err(Error::Shape { what: "pattern columns", expected: rows.len(), got: cols.len() });
         }
         if rows.len() > r * r {
             return Err(Error::PatternSize {
@@ -247,16 +208,9 @@ impl Omega {
             });
         }
         if let Some(bad) = rows.iter().chain(&cols).position(|&x| x as usize >= r) {
-            return Err(Error::InvalidArgument(format!(
-                "pattern index {bad} is out of range for rank {r}"
-            )));
+            return Err(Error::InvalidArgument(format!("pattern index {bad} is out of range for rank {r}")));
         }
-        Ok(Omega {
-            pattern,
-            r,
-            rows,
-            cols,
-        })
+        Ok(Omega { pattern, r, rows, cols })
     }
 
     /// |Omega|.
@@ -276,14 +230,8 @@ impl fmt::Display for Pattern {
             Pattern::Plain => write!(f, "plain"),
             Pattern::Banded { d } => write!(f, "banded:{d}"),
             Pattern::Random { d, seed } => write!(f, "random:{d}:seed={seed}"),
-            Pattern::TopK {
-                d,
-                criterion: TopKCriterion::Paper,
-            } => write!(f, "topk:{d}"),
-            Pattern::TopK {
-                d,
-                criterion: TopKCriterion::Official,
-            } => write!(f, "topk:{d}:official"),
+            Pattern::TopK { d, criterion: TopKCriterion::Paper } => write!(f, "topk:{d}"),
+            Pattern::TopK { d, criterion: TopKCriterion::Official } => write!(f, "topk:{d}:official"),
         }
     }
 }
@@ -293,22 +241,16 @@ impl FromStr for Pattern {
 
     /// Parses `plain`, `banded:D`, `random:D[:seed=S]`, `topk:D[:paper|:official]`.
     fn from_str(spec: &str) -> Result<Self> {
-        let bad = |reason: &str| Error::PatternSpec {
-            spec: spec.to_string(),
-            reason: reason.to_string(),
-        };
+        let bad = |reason: &str| Error::PatternSpec { spec: spec.to_string(), reason: reason.to_string() };
         let parts: Vec<&str> = spec.trim().split(':').collect();
         let parse_d = |s: Option<&&str>| -> Result<usize> {
             let s = s.ok_or_else(|| bad("missing the half-width d, e.g. `banded:2`"))?;
-            s.parse::<usize>()
-                .map_err(|_| bad("the half-width d must be a non-negative integer"))
+            s.parse::<usize>().map_err(|_| bad("the half-width d must be a non-negative integer"))
         };
         match parts[0].to_ascii_lowercase().as_str() {
             "plain" if parts.len() == 1 => Ok(Pattern::Plain),
             "plain" => Err(bad("`plain` takes no arguments")),
-            "banded" if parts.len() == 2 => Ok(Pattern::Banded {
-                d: parse_d(parts.get(1))?,
-            }),
+            "banded" if parts.len() == 2 => Ok(Pattern::Banded { d: parse_d(parts.get(1))? }),
             "banded" => Err(bad("expected `banded:D`")),
             "random" => {
                 let d = parse_d(parts.get(1))?;
@@ -331,9 +273,7 @@ impl FromStr for Pattern {
                     None => TopKCriterion::Paper,
                     Some(s) if s == "paper" => TopKCriterion::Paper,
                     Some(s) if s == "official" => TopKCriterion::Official,
-                    Some(_) => {
-                        return Err(bad("the top-k criterion must be `paper` or `official`"))
-                    }
+                    Some(_) => return Err(bad("the top-k criterion must be `paper` or `official`")),
                 };
                 if parts.len() > 3 {
                     return Err(bad("expected `topk:D[:paper|:official]`"));
@@ -341,9 +281,7 @@ impl FromStr for Pattern {
                 Ok(Pattern::TopK { d, criterion })
             }
             "" => Err(bad("empty pattern spec")),
-            _ => Err(bad(
-                "unknown pattern; expected plain, banded:D, random:D[:seed=S] or topk:D[:official]",
-            )),
+            _ => Err(bad("unknown pattern; expected plain, banded:D, random:D[:seed=S] or topk:D[:official]")),
         }
     }
 }
@@ -354,25 +292,12 @@ mod tests {
 
     #[test]
     fn spec_round_trips() {
-        for spec in [
-            "plain",
-            "banded:2",
-            "random:16:seed=42",
-            "topk:8",
-            "topk:8:official",
-            "banded:0",
-        ] {
+        for spec in ["plain", "banded:2", "random:16:seed=42", "topk:8", "topk:8:official", "banded:0"] {
             let p: Pattern = spec.parse().unwrap();
             assert_eq!(p.to_string(), spec);
         }
-        assert_eq!(
-            "random:3".parse::<Pattern>().unwrap(),
-            Pattern::Random { d: 3, seed: 0 }
-        );
-        assert_eq!(
-            "topk:1:paper".parse::<Pattern>().unwrap().to_string(),
-            "topk:1"
-        );
+        assert_eq!("random:3".parse::<Pattern>().unwrap(), Pattern::Random { d: 3, seed: 0 });
+        assert_eq!("topk:1:paper".parse::<Pattern>().unwrap().to_string(), "topk:1");
     }
 
     #[test]
@@ -401,25 +326,19 @@ mod tests {
             for d in 0..r {
                 let o = Pattern::Banded { d }.omega_for_rank(r).unwrap();
                 assert_eq!(o.len(), band_size(r, d));
-                let keys: Vec<(u32, u32)> =
-                    o.rows.iter().copied().zip(o.cols.iter().copied()).collect();
+                let keys: Vec<(u32, u32)> = o.rows.iter().copied().zip(o.cols.iter().copied()).collect();
                 let mut sorted = keys.clone();
                 sorted.sort();
                 sorted.dedup();
                 assert_eq!(keys, sorted, "row-major and unique");
-                assert!(keys
-                    .iter()
-                    .all(|&(i, j)| (i as i64 - j as i64).unsigned_abs() as usize <= d));
+                assert!(keys.iter().all(|&(i, j)| (i as i64 - j as i64).unsigned_abs() as usize <= d));
             }
         }
     }
 
     #[test]
     fn d_at_least_r_is_an_error() {
-        assert!(matches!(
-            Pattern::Banded { d: 5 }.size(5),
-            Err(Error::PatternSize { .. })
-        ));
+        assert!(matches!(Pattern::Banded { d: 5 }.size(5), Err(Error::PatternSize { .. })));
         assert!(Pattern::Banded { d: 4 }.size(5).is_ok());
         assert!(Pattern::Plain.size(0).is_err());
     }

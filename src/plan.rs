@@ -126,9 +126,7 @@ impl FromStr for Plan {
             "auto" => Ok(Plan::Auto),
             "factored" => Ok(Plan::Factored),
             "merged" | "official" => Ok(Plan::Merged),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown plan `{s}`: expected auto, factored or merged"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("unknown plan `{s}`: expected auto, factored or merged"))),
         }
     }
 }
@@ -139,22 +137,12 @@ mod tests {
 
     #[test]
     fn square_merged_wins_only_beyond_2d() {
-        let dims = Dims {
-            d_out: 1024,
-            d_in: 1024,
-            r: 1024,
-            nnz: 1024,
-        };
+        let dims = Dims { d_out: 1024, d_in: 1024, r: 1024, nnz: 1024 };
         assert_eq!(dims.factored_gemm_flops(100), 8.0 * 100.0 * 1024f64.powi(2));
         assert_eq!(dims.cheaper(512), ExecPlan::Factored);
         assert_eq!(dims.cheaper(8192), ExecPlan::Merged);
         // Rectangular: r = min, factored wins at every n.
-        let rect = Dims {
-            d_out: 4096,
-            d_in: 512,
-            r: 512,
-            nnz: 512,
-        };
+        let rect = Dims { d_out: 4096, d_in: 512, r: 512, nnz: 512 };
         assert_eq!(rect.cheaper(1 << 20), ExecPlan::Factored);
     }
 }

@@ -34,14 +34,7 @@ fn widen(x: &[f32]) -> Vec<f64> {
 
 impl Reference {
     /// The reference of a layer with these factors, pattern, coefficients, gate and bias.
-    pub fn new(
-        f: &Factors,
-        omega: &Omega,
-        m: &[f32],
-        gamma: f32,
-        gate: bool,
-        bias: Option<&[f32]>,
-    ) -> Self {
+    pub fn new(f: &Factors, omega: &Omega, m: &[f32], gamma: f32, gate: bool, bias: Option<&[f32]>) -> Self {
         Reference {
             d_out: f.d_out,
             d_in: f.d_in,
@@ -108,9 +101,7 @@ impl Reference {
         let mut y = vec![0.0; n * self.d_out];
         for b in 0..n {
             for p in 0..self.d_out {
-                let dot: f64 = (0..self.d_in)
-                    .map(|q| x[b * self.d_in + q] * w[p * self.d_in + q])
-                    .sum();
+                let dot: f64 = (0..self.d_in).map(|q| x[b * self.d_in + q] * w[p * self.d_in + q]).sum();
                 y[b * self.d_out + p] = dot + self.bias.as_ref().map_or(0.0, |bb| bb[p]);
             }
         }
@@ -124,9 +115,7 @@ impl Reference {
         let mut dx = vec![0.0; n * d_in];
         for b in 0..n {
             for q in 0..d_in {
-                dx[b * d_in + q] = (0..d_out)
-                    .map(|p| gy[b * d_out + p] * w[p * d_in + q])
-                    .sum();
+                dx[b * d_in + q] = (0..d_out).map(|p| gy[b * d_out + p] * w[p * d_in + q]).sum();
             }
         }
         // dW = G^T X (d_out x d_in); dC = U^T dW V (r x r), sampled on Omega.
@@ -139,25 +128,16 @@ impl Reference {
         let mut dwv = vec![0.0; d_out * r];
         for p in 0..d_out {
             for j in 0..r {
-                dwv[p * r + j] = (0..d_in)
-                    .map(|q| dw[p * d_in + q] * self.v[q * r + j])
-                    .sum();
+                dwv[p * r + j] = (0..d_in).map(|q| dw[p * d_in + q] * self.v[q * r + j]).sum();
             }
         }
         let g = self.g();
         let dc: Vec<f64> = (0..self.m.len())
-            .map(|k| {
-                (0..d_out)
-                    .map(|p| self.u[p * r + self.rows[k]] * dwv[p * r + self.cols[k]])
-                    .sum()
-            })
+            .map(|k| (0..d_out).map(|p| self.u[p * r + self.rows[k]] * dwv[p * r + self.cols[k]]).sum())
             .collect();
         let dm = dc.iter().map(|d| g * d).collect();
-        let dgamma = if self.gate {
-            g * (1.0 - g) * dc.iter().zip(&self.m).map(|(d, m)| d * m).sum::<f64>()
-        } else {
-            0.0
-        };
+        let dgamma =
+            if self.gate { g * (1.0 - g) * dc.iter().zip(&self.m).map(|(d, m)| d * m).sum::<f64>() } else { 0.0 };
         (dx, dm, dgamma)
     }
 }

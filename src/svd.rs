@@ -32,24 +32,14 @@ impl Factors {
         check_positive("d_in", d_in)?;
         let r = s.len();
         if r == 0 || r > d_out.min(d_in) {
-            return Err(Error::Rank {
-                rank: r,
-                max: d_out.min(d_in),
-            });
+            return Err(Error::Rank { rank: r, max: d_out.min(d_in) });
         }
         check_len("U (d_out x r)", &u, d_out * r)?;
         check_len("V (d_in x r)", &v, d_in * r)?;
         check_finite("U", &u)?;
         check_finite("s", &s)?;
         check_finite("V", &v)?;
-        Ok(Factors {
-            d_out,
-            d_in,
-            r,
-            u,
-            s,
-            v,
-        })
+        Ok(Factors { d_out, d_in, r, u, s, v })
     }
 
     /// The dense `U diag(s) V^T` in f64, row-major `d_out x d_in`.
@@ -57,9 +47,7 @@ impl Factors {
         let r = self.r;
         let mut w = vec![0.0f64; self.d_out * self.d_in];
         for p in 0..self.d_out {
-            let us: Vec<f64> = (0..r)
-                .map(|i| self.u[p * r + i] as f64 * self.s[i] as f64)
-                .collect();
+            let us: Vec<f64> = (0..r).map(|i| self.u[p * r + i] as f64 * self.s[i] as f64).collect();
             for q in 0..self.d_in {
                 let vq = &self.v[q * r..(q + 1) * r];
                 w[p * self.d_in + q] = us.iter().zip(vq).map(|(a, &b)| a * b as f64).sum();
@@ -78,11 +66,7 @@ impl Factors {
             num += (a - b) * (a - b);
             den += b * b;
         }
-        Ok(if den == 0.0 {
-            num.sqrt()
-        } else {
-            (num / den).sqrt()
-        })
+        Ok(if den == 0.0 { num.sqrt() } else { (num / den).sqrt() })
     }
 
     /// Persistent bytes of the frozen factors in f32.
@@ -135,12 +119,7 @@ impl WeightScalar for f64 {
 /// assert_eq!(dec.factors.r, 3);
 /// assert!(dec.residual < 1e-5);
 /// ```
-pub fn thin_svd<T: WeightScalar>(
-    w: &[T],
-    d_out: usize,
-    d_in: usize,
-    rank: Option<usize>,
-) -> Result<Decomposition> {
+pub fn thin_svd<T: WeightScalar>(w: &[T], d_out: usize, d_in: usize, rank: Option<usize>) -> Result<Decomposition> {
     check_positive("d_out", d_out)?;
     check_positive("d_in", d_in)?;
     check_len("W0 (d_out x d_in)", w, d_out * d_in)?;
@@ -179,10 +158,7 @@ pub fn random_factors(d_out: usize, d_in: usize, r: usize, seed: u64) -> Result<
     check_positive("d_out", d_out)?;
     check_positive("d_in", d_in)?;
     if r == 0 || r > d_out.min(d_in) {
-        return Err(Error::Rank {
-            rank: r,
-            max: d_out.min(d_in),
-        });
+        return Err(Error::Rank { rank: r, max: d_out.min(d_in) });
     }
     let mut rng = crate::rng::Rng::new(seed);
     let mut ortho = |rows: usize| -> Vec<f32> {
@@ -199,8 +175,6 @@ pub fn random_factors(d_out: usize, d_in: usize, r: usize, seed: u64) -> Result<
     let u = ortho(d_out);
     let v = ortho(d_in);
     // A decaying spectrum like a trained weight's, descending.
-    let s = (0..r)
-        .map(|i| (1.0 / (1.0 + i as f64 / 8.0)) as f32)
-        .collect();
+    let s = (0..r).map(|i| (1.0 / (1.0 + i as f64 / 8.0)) as f32).collect();
     Factors::new(d_out, d_in, u, s, v)
 }

@@ -8,8 +8,7 @@ use svft::svd::{random_factors, Factors};
 pub const F32_TOL: f64 = 1e-5;
 
 /// Odd shapes: d_out > d_in, d_out < d_in, square, and a truncated rank; r never a multiple of 8.
-pub const SHAPES: [(usize, usize, usize); 4] =
-    [(37, 23, 23), (19, 41, 19), (29, 29, 29), (37, 23, 13)];
+pub const SHAPES: [(usize, usize, usize); 4] = [(37, 23, 23), (19, 41, 19), (29, 29, 29), (37, 23, 13)];
 
 /// Random orthonormal factors of the given shape.
 pub fn factors(d_out: usize, d_in: usize, r: usize, seed: u64) -> Factors {

@@ -14,19 +14,13 @@ fn loss(refl: &Reference, x: &[f64], rr: &[f64], n: usize) -> f64 {
 
 fn assert_close(analytic: f64, numeric: f64, what: &str) {
     let tol = 1e-6 * (1.0 + analytic.abs().max(numeric.abs()));
-    assert!(
-        (analytic - numeric).abs() <= tol,
-        "{what}: analytic {analytic} vs numeric {numeric}"
-    );
+    assert!((analytic - numeric).abs() <= tol, "{what}: analytic {analytic} vs numeric {numeric}");
 }
 
 #[test]
 fn reference_gradients_match_finite_differences() {
     let h = 1e-6;
-    for (pi, spec) in ["banded:2", "random:4:seed=3", "topk:1:official"]
-        .iter()
-        .enumerate()
-    {
+    for (pi, spec) in ["banded:2", "random:4:seed=3", "topk:1:official"].iter().enumerate() {
         let (d_out, d_in, r, n) = (13, 9, 9, 5);
         let f = factors(d_out, d_in, r, 40 + pi as u64);
         let pattern: Pattern = spec.parse().unwrap();

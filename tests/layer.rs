@@ -8,21 +8,12 @@ use svft::cpu::CpuLayer;
 use svft::reference::{rel_err, Reference};
 use svft::{Init, LayerConfig, Pattern, Plan};
 
-const PATTERNS: [&str; 5] = [
-    "plain",
-    "banded:2",
-    "random:3:seed=5",
-    "topk:2",
-    "topk:2:official",
-];
+const PATTERNS: [&str; 5] = ["plain", "banded:2", "random:3:seed=5", "topk:2", "topk:2:official"];
 
 /// Whether a top-k pattern exists for this shape (tested as an error elsewhere).
 fn pattern_possible(p: &Pattern, d_out: usize, d_in: usize, r: usize) -> bool {
     match p {
-        Pattern::TopK {
-            criterion: svft::TopKCriterion::Paper,
-            ..
-        } => d_out == d_in,
+        Pattern::TopK { criterion: svft::TopKCriterion::Paper, .. } => d_out == d_in,
         Pattern::TopK { .. } => r == d_out || r == d_in,
         _ => true,
     }
@@ -39,42 +30,18 @@ fn check_against_reference(layer: &mut CpuLayer, n: usize, seed: u64, what: &str
     let mut dm = poisoned(layer.omega().len());
     let dgamma = layer.backward_into(&gy, n, &mut dx, &mut dm).unwrap();
 
-    let refl = Reference::new(
-        &f,
-        layer.omega(),
-        layer.coefficients(),
-        layer.gamma(),
-        layer.config().gate,
-        layer.bias(),
-    );
+    let refl =
+        Reference::new(&f, layer.omega(), layer.coefficients(), layer.gamma(), layer.config().gate, layer.bias());
     let (xw, gw) = (wide(&x), wide(&gy));
     let y_ref = refl.forward(&xw, n);
     let (dx_ref, dm_ref, dgamma_ref) = refl.backward(&xw, &gw, n);
     let plan = layer.plan_for(n);
-    assert!(
-        rel_err(&y, &y_ref) < F32_TOL,
-        "{what} n={n} {plan}: Y err {}",
-        rel_err(&y, &y_ref)
-    );
-    assert!(
-        rel_err(&dx, &dx_ref) < F32_TOL,
-        "{what} n={n} {plan}: dX err {}",
-        rel_err(&dx, &dx_ref)
-    );
-    assert!(
-        rel_err(&dm, &dm_ref) < F32_TOL,
-        "{what} n={n} {plan}: dM err {}",
-        rel_err(&dm, &dm_ref)
-    );
+    assert!(rel_err(&y, &y_ref) < F32_TOL, "{what} n={n} {plan}: Y err {}", rel_err(&y, &y_ref));
+    assert!(rel_err(&dx, &dx_ref) < F32_TOL, "{what} n={n} {plan}: dX err {}", rel_err(&dx, &dx_ref));
+    assert!(rel_err(&dm, &dm_ref) < F32_TOL, "{what} n={n} {plan}: dM err {}", rel_err(&dm, &dm_ref));
     // dgamma is one sum of signed terms: measure its error against the size of those terms.
     let g = refl.g();
-    let scale: f64 = g
-        * (1.0 - g)
-        * dm_ref
-            .iter()
-            .zip(&refl.m)
-            .map(|(d, m)| (d / g * m).abs())
-            .sum::<f64>();
+    let scale: f64 = g * (1.0 - g) * dm_ref.iter().zip(&refl.m).map(|(d, m)| (d / g * m).abs()).sum::<f64>();
     assert!(dgamma.is_finite(), "{what}: dgamma is not finite");
     assert!(
         (dgamma as f64 - dgamma_ref).abs() <= F32_TOL * scale.max(f64::MIN_POSITIVE),
@@ -84,10 +51,7 @@ fn check_against_reference(layer: &mut CpuLayer, n: usize, seed: u64, what: &str
         assert_eq!(dgamma, 0.0);
     }
     let mut merged = layer.merge();
-    assert!(
-        rel_err(&merged, &refl.weight()) < F32_TOL,
-        "{what}: merge err"
-    );
+    assert!(rel_err(&merged, &refl.weight()) < F32_TOL, "{what}: merge err");
     merged.clear();
 }
 
@@ -104,13 +68,7 @@ fn every_pattern_plan_gate_init_matches_the_f64_reference() {
             for plan in [Plan::Factored, Plan::Merged, Plan::Auto] {
                 for gate in [false, true] {
                     for init in [Init::Zero, Init::Official] {
-                        let config = LayerConfig {
-                            pattern,
-                            init,
-                            gate,
-                            plan,
-                            seed: 3,
-                        };
+                        let config = LayerConfig { pattern, init, gate, plan, seed: 3 };
                         let bias = (gate && init == Init::Official).then(|| randn(d_out, 77));
                         let mut layer = CpuLayer::new(f.clone(), &config, bias).unwrap();
                         let what = format!("{d_out}x{d_in} r={r} {spec} {plan} gate={gate} {init}");
@@ -121,11 +79,7 @@ fn every_pattern_plan_gate_init_matches_the_f64_reference() {
                         }
                         // Trained state: nonzero M and gamma.
                         let k = layer.omega().len();
-                        layer
-                            .set_coefficients(
-                                &randn(k, 5).iter().map(|v| v * 0.3).collect::<Vec<_>>(),
-                            )
-                            .unwrap();
+                        layer.set_coefficients(&randn(k, 5).iter().map(|v| v * 0.3).collect::<Vec<_>>()).unwrap();
                         layer.set_gamma(0.7).unwrap();
                         check_against_reference(&mut layer, 30, 200, &format!("{what} trained"));
                     }
@@ -142,14 +96,8 @@ fn zero_init_reproduces_the_frozen_weight() {
         let w0 = randn(d_out * d_in, 9);
         for plan in [Plan::Factored, Plan::Merged] {
             for gate in [false, true] {
-                let config = LayerConfig {
-                    pattern: "banded:2".parse().unwrap(),
-                    plan,
-                    gate,
-                    ..Default::default()
-                };
-                let mut layer =
-                    CpuLayer::from_weight(&w0, d_out, d_in, None, &config, None).unwrap();
+                let config = LayerConfig { pattern: "banded:2".parse().unwrap(), plan, gate, ..Default::default() };
+                let mut layer = CpuLayer::from_weight(&w0, d_out, d_in, None, &config, None).unwrap();
                 assert!(layer.svd_residual().unwrap() < 1e-5);
                 for n in [1, 64] {
                     let x = randn(n * d_in, 4);
@@ -158,9 +106,8 @@ fn zero_init_reproduces_the_frozen_weight() {
                     let mut want = vec![0.0f64; n * d_out];
                     for b in 0..n {
                         for p in 0..d_out {
-                            want[b * d_out + p] = (0..d_in)
-                                .map(|q| x[b * d_in + q] as f64 * w0[p * d_in + q] as f64)
-                                .sum();
+                            want[b * d_out + p] =
+                                (0..d_in).map(|q| x[b * d_in + q] as f64 * w0[p * d_in + q] as f64).sum();
                         }
                     }
                     assert!(
@@ -183,11 +130,7 @@ fn official_init_is_kaiming_normal_with_half_gate() {
     let m = layer.coefficients();
     let k = m.len() as f64;
     let var = m.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / k;
-    assert!(
-        (var / (2.0 / k) - 1.0).abs() < 0.15,
-        "variance {var} vs {}",
-        2.0 / k
-    );
+    assert!((var / (2.0 / k) - 1.0).abs() < 0.15, "variance {var} vs {}", 2.0 / k);
     assert_eq!(layer.gate_value(), 0.5);
     assert_eq!(layer.trainable_params(), m.len() + 1);
     // Same seed, same draw; another seed, another draw.
@@ -201,11 +144,8 @@ fn official_init_is_kaiming_normal_with_half_gate() {
 fn switching_token_counts_keeps_results_right() {
     // The workspace shrinks and grows between calls; stale sizes must never leak into results.
     let f = factors(37, 23, 23, 2);
-    let config = LayerConfig {
-        init: Init::Official,
-        gate: true,
-        ..LayerConfig::official("random:2:seed=9".parse().unwrap())
-    };
+    let config =
+        LayerConfig { init: Init::Official, gate: true, ..LayerConfig::official("random:2:seed=9".parse().unwrap()) };
     let mut layer = CpuLayer::new(f, &config, None).unwrap();
     for n in [300, 1, 30, 300, 2] {
         check_against_reference(&mut layer, n, n as u64, "switching n");

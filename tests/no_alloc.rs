@@ -46,27 +46,18 @@ fn forward_and_backward_do_not_allocate_after_the_first_call() {
     let (d_out, d_in, r) = (300, 200, 200);
     for spec in ["banded:2", "random:4:seed=1"] {
         for plan in [Plan::Factored, Plan::Merged] {
-            let config = LayerConfig {
-                plan,
-                ..LayerConfig::official(spec.parse().unwrap())
-            };
+            let config = LayerConfig { plan, ..LayerConfig::official(spec.parse().unwrap()) };
             let mut layer = CpuLayer::new(factors(d_out, d_in, r, 1), &config, None).unwrap();
             for n in [1usize, 257, 1000] {
                 let x = randn(n * d_in, 2);
                 let gy = randn(n * d_out, 3);
-                let (mut y, mut dx, mut dm) = (
-                    vec![0.0; n * d_out],
-                    vec![0.0; n * d_in],
-                    vec![0.0; layer.omega().len()],
-                );
+                let (mut y, mut dx, mut dm) =
+                    (vec![0.0; n * d_out], vec![0.0; n * d_in], vec![0.0; layer.omega().len()]);
                 let mut step = |layer: &mut CpuLayer| {
                     layer.forward_into(&x, n, &mut y).unwrap();
                     layer.backward_into(&gy, n, &mut dx, &mut dm).unwrap();
                 };
-                let pool = rayon::ThreadPoolBuilder::new()
-                    .num_threads(1)
-                    .build()
-                    .unwrap();
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
                 pool.install(|| {
                     step(&mut layer); // sizes the workspace
                     step(&mut layer);
@@ -76,10 +67,7 @@ fn forward_and_backward_do_not_allocate_after_the_first_call() {
                     COUNTING.store(false, Ordering::SeqCst);
                 });
                 let count = ALLOCS.load(Ordering::SeqCst);
-                assert_eq!(
-                    count, 0,
-                    "{spec} {plan} n={n}: {count} allocations on the hot path"
-                );
+                assert_eq!(count, 0, "{spec} {plan} n={n}: {count} allocations on the hot path");
             }
         }
     }

@@ -19,23 +19,13 @@ impl<'a> Operand<'a> {
     /// `data` as a `rows x cols` row-major matrix.
     pub fn n(data: &'a [f32], rows: usize, cols: usize) -> Self {
         debug_assert_eq!(data.len(), rows * cols);
-        Operand {
-            data,
-            rows,
-            cols,
-            transposed: false,
-        }
+        Operand { data, rows, cols, transposed: false }
     }
 
     /// The transpose of the `rows x cols` row-major matrix in `data`.
     pub fn t(data: &'a [f32], rows: usize, cols: usize) -> Self {
         debug_assert_eq!(data.len(), rows * cols);
-        Operand {
-            data,
-            rows,
-            cols,
-            transposed: true,
-        }
+        Operand { data, rows, cols, transposed: true }
     }
 
     fn view(&self) -> MatRef<'a, f32> {
@@ -72,19 +62,8 @@ pub fn gemm(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
     assert_eq!(k, k2, "inner dimensions differ");
     assert_eq!(c.len(), m * n, "output size");
     let dst = MatMut::from_row_major_slice_mut(c, m, n);
-    let beta = if accumulate {
-        Accum::Add
-    } else {
-        Accum::Replace
-    };
-    matmul(
-        dst,
-        beta,
-        a.view(),
-        b.view(),
-        1.0f32,
-        par_for(2.0 * (m * n * k) as f64),
-    );
+    let beta = if accumulate { Accum::Add } else { Accum::Replace };
+    matmul(dst, beta, a.view(), b.view(), 1.0f32, par_for(2.0 * (m * n * k) as f64));
 }
 
 #[cfg(test)]

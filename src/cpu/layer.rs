@@ -6,7 +6,7 @@
 
 use crate::config::{gate_value, Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
-use crate::cpu::sparse::{apply_core, coefficient_grads, sddmm, sddmm_chunks, CoreIndex};
+use crate::cpu::sparse::{coefficient_grads, sddmm, CoreIndex};
 use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
 use crate::pattern::Omega;
 use crate::plan::{Dims, ExecPlan, Plan};
@@ -96,12 +96,7 @@ impl CpuLayer {
     }
 
     /// A layer over given factors and an explicit index set (e.g. from an adapter file).
-    pub fn with_omega(
-        factors: Factors,
-        omega: Omega,
-        config: &LayerConfig,
-        bias: Option<Vec<f32>>,
-    ) -> Result<Self> {
+    pub fn with_omega(factors: Factors, omega: Omega, config: &LayerConfig, bias: Option<Vec<f32>>) -> Result<Self> {
         if omega.r != factors.r {
             return Err(Error::InvalidArgument(format!(
                 "pattern built for rank {} but the factors have rank {}",
@@ -171,12 +166,7 @@ impl CpuLayer {
     }
     /// Dimensions for the cost model.
     pub fn dims(&self) -> Dims {
-        Dims {
-            d_out: self.factors.d_out,
-            d_in: self.factors.d_in,
-            r: self.factors.r,
-            nnz: self.omega.len(),
-        }
+        Dims { d_out: self.factors.d_out, d_in: self.factors.d_in, r: self.factors.r, nnz: self.omega.len() }
     }
     /// Trainable parameters: |Omega| (+1 with the gate).
     pub fn trainable_params(&self) -> usize {
@@ -210,10 +200,7 @@ impl CpuLayer {
     /// Sets gamma; it must be finite. Forgets the saved forward.
     pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
         if !gamma.is_finite() {
-            return Err(Error::NonFinite {
-                what: "gamma",
-                index: 0,
-            });
+            return Err(Error::NonFinite { what: "gamma", index: 0 });
         }
         self.gamma = gamma;
         self.saved = None;
@@ -239,16 +226,12 @@ impl CpuLayer {
         Ok(Grads { dx, dm, dgamma })
     }
 
-    /// Gathers `g M` into both CSR orders.
+    /// Gathers `g M` into the pass layout(s).
     fn gather_core(&mut self) -> f32 {
         let g = self.gate_value();
-        let nnz = self.m.len();
-        self.index
-            .by_row
-            .gather(&self.m, g, sized(&mut self.ws.vals_row, nnz));
-        self.index
-            .by_col
-            .gather(&self.m, g, sized(&mut self.ws.vals_col, nnz));
+        let len = self.index.table_len();
+        let (fwd, bwd) = (sized(&mut self.ws.vals_row, len), sized(&mut self.ws.vals_col, len));
+        self.index.gather(&self.m, g, fwd, bwd);
         g
     }
 
@@ -256,7 +239,7 @@ impl CpuLayer {
     fn fold_u(&mut self) {
         let f = &self.factors;
         let uc = sized(&mut self.ws.uc, f.d_out * f.r);
-        apply_core(&f.u, uc, f.r, &f.s, &self.index.by_col, &self.ws.vals_col);
+        self.index.apply_bwd(&f.u, uc, &f.s, &self.ws.vals_row, &self.ws.vals_col);
     }
 
     /// Forward into a caller buffer `y` (`n x d_out`); `x` is `n x d_in`.
@@ -276,35 +259,18 @@ impl CpuLayer {
                     // Apply C to the activations: S = T C^T, Y = S U^T.
                     let f = &self.factors;
                     let s_act = sized(&mut self.ws.core_act, n * r);
-                    apply_core(
-                        &self.ws.t,
-                        s_act,
-                        r,
-                        &f.s,
-                        &self.index.by_row,
-                        &self.ws.vals_row,
-                    );
+                    self.index.apply_fwd(&self.ws.t, s_act, &f.s, &self.ws.vals_row, &self.ws.vals_col);
                     gemm(y, Op::n(s_act, n, r), Op::t(&f.u, d_out, r), false);
                 } else {
                     // Fold C into U: Y = T U_C^T.
                     self.fold_u();
-                    gemm(
-                        y,
-                        Op::n(&self.ws.t, n, r),
-                        Op::t(&self.ws.uc, d_out, r),
-                        false,
-                    );
+                    gemm(y, Op::n(&self.ws.t, n, r), Op::t(&self.ws.uc, d_out, r), false);
                 }
             }
             ExecPlan::Merged => {
                 self.fold_u();
                 let w = sized(&mut self.ws.w, d_out * d_in);
-                gemm(
-                    w,
-                    Op::n(&self.ws.uc, d_out, r),
-                    Op::t(&self.factors.v, d_in, r),
-                    false,
-                );
+                gemm(w, Op::n(&self.ws.uc, d_out, r), Op::t(&self.factors.v, d_in, r), false);
                 gemm(y, Op::n(x, n, d_in), Op::t(w, d_out, d_in), false);
                 sized(&mut self.ws.x, n * d_in).copy_from_slice(x);
             }
@@ -322,22 +288,11 @@ impl CpuLayer {
 
     /// Backward into caller buffers: `dx` (`n x d_in`) and `dm` (|Omega|); returns dgamma.
     /// Needs the forward pass of the same `n` just before (its saved activations).
-    pub fn backward_into(
-        &mut self,
-        g_out: &[f32],
-        n: usize,
-        dx: &mut [f32],
-        dm: &mut [f32],
-    ) -> Result<f32> {
+    pub fn backward_into(&mut self, g_out: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> Result<f32> {
         let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
-        let saved = self
-            .saved
-            .ok_or(Error::NoForward(ForwardMismatch::Missing))?;
+        let saved = self.saved.ok_or(Error::NoForward(ForwardMismatch::Missing))?;
         if saved.n != n {
-            return Err(Error::NoForward(ForwardMismatch::Tokens {
-                forward: saved.n,
-                backward: n,
-            }));
+            return Err(Error::NoForward(ForwardMismatch::Tokens { forward: saved.n, backward: n }));
         }
         check_len("G (n x d_out)", g_out, n * d_out)?;
         check_len("dX (n x d_in)", dx, n * d_in)?;
@@ -350,17 +305,17 @@ impl CpuLayer {
             ExecPlan::Factored => {
                 let a = sized(&mut ws.a, n * r);
                 gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
-                let partial = sized(&mut ws.partial, sddmm_chunks(n).0 * nnz);
-                sddmm(a, &ws.t, r, &self.index, partial, sized(&mut ws.dc, nnz));
+                let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(n));
+                sddmm(a, &ws.t, &self.index, partial, sized(&mut ws.dc, nnz));
                 if n <= d_in {
                     // dX = (A C) V^T
                     let ac = sized(&mut ws.core_act, n * r);
-                    apply_core(a, ac, r, &f.s, &self.index.by_col, &ws.vals_col);
+                    self.index.apply_bwd(a, ac, &f.s, &ws.vals_row, &ws.vals_col);
                     gemm(dx, Op::n(ac, n, r), Op::t(&f.v, d_in, r), false);
                 } else {
                     // dX = A V_C^T with V_C = V C^T
                     let vc = sized(&mut ws.vc, d_in * r);
-                    apply_core(&f.v, vc, r, &f.s, &self.index.by_row, &ws.vals_row);
+                    self.index.apply_fwd(&f.v, vc, &f.s, &ws.vals_row, &ws.vals_col);
                     gemm(dx, Op::n(a, n, r), Op::t(vc, d_in, r), false);
                 }
             }
@@ -370,8 +325,8 @@ impl CpuLayer {
                 gemm(p, Op::t(g_out, n, d_out), Op::n(&ws.x, n, d_in), false);
                 let q = sized(&mut ws.q, d_out * r);
                 gemm(q, Op::n(p, d_out, d_in), Op::n(&f.v, d_in, r), false);
-                let partial = sized(&mut ws.partial, sddmm_chunks(d_out).0 * nnz);
-                sddmm(&f.u, q, r, &self.index, partial, sized(&mut ws.dc, nnz));
+                let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(d_out));
+                sddmm(&f.u, q, &self.index, partial, sized(&mut ws.dc, nnz));
             }
         }
         Ok(coefficient_grads(&ws.dc, &self.m, g, self.config.gate, dm))
@@ -383,12 +338,7 @@ impl CpuLayer {
         self.gather_core();
         self.fold_u();
         let mut w = vec![0.0; d_out * d_in];
-        gemm(
-            &mut w,
-            Op::n(&self.ws.uc, d_out, r),
-            Op::t(&self.factors.v, d_in, r),
-            false,
-        );
+        gemm(&mut w, Op::n(&self.ws.uc, d_out, r), Op::t(&self.factors.v, d_in, r), false);
         w
     }
 
