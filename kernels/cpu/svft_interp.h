@@ -35,50 +35,84 @@ static inline uint32_t svft_band_sddmm_smem_bytes(uint32_t block_x, int d, int c
 }
 
 
-int svft_interp_band_apply_fwd_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n, int r, int d);
-int svft_interp_band_apply_fwd_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
-int svft_interp_band_apply_fwd_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_fwd_f32(
+    svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n,
+    int r, int d);
+int svft_interp_band_apply_fwd_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g,
+    int n, int r, int d);
+int svft_interp_band_apply_fwd_f16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g,
+    int n, int r, int d);
 
-int svft_interp_band_apply_bwd_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n, int r, int d);
-int svft_interp_band_apply_bwd_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
-int svft_interp_band_apply_bwd_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g, int n, int r, int d);
+int svft_interp_band_apply_bwd_f32(
+    svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n,
+    int r, int d);
+int svft_interp_band_apply_bwd_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g,
+    int n, int r, int d);
+int svft_interp_band_apply_bwd_f16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, float g,
+    int n, int r, int d);
 
-int svft_interp_coo_apply_f32(svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, const int32_t* ptr,
-    const int32_t* idx, const int32_t* perm, float g, int n, int r);
-int svft_interp_coo_apply_bf16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const int32_t* ptr,
-    const int32_t* idx, const int32_t* perm, float g, int n, int r);
-int svft_interp_coo_apply_f16(svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const int32_t* ptr,
-    const int32_t* idx, const int32_t* perm, float g, int n, int r);
+int svft_interp_coo_apply_f32(
+    svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M,
+    const int32_t* ptr, const int32_t* idx, const int32_t* perm, float g, int n, int r);
+int svft_interp_coo_apply_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M,
+    const int32_t* ptr, const int32_t* idx, const int32_t* perm, float g, int n, int r);
+int svft_interp_coo_apply_f16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M,
+    const int32_t* ptr, const int32_t* idx, const int32_t* perm, float g, int n, int r);
 
-int svft_interp_band_sddmm_atomic_f32(svft_launch_cfg cfg, const float* A, const float* X, float* dC, int n, int r, int d, int chunk_rows);
-int svft_interp_band_sddmm_atomic_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d, int chunk_rows);
-int svft_interp_band_sddmm_atomic_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d, int chunk_rows);
-
-int svft_interp_band_sddmm_partial_f32(svft_launch_cfg cfg, const float* A, const float* X, float* workspace, int n, int r, int d,
+int svft_interp_band_sddmm_atomic_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, float* dC, int n, int r, int d,
     int chunk_rows);
-int svft_interp_band_sddmm_partial_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r, int d,
+int svft_interp_band_sddmm_atomic_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d,
     int chunk_rows);
-int svft_interp_band_sddmm_partial_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r, int d,
+int svft_interp_band_sddmm_atomic_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, int n, int r, int d,
     int chunk_rows);
 
-int svft_interp_coo_sddmm_atomic_f32(svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
-int svft_interp_coo_sddmm_atomic_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
-int svft_interp_coo_sddmm_atomic_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+int svft_interp_band_sddmm_partial_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, float* workspace, int n, int r, int d,
+    int chunk_rows);
+int svft_interp_band_sddmm_partial_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r,
+    int d, int chunk_rows);
+int svft_interp_band_sddmm_partial_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, int n, int r,
+    int d, int chunk_rows);
 
-int svft_interp_coo_sddmm_partial_f32(svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
-int svft_interp_coo_sddmm_partial_bf16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
-int svft_interp_coo_sddmm_partial_f16(svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows, const int32_t* cols,
-    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_atomic_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_atomic_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows,
+    const int32_t* cols, const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_atomic_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows,
+    const int32_t* cols, const int32_t* order, float* dC, int n, int r, int nnz, int chunk_rows);
 
-int svft_interp_sddmm_epilogue(svft_launch_cfg cfg, const float* partial, int nchunks,
-    const float* M, float g, float* dM, float* gate_partial, int nnz, int accumulate);
-int svft_interp_gate_grad_reduce(svft_launch_cfg cfg, const float* gate_partial, int nparts,
-    float g, float* dgamma, int accumulate);
+int svft_interp_coo_sddmm_partial_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, const int32_t* rows, const int32_t* cols,
+    const int32_t* order, float* workspace, int n, int r, int nnz, int chunk_rows);
+int svft_interp_coo_sddmm_partial_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows,
+    const int32_t* cols, const int32_t* order, float* workspace, int n, int r, int nnz,
+    int chunk_rows);
+int svft_interp_coo_sddmm_partial_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows,
+    const int32_t* cols, const int32_t* order, float* workspace, int n, int r, int nnz,
+    int chunk_rows);
+
+int svft_interp_sddmm_epilogue(
+    svft_launch_cfg cfg, const float* partial, int nchunks, const float* M, float g, float* dM,
+    float* gate_partial, int nnz, int accumulate);
+int svft_interp_gate_grad_reduce(
+    svft_launch_cfg cfg, const float* gate_partial, int nparts, float g, float* dgamma,
+    int accumulate);
 
 #ifdef __cplusplus
 }  // extern "C"
