@@ -10,11 +10,12 @@
 //!   - the ptxas report (registers, smem, stack frame, spill stores/loads per kernel and arch) is
 //!     parsed into OUT_DIR/svft_ptxas.json, exposed as `SVFT_PTXAS_REPORT`, and a cargo warning
 //!     is emitted if any kernel spills or uses a stack frame.
-//!   nvcc is looked up in: $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, $PATH, /usr/local/cuda/bin,
-//!   <repo>/.toolchain/cuda/bin (scripts/install-cuda-toolchain.sh). Extra nvcc flags:
-//!   $SVFT_NVCC_FLAGS (whitespace-separated).
-//!   Without nvcc the crate builds without kernels (one cargo warning, no cfg); with
-//!   SVFT_REQUIRE_KERNELS=1 a missing nvcc or a failed compile fails the build.
+//!
+//! nvcc is looked up in: $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin, $PATH, /usr/local/cuda/bin,
+//! <repo>/.toolchain/cuda/bin (scripts/install-cuda-toolchain.sh). Extra nvcc flags:
+//! $SVFT_NVCC_FLAGS (whitespace-separated). Without nvcc the crate builds without kernels (one
+//! cargo warning, no cfg); with SVFT_REQUIRE_KERNELS=1 a missing nvcc or a failed compile fails
+//! the build.
 //!
 //! Interpret (feature `interpret`): kernels/cpu/interpret.cpp (the .cu files compiled for the CPU
 //! plus the `svft_interp_*` extern "C" launch wrappers of kernels/cpu/svft_interp.h) is built
@@ -44,15 +45,9 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(svft_kernels)");
     println!("cargo::rerun-if-changed=build.rs");
     println!("cargo::rerun-if-changed={}", kernels.display());
-    for var in [
-        "NVCC",
-        "CUDA_HOME",
-        "CUDA_PATH",
-        "PATH",
-        "SVFT_REQUIRE_KERNELS",
-        "SVFT_NVCC_FLAGS",
-        "SVFT_CUDA_INCLUDE",
-    ] {
+    for var in
+        ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SVFT_REQUIRE_KERNELS", "SVFT_NVCC_FLAGS", "SVFT_CUDA_INCLUDE"]
+    {
         println!("cargo::rerun-if-env-changed={var}");
     }
     let stamp = root.join(".toolchain/.stamp");
@@ -91,11 +86,7 @@ fn main() {
 
 /// Runs `path --version`; true if it is a working nvcc.
 fn nvcc_works(path: &Path) -> bool {
-    path.is_file()
-        && Command::new(path)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
+    path.is_file() && Command::new(path).arg("--version").output().is_ok_and(|o| o.status.success())
 }
 
 fn find_nvcc(root: &Path) -> Option<PathBuf> {
@@ -120,9 +111,7 @@ fn find_nvcc(root: &Path) -> Option<PathBuf> {
 fn kernel_sources(kernels: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = fs::read_dir(kernels)
         .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-                .collect()
+            rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect()
         })
         .unwrap_or_default();
     files.sort();
@@ -156,16 +145,11 @@ fn compile_fatbin(nvcc: &Path, kernels: &Path, out: &Path) -> Result<(), String>
     if let Ok(extra) = env::var("SVFT_NVCC_FLAGS") {
         cmd.args(extra.split_whitespace());
     }
-    let output = cmd
-        .output()
-        .map_err(|e| format!("running {}: {e}", nvcc.display()))?;
+    let output = cmd.output().map_err(|e| format!("running {}: {e}", nvcc.display()))?;
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
-        return Err(format!(
-            "nvcc failed ({}):\n{stdout}{stderr}",
-            output.status
-        ));
+        return Err(format!("nvcc failed ({}):\n{stdout}{stderr}", output.status));
     }
     fs::write(out.join("svft_ptxas.log"), &stderr).map_err(|e| e.to_string())?;
 
@@ -175,10 +159,7 @@ fn compile_fatbin(nvcc: &Path, kernels: &Path, out: &Path) -> Result<(), String>
     }
     let json_path = out.join("svft_ptxas.json");
     fs::write(&json_path, report_json(nvcc, &report)).map_err(|e| e.to_string())?;
-    for k in report
-        .iter()
-        .filter(|k| k.stack + k.spill_stores + k.spill_loads > 0)
-    {
+    for k in report.iter().filter(|k| k.stack + k.spill_stores + k.spill_loads > 0) {
         println!(
             "cargo::warning=svft: kernel {} ({}) uses {} bytes stack, {} bytes spill stores, {} bytes spill loads",
             k.name, k.arch, k.stack, k.spill_stores, k.spill_loads
@@ -224,11 +205,7 @@ fn parse_ptxas(text: &str) -> Vec<KernelInfo> {
             let mut parts = rest.split('\'');
             let name = parts.next().unwrap_or("").to_string();
             let arch = parts.nth(1).unwrap_or("").to_string();
-            cur = Some(KernelInfo {
-                name,
-                arch,
-                ..Default::default()
-            });
+            cur = Some(KernelInfo { name, arch, ..Default::default() });
         } else if let Some(k) = cur.as_mut() {
             if line.contains("bytes stack frame") {
                 k.stack = number_before(line, "bytes stack frame").unwrap_or(0);
