@@ -37,3 +37,8 @@ pub use config::{Init, LayerConfig};
 pub use error::{Error, Result};
 pub use pattern::{Omega, Pattern, TopKCriterion};
 pub use plan::{ExecPlan, Plan};
+
+/// README's examples are compiled and run as doctests, so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The whole test suite, exactly as CI runs it (.ci/run calls this script).
+#
+# 1. Installs the CUDA 13.0 compiler from pip wheels into .toolchain/ (idempotent, no GPU needed)
+#    so that build.rs compiles every kernel; SVFT_REQUIRE_KERNELS=1 makes a kernel that fails
+#    to compile (or spills registers, see tests) a failure rather than a warning.
+# 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
+#    report checks, and the kernels run on CPU threads in interpret mode).
+# 3. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "== CUDA toolchain (pip wheels, CUDA 13.0)"
+CUDA_HOME="$(scripts/install-cuda-toolchain.sh | tail -n 1 | xargs dirname | xargs dirname)"
+export CUDA_HOME
+export SVFT_REQUIRE_KERNELS=1
+
+echo "== cargo test (release, interpret mode on)"
+cargo test --release --features interpret
+
+echo "== kernels under ThreadSanitizer and AddressSanitizer"
+scripts/sanitize-kernels.sh
