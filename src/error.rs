@@ -46,6 +46,10 @@ pub enum Error {
     #[error("CUDA: {0}")]
     Cuda(String),
 
+    /// The device ran out of memory (nothing was changed; free memory or use fewer tokens).
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+
     /// Reading or writing a file.
     #[error("I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },

@@ -7,6 +7,7 @@
 //! - [`pattern`]: the sparsity patterns (plain, banded, random, top-k) and their index sets.
 //! - [`svd`]: the one-time thin SVD on the CPU and the frozen [`svd::Factors`].
 //! - [`cpu`]: the CPU layer (faer GEMMs plus hand-written sparse passes).
+//! - [`cuda`]: the CUDA layer (hand-written kernels, cuBLAS), on the caller's buffers and stream.
 //! - [`plan`]: the factored and merged execution plans and their cost model.
 //! - [`reference`]: an f64 dense reference, for tests.
 //!
@@ -26,6 +27,7 @@ pub mod baseline;
 pub mod bench;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod pattern;
 pub mod plan;

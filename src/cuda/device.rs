@@ -1,0 +1,109 @@
+//! Finding a CUDA device and loading the embedded kernels onto it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+
+use super::driver_err;
+use crate::error::{Error, Result};
+
+/// The fatbin build.rs compiled from kernels/*.cu (sm_80, sm_90a SASS and compute_80 PTX).
+#[cfg(svft_kernels)]
+const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("SVFT_FATBIN")));
+#[cfg(not(svft_kernels))]
+const FATBIN: Option<&[u8]> = None;
+
+/// Every kernel the fatbin must provide (per-dtype kernels without their suffix).
+pub(crate) const KERNELS_PER_DTYPE: [&str; 7] = [
+    "band_apply_fwd",
+    "band_apply_bwd",
+    "coo_apply",
+    "band_sddmm_atomic",
+    "band_sddmm_partial",
+    "coo_sddmm_atomic",
+    "coo_sddmm_partial",
+];
+/// Kernels that exist once (f32 only).
+pub(crate) const KERNELS_F32: [&str; 2] = ["sddmm_epilogue", "gate_grad_reduce"];
+
+/// Whether this build carries the compiled kernels (nvcc was found at build time).
+pub fn kernels_embedded() -> bool {
+    FATBIN.is_some()
+}
+
+/// The number of usable CUDA devices, or why there are none: no kernels in this build, no
+/// driver library, no device. Probed once per process and cached; never panics.
+pub fn device_count() -> Result<usize> {
+    static PROBE: OnceLock<std::result::Result<usize, String>> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if FATBIN.is_none() {
+                return Err("this build has no CUDA kernels: nvcc was not found when it was built \
+                            (run scripts/install-cuda-toolchain.sh, then rebuild)"
+                    .into());
+            }
+            // SAFETY: only tries to open the driver library; no CUDA call is made.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("no CUDA driver library (libcuda.so) on this machine".into());
+            }
+            match std::panic::catch_unwind(CudaContext::device_count) {
+                Ok(Ok(n)) if n > 0 => Ok(n as usize),
+                Ok(Ok(_)) => Err("the CUDA driver reports no device".into()),
+                Ok(Err(e)) => Err(format!("the CUDA driver failed to initialise: {e:?}")),
+                Err(_) => Err("loading the CUDA driver failed".into()),
+            }
+        })
+        .clone()
+        .map_err(Error::Cuda)
+}
+
+/// One device with the kernels loaded: its context, module and every kernel function.
+#[derive(Debug)]
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    _module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+    name: String,
+}
+
+impl Gpu {
+    /// Opens device `ordinal` and loads the embedded kernels (once per call: keep the Arc).
+    pub fn new(ordinal: usize) -> Result<Arc<Gpu>> {
+        let count = device_count()?;
+        if ordinal >= count {
+            return Err(Error::Cuda(format!("device {ordinal} requested, but only {count} present")));
+        }
+        let fatbin = FATBIN.expect("device_count() checked the kernels are embedded");
+        let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the CUDA context", e))?;
+        let module =
+            ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|e| driver_err("loading the kernels", e))?;
+        let mut functions = HashMap::new();
+        let names = KERNELS_PER_DTYPE
+            .iter()
+            .flat_map(|k| ["f32", "bf16", "f16"].map(|s| format!("{k}_{s}")))
+            .chain(KERNELS_F32.iter().map(|k| k.to_string()));
+        for name in names {
+            let f = module.load_function(&name).map_err(|e| driver_err(&format!("finding kernel {name}"), e))?;
+            functions.insert(name, f);
+        }
+        let name = ctx.name().map_err(|e| driver_err("reading the device name", e))?;
+        Ok(Arc::new(Gpu { ctx, _module: module, functions, name }))
+    }
+
+    /// The CUDA context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A loaded kernel by its `extern "C"` name.
+    pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in the fatbin")))
+    }
+}

@@ -1,0 +1,305 @@
+//! Typed launches of the hand-written kernels (argument lists: docs/KERNELS.md).
+//!
+//! Launch shapes are chosen here once: 1-D blocks of [`BLOCK`] threads, grids covering the
+//! work (every kernel is grid-strided, so a capped grid is still correct).
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{
+    CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+};
+
+use super::{blas_err, driver_err, Gpu};
+use crate::error::Result;
+
+/// Threads per block of every kernel.
+pub(crate) const BLOCK: u32 = 128;
+/// Batch rows per thread in the core-apply kernels (`SVFT_APPLY_ROWS` in core_apply.cu).
+const APPLY_ROWS: usize = 4;
+/// Diagonals per thread in the band SDDMM (`SVFT_SDDMM_OFFSETS` in sddmm.cu).
+const SDDMM_OFFSETS: usize = 4;
+/// Dynamic shared memory available without opt-in.
+const SMEM_LIMIT: usize = 48 * 1024;
+/// Largest grid y dimension.
+const GRID_Y_MAX: usize = 65_535;
+
+/// Activation dtypes: f32, bf16, f16. s, M, gamma and all gradients of M stay f32.
+pub trait Dtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
+    /// Suffix of the kernel names (`_f32`, `_bf16`, `_f16`).
+    const SUFFIX: &'static str;
+    /// Rounds an f32 to this type (round to nearest even).
+    fn from_f32(x: f32) -> Self;
+    /// Widens to f32 (exact).
+    fn to_f32(self) -> f32;
+    /// `c = op(a) op(b)` through cuBLAS (f32 compute for the 16-bit types).
+    ///
+    /// # Safety
+    /// The configuration must describe buffers of the sizes given.
+    unsafe fn gemm(
+        blas: &CudaBlas,
+        cfg: GemmConfig<Self>,
+        a: &CudaView<'_, Self>,
+        b: &CudaView<'_, Self>,
+        c: &mut CudaViewMut<'_, Self>,
+    ) -> std::result::Result<(), cudarc::cublas::result::CublasError>;
+}
+
+macro_rules! dtype {
+    ($t:ty, $suffix:literal, $from:expr, $to:expr) => {
+        impl Dtype for $t {
+            const SUFFIX: &'static str = $suffix;
+            fn from_f32(x: f32) -> Self {
+                $from(x)
+            }
+            fn to_f32(self) -> f32 {
+                $to(self)
+            }
+            unsafe fn gemm(
+                blas: &CudaBlas,
+                cfg: GemmConfig<Self>,
+                a: &CudaView<'_, Self>,
+                b: &CudaView<'_, Self>,
+                c: &mut CudaViewMut<'_, Self>,
+            ) -> std::result::Result<(), cudarc::cublas::result::CublasError> {
+                <CudaBlas as Gemm<$t>>::gemm(blas, cfg, a, b, c)
+            }
+        }
+    };
+}
+dtype!(f32, "f32", |x| x, |x| x);
+dtype!(half::bf16, "bf16", half::bf16::from_f32, half::bf16::to_f32);
+dtype!(half::f16, "f16", half::f16::from_f32, half::f16::to_f32);
+
+fn ceil_div(a: usize, b: usize) -> usize {
+    a.div_ceil(b)
+}
+
+fn grid(x: usize, y: usize) -> (u32, u32, u32) {
+    (x.max(1) as u32, y.clamp(1, GRID_Y_MAX) as u32, 1)
+}
+
+/// Whether the band stencils fit shared memory for half-width `d` (else use the CSR kernels).
+pub(crate) fn band_fits(d: usize) -> bool {
+    4 * APPLY_ROWS * (BLOCK as usize + 2 * d) <= SMEM_LIMIT
+        && 4 * band_sddmm_chunk_rows(d) * (2 * BLOCK as usize + 2 * d + SDDMM_OFFSETS - 1) <= SMEM_LIMIT
+}
+
+/// Batch rows per chunk of the band SDDMM: as many as shared memory allows, at most 32.
+pub(crate) fn band_sddmm_chunk_rows(d: usize) -> usize {
+    let per_row = 4 * (2 * BLOCK as usize + 2 * d + SDDMM_OFFSETS - 1);
+    (SMEM_LIMIT / per_row).clamp(1, 32)
+}
+
+/// Batch rows per chunk of the COO SDDMM: at most 64 chunks, so a deterministic workspace
+/// stays at most 64 |Omega| floats.
+pub(crate) fn coo_sddmm_chunk_rows(n: usize) -> usize {
+    ceil_div(n, 64).max(32)
+}
+
+/// The core C = diag(s) + g M in the layout a kernel needs.
+pub(crate) enum CoreArgs<'a> {
+    /// Band of half-width d (M in canonical row-major band order).
+    Band { d: i32 },
+    /// A CSR over the pattern: `ptr[r+1]`, `idx`, `perm` (canonical index).
+    Csr { ptr: &'a CudaView<'a, i32>, idx: &'a CudaView<'a, i32>, perm: &'a CudaView<'a, i32> },
+}
+
+/// `Y = X C^T` (`forward`) or `Y = X C` for `n` rows of `r` columns.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    forward: bool,
+    core: CoreArgs<'_>,
+    x: &CudaView<'_, T>,
+    y: &mut CudaViewMut<'_, T>,
+    s: &CudaView<'_, f32>,
+    m: &CudaView<'_, f32>,
+    g: f32,
+    n: usize,
+    r: usize,
+) -> Result<()> {
+    debug_assert!(x.len() >= n * r && y.len() >= n * r);
+    let (n_i, r_i) = (n as i32, r as i32);
+    let grid_dim = grid(ceil_div(r, BLOCK as usize), ceil_div(n, APPLY_ROWS));
+    match core {
+        CoreArgs::Band { d } => {
+            let name = format!("band_apply_{}_{}", if forward { "fwd" } else { "bwd" }, T::SUFFIX);
+            let f = gpu.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim,
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: (4 * APPLY_ROWS * (BLOCK as usize + 2 * d as usize)) as u32,
+            };
+            let mut b = stream.launch_builder(f);
+            b.arg(x).arg(y).arg(s).arg(m).arg(&g).arg(&n_i).arg(&r_i).arg(&d);
+            // SAFETY: argument list and buffer sizes as documented for band_apply_* .
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+        }
+        CoreArgs::Csr { ptr, idx, perm } => {
+            let name = format!("coo_apply_{}", T::SUFFIX);
+            let f = gpu.function(&name)?;
+            let cfg = LaunchConfig { grid_dim, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
+            let mut b = stream.launch_builder(f);
+            b.arg(x).arg(y).arg(s).arg(m).arg(ptr).arg(idx).arg(perm).arg(&g).arg(&n_i).arg(&r_i);
+            // SAFETY: argument list and buffer sizes as documented for coo_apply_*.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The pattern for the SDDMM.
+pub(crate) enum SddmmPattern<'a> {
+    /// Band of half-width d.
+    Band { d: i32 },
+    /// Canonical rows and columns, and an optional visiting order (by-row CSR perm).
+    Coo { rows: &'a CudaView<'a, i32>, cols: &'a CudaView<'a, i32>, order: &'a CudaView<'a, i32> },
+}
+
+/// Workspace floats the SDDMM needs: `nnz` (fast mode: dC itself) or `nchunks * nnz`.
+pub(crate) fn sddmm_workspace_len(band: Option<usize>, deterministic: bool, n: usize, nnz: usize) -> usize {
+    if !deterministic {
+        return nnz;
+    }
+    let chunk = match band {
+        Some(d) => band_sddmm_chunk_rows(d),
+        None => coo_sddmm_chunk_rows(n),
+    };
+    ceil_div(n, chunk) * nnz
+}
+
+/// `dC` over Omega from `a` and `t` (`n x r`), then the epilogue: `dm = g dC` and, with
+/// `gate`, `dgamma = g (1-g) sum M dC`. `work` holds [`sddmm_workspace_len`] floats,
+/// `gate_partial` one float per epilogue block ([`EPILOGUE_BLOCKS`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sddmm<T: Dtype>(
+    gpu: &Gpu,
+    stream: &std::sync::Arc<CudaStream>,
+    pattern: SddmmPattern<'_>,
+    deterministic: bool,
+    a: &CudaView<'_, T>,
+    t: &CudaView<'_, T>,
+    n: usize,
+    r: usize,
+    nnz: usize,
+    work: &mut CudaViewMut<'_, f32>,
+    m: &CudaView<'_, f32>,
+    g: f32,
+    dm: &mut CudaViewMut<'_, f32>,
+    gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+) -> Result<()> {
+    let (n_i, r_i, nnz_i) = (n as i32, r as i32, nnz as i32);
+    let mode = if deterministic { "partial" } else { "atomic" };
+    if !deterministic {
+        stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
+    }
+    let nchunks = match pattern {
+        SddmmPattern::Band { d } => {
+            let chunk = band_sddmm_chunk_rows(d as usize);
+            let nchunks = ceil_div(n, chunk);
+            let name = format!("band_sddmm_{mode}_{}", T::SUFFIX);
+            let f = gpu.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid(ceil_div(r, BLOCK as usize), nchunks),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: (4 * chunk * (2 * BLOCK as usize + 2 * d as usize + SDDMM_OFFSETS - 1)) as u32,
+            };
+            let chunk_i = chunk as i32;
+            let mut b = stream.launch_builder(f);
+            b.arg(a).arg(t).arg(&mut *work).arg(&n_i).arg(&r_i).arg(&d).arg(&chunk_i);
+            // SAFETY: argument list and sizes as documented for band_sddmm_*.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            nchunks
+        }
+        SddmmPattern::Coo { rows, cols, order } => {
+            let chunk = coo_sddmm_chunk_rows(n);
+            let nchunks = ceil_div(n, chunk);
+            let name = format!("coo_sddmm_{mode}_{}", T::SUFFIX);
+            let f = gpu.function(&name)?;
+            let cfg = LaunchConfig {
+                grid_dim: grid(ceil_div(nnz, BLOCK as usize), nchunks),
+                block_dim: (BLOCK, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let chunk_i = chunk as i32;
+            let mut b = stream.launch_builder(f);
+            b.arg(a).arg(t).arg(rows).arg(cols).arg(order).arg(&mut *work).arg(&n_i).arg(&r_i).arg(&nnz_i).arg(&chunk_i);
+            // SAFETY: argument list and sizes as documented for coo_sddmm_*.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            nchunks
+        }
+    };
+    let reduced_chunks = if deterministic { nchunks as i32 } else { 1 };
+    let blocks = epilogue_blocks(nnz);
+    let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let f = gpu.function("sddmm_epilogue")?;
+    let accumulate = 0i32;
+    let null = 0u64;
+    match gate {
+        Some((gate_partial, dgamma)) => {
+            let mut b = stream.launch_builder(f);
+            b.arg(&mut *work).arg(&reduced_chunks).arg(m).arg(&g).arg(&mut *dm).arg(&mut *gate_partial).arg(&nnz_i).arg(&accumulate);
+            // SAFETY: documented arguments; gate_partial holds `blocks` floats.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err("sddmm_epilogue", e))?;
+            let f = gpu.function("gate_grad_reduce")?;
+            let parts = blocks as i32;
+            let mut b = stream.launch_builder(f);
+            b.arg(&mut *gate_partial).arg(&parts).arg(&g).arg(dgamma).arg(&accumulate);
+            let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: documented arguments; exactly one block.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err("gate_grad_reduce", e))?;
+        }
+        None => {
+            let mut b = stream.launch_builder(f);
+            b.arg(&mut *work).arg(&reduced_chunks).arg(&null).arg(&g).arg(&mut *dm).arg(&null).arg(&nnz_i).arg(&accumulate);
+            // SAFETY: documented arguments; M and gate_partial may be NULL without the gate.
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err("sddmm_epilogue", e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Blocks of the epilogue for `nnz` coefficients (and floats of its gate partials).
+pub(crate) fn epilogue_blocks(nnz: usize) -> usize {
+    ceil_div(nnz, 256).clamp(1, 1024)
+}
+
+/// One operand of a row-major product: `rows x cols` over `data`, used transposed or not.
+pub(crate) struct Mat<'a, 'b, T> {
+    pub data: &'a CudaView<'b, T>,
+    pub rows: usize,
+    pub cols: usize,
+    pub trans: bool,
+}
+
+/// `c = op(a) op(b)` (+ `c` with `accumulate`) on row-major buffers, `c` is `m x n`.
+///
+/// cuBLAS is column-major: a row-major `m x n` matrix is the column-major `n x m` transpose,
+/// so `C = A B` is computed as `C^T = B^T A^T` with the operands swapped.
+pub(crate) fn gemm<T: Dtype>(
+    blas: &CudaBlas,
+    c: &mut CudaViewMut<'_, T>,
+    a: Mat<'_, '_, T>,
+    b: Mat<'_, '_, T>,
+    accumulate: bool,
+) -> Result<()> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let (m, k) = if a.trans { (a.cols, a.rows) } else { (a.rows, a.cols) };
+    let (k2, n) = if b.trans { (b.cols, b.rows) } else { (b.rows, b.cols) };
+    assert_eq!(k, k2, "gemm: inner dimensions differ");
+    assert!(c.len() >= m * n && a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols);
+    let cfg = GemmConfig {
+        transa: if b.trans { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        transb: if a.trans { CUBLAS_OP_T } else { CUBLAS_OP_N },
+        m: n as i32,
+        n: m as i32,
+        k: k as i32,
+        alpha: T::from_f32(1.0),
+        lda: b.cols as i32,
+        ldb: a.cols as i32,
+        beta: T::from_f32(if accumulate { 1.0 } else { 0.0 }),
+        ldc: n as i32,
+    };
+    // SAFETY: the sizes were checked above against the configuration.
+    unsafe { T::gemm(blas, cfg, b.data, a.data, c) }.map_err(|e| blas_err("gemm", e))
+}

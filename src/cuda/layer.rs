@@ -1,0 +1,458 @@
+//! [`CudaLayer`]: the SVFT layer on a CUDA device, on buffers and a stream the caller owns.
+//!
+//! Same math, plans and checks as [`crate::cpu::CpuLayer`]. Forward and backward only enqueue
+//! work on the stream (no host synchronisation) and allocate nothing after the first call with
+//! a given token count: the workspace grows once and is reused.
+
+use std::sync::Arc;
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
+
+use super::kernels::{
+    apply, band_fits, epilogue_blocks, gemm, sddmm, sddmm_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
+};
+use super::{blas_err, driver_err, Gpu};
+use crate::config::{gate_value, Init, LayerConfig};
+use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
+use crate::pattern::Omega;
+use crate::plan::{Dims, ExecPlan, Plan};
+use crate::rng::Rng;
+use crate::svd::Factors;
+
+/// How the SDDMM reduces over the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SddmmMode {
+    /// Float atomics across batch chunks: fastest, not bitwise reproducible.
+    #[default]
+    Fast,
+    /// Per-chunk partials summed in a fixed order: bitwise reproducible run to run
+    /// (workspace: one |Omega| row per batch chunk).
+    Deterministic,
+}
+
+/// A CSR over the pattern on the device.
+#[derive(Debug)]
+struct DeviceCsr {
+    ptr: CudaSlice<i32>,
+    idx: CudaSlice<i32>,
+    perm: CudaSlice<i32>,
+}
+
+/// Reusable device buffers, each grown once to the largest size asked of it.
+#[derive(Debug, Default)]
+struct Workspace<T: Dtype> {
+    t: Option<CudaSlice<T>>,
+    core_act: Option<CudaSlice<T>>,
+    a: Option<CudaSlice<T>>,
+    uc: Option<CudaSlice<T>>,
+    vc: Option<CudaSlice<T>>,
+    w: Option<CudaSlice<T>>,
+    x: Option<CudaSlice<T>>,
+    p: Option<CudaSlice<T>>,
+    q: Option<CudaSlice<T>>,
+    ones: Option<CudaSlice<T>>,
+    sddmm: Option<CudaSlice<f32>>,
+    gate_partial: Option<CudaSlice<f32>>,
+}
+
+/// Grows `slot` to at least `len` elements (allocating only then) and returns it.
+fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &'a mut Option<CudaSlice<T>>,
+    len: usize,
+) -> Result<&'a mut CudaSlice<T>> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = None; // free the old buffer before taking a larger one
+        *slot = Some(stream.alloc_zeros::<T>(len.max(1)).map_err(|e| driver_err("allocating the workspace", e))?);
+    }
+    Ok(slot.as_mut().expect("just allocated"))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Saved {
+    n: usize,
+    plan: ExecPlan,
+}
+
+/// An SVFT layer on a CUDA device, activations and factors in `T` (f32, bf16 or f16).
+#[derive(Debug)]
+pub struct CudaLayer<T: Dtype> {
+    gpu: Arc<Gpu>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    dims: Dims,
+    omega: Omega,
+    config: LayerConfig,
+    band: Option<usize>,
+    u: CudaSlice<T>,
+    v: CudaSlice<T>,
+    s: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    gamma: f32,
+    bias: Option<CudaSlice<T>>,
+    rows: CudaSlice<i32>,
+    cols: CudaSlice<i32>,
+    by_row: DeviceCsr,
+    by_col: DeviceCsr,
+    sddmm_mode: SddmmMode,
+    ws: Workspace<T>,
+    saved: Option<Saved>,
+}
+
+fn csr(stream: &Arc<CudaStream>, r: usize, major: &[u32], minor: &[u32]) -> Result<DeviceCsr> {
+    let mut ptr = vec![0i32; r + 1];
+    for &i in major {
+        ptr[i as usize + 1] += 1;
+    }
+    for i in 0..r {
+        ptr[i + 1] += ptr[i];
+    }
+    let mut next = ptr.clone();
+    let (mut idx, mut perm) = (vec![0i32; major.len()], vec![0i32; major.len()]);
+    for (k, (&i, &j)) in major.iter().zip(minor).enumerate() {
+        let e = next[i as usize] as usize;
+        idx[e] = j as i32;
+        perm[e] = k as i32;
+        next[i as usize] += 1;
+    }
+    let up = |v: &[i32]| stream.clone_htod(v).map_err(|e| driver_err("uploading the pattern", e));
+    Ok(DeviceCsr { ptr: up(&ptr)?, idx: up(&idx)?, perm: up(&perm)? })
+}
+
+impl<T: Dtype> CudaLayer<T> {
+    /// Builds the layer on `gpu`, enqueuing its uploads on `stream` (the stream every later call
+    /// uses). The factors are rounded to `T`; s, M and gamma stay f32.
+    pub fn new(
+        gpu: Arc<Gpu>,
+        stream: Arc<CudaStream>,
+        factors: &Factors,
+        config: &LayerConfig,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let omega = config.pattern.omega(factors)?;
+        Self::with_omega(gpu, stream, factors, omega, config, bias)
+    }
+
+    /// As [`CudaLayer::new`] with an explicit index set.
+    pub fn with_omega(
+        gpu: Arc<Gpu>,
+        stream: Arc<CudaStream>,
+        factors: &Factors,
+        omega: Omega,
+        config: &LayerConfig,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let f = factors;
+        if omega.r != f.r {
+            return Err(Error::InvalidArgument(format!(
+                "pattern built for rank {} but the factors have rank {}",
+                omega.r, f.r
+            )));
+        }
+        check_positive("|Omega|", omega.len())?;
+        if let Some(b) = bias {
+            check_len("bias", b, f.d_out)?;
+            check_finite("bias", b)?;
+        }
+        for (what, v) in [("d_out", f.d_out), ("d_in", f.d_in), ("|Omega|", omega.len())] {
+            if v > i32::MAX as usize / 2 {
+                return Err(Error::InvalidArgument(format!("{what} = {v} is too large for the kernels")));
+            }
+        }
+        let k = omega.len();
+        let m = match config.init {
+            Init::Zero => vec![0.0f32; k],
+            Init::Official => Rng::new(config.seed).normal_vec(k, (2.0 / k as f64).sqrt()),
+        };
+        let narrow = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
+        let up_t = |x: &[T]| stream.clone_htod(x).map_err(|e| driver_err("uploading the factors", e));
+        let up_f = |x: &[f32]| stream.clone_htod(x).map_err(|e| driver_err("uploading the factors", e));
+        let up_i = |x: &[u32]| {
+            let v: Vec<i32> = x.iter().map(|&i| i as i32).collect();
+            stream.clone_htod(&v).map_err(|e| driver_err("uploading the pattern", e))
+        };
+        let in_band = omega.pattern.is_banded()
+            && omega.rows.iter().zip(&omega.cols).all(|(&i, &j)| (i as i64 - j as i64).unsigned_abs() as usize <= omega.pattern.d());
+        let band = (in_band && band_fits(omega.pattern.d())).then(|| omega.pattern.d());
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("creating the cuBLAS handle", e))?;
+        Ok(CudaLayer {
+            dims: Dims { d_out: f.d_out, d_in: f.d_in, r: f.r, nnz: k },
+            u: up_t(&narrow(&f.u))?,
+            v: up_t(&narrow(&f.v))?,
+            s: up_f(&f.s)?,
+            m: up_f(&m)?,
+            bias: bias.map(|b| up_t(&narrow(b))).transpose()?,
+            rows: up_i(&omega.rows)?,
+            cols: up_i(&omega.cols)?,
+            by_row: csr(&stream, f.r, &omega.rows, &omega.cols)?,
+            by_col: csr(&stream, f.r, &omega.cols, &omega.rows)?,
+            gamma: 0.0,
+            band,
+            omega,
+            config: *config,
+            sddmm_mode: SddmmMode::Fast,
+            ws: Workspace {
+                t: None,
+                core_act: None,
+                a: None,
+                uc: None,
+                vc: None,
+                w: None,
+                x: None,
+                p: None,
+                q: None,
+                ones: None,
+                sddmm: None,
+                gate_partial: None,
+            },
+            saved: None,
+            blas,
+            gpu,
+            stream,
+        })
+    }
+
+    /// The stream all work is enqueued on.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    /// Dimensions for the cost model.
+    pub fn dims(&self) -> Dims {
+        self.dims
+    }
+    /// The index set of the coefficients.
+    pub fn omega(&self) -> &Omega {
+        &self.omega
+    }
+    /// Trainable parameters: |Omega| (+1 with the gate).
+    pub fn trainable_params(&self) -> usize {
+        self.omega.len() + usize::from(self.config.gate)
+    }
+    /// The plan `forward` runs for `n` tokens.
+    pub fn plan_for(&self, n: usize) -> ExecPlan {
+        self.config.plan.resolve(&self.dims, n)
+    }
+    /// Overrides the plan choice.
+    pub fn set_plan(&mut self, plan: Plan) {
+        self.config.plan = plan;
+        self.saved = None;
+    }
+    /// Chooses the SDDMM reduction (fast by default).
+    pub fn set_sddmm_mode(&mut self, mode: SddmmMode) {
+        self.sddmm_mode = mode;
+    }
+    /// Whether the band stencil kernels are in use (else the CSR kernels).
+    pub fn uses_band_kernels(&self) -> bool {
+        self.band.is_some()
+    }
+    /// The device buffer of the coefficients M (f32, canonical order): an optimizer may update
+    /// it in place on the layer's stream.
+    pub fn coefficients_mut(&mut self) -> &mut CudaSlice<f32> {
+        self.saved = None;
+        &mut self.m
+    }
+    /// Copies the coefficients to the host (synchronises the stream).
+    pub fn coefficients(&self) -> Result<Vec<f32>> {
+        self.stream.clone_dtoh(&self.m).map_err(|e| driver_err("reading the coefficients", e))
+    }
+    /// Uploads new coefficients; they must be finite and |Omega| long.
+    pub fn set_coefficients(&mut self, m: &[f32]) -> Result<()> {
+        check_len("coefficients", m, self.omega.len())?;
+        check_finite("coefficients", m)?;
+        self.stream.memcpy_htod(m, &mut self.m).map_err(|e| driver_err("writing the coefficients", e))?;
+        self.saved = None;
+        Ok(())
+    }
+    /// The gate parameter gamma.
+    pub fn gamma(&self) -> f32 {
+        self.gamma
+    }
+    /// Sets gamma (host value; the kernels take g by value).
+    pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
+        if !gamma.is_finite() {
+            return Err(Error::NonFinite { what: "gamma", index: 0 });
+        }
+        self.gamma = gamma;
+        self.saved = None;
+        Ok(())
+    }
+    /// The gate value g in use.
+    pub fn gate_value(&self) -> f32 {
+        gate_value(self.config.gate, self.gamma)
+    }
+
+    /// Device bytes held between steps: factors, s, M, pattern structures, bias.
+    pub fn persistent_bytes(&self) -> usize {
+        let (o, i, r, k) = (self.dims.d_out, self.dims.d_in, self.dims.r, self.omega.len());
+        std::mem::size_of::<T>() * ((o + i) * r + self.bias.as_ref().map_or(0, |_| o))
+            + 4 * (r + k)
+            + 4 * (2 * k + 2 * (r + 1 + 2 * k))
+    }
+
+    /// Device bytes of the workspace currently held.
+    pub fn workspace_bytes(&self) -> usize {
+        let t = |s: &Option<CudaSlice<T>>| s.as_ref().map_or(0, |s| s.len() * std::mem::size_of::<T>());
+        let f = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| s.len() * 4);
+        let w = &self.ws;
+        t(&w.t) + t(&w.core_act) + t(&w.a) + t(&w.uc) + t(&w.vc) + t(&w.w) + t(&w.x) + t(&w.p) + t(&w.q) + t(&w.ones)
+            + f(&w.sddmm)
+            + f(&w.gate_partial)
+    }
+
+    /// `Y = X W^T (+ bias)`: `x` is `n x d_in`, `y` is `n x d_out`, both on this layer's device.
+    pub fn forward(&mut self, x: &CudaView<'_, T>, n: usize, y: &mut CudaViewMut<'_, T>) -> Result<()> {
+        let Dims { d_out, d_in, r, .. } = self.dims;
+        check_positive("tokens", n)?;
+        check_len("X (n x d_in)", &vec![(); x.len()], n * d_in)?;
+        check_len("Y (n x d_out)", &vec![(); y.len()], n * d_out)?;
+        if n > i32::MAX as usize / d_out.max(d_in).max(r) {
+            return Err(Error::InvalidArgument(format!("{n} tokens are too many for one call")));
+        }
+        self.saved = None;
+        let g = self.gate_value();
+        let plan = self.plan_for(n);
+        let stream = self.stream.clone();
+        let u = self.u.slice(..);
+        let v = self.v.slice(..);
+        let s = self.s.slice(..);
+        let m = self.m.slice(..);
+        let (ptr_r, idx_r, perm_r) = (self.by_row.ptr.slice(..), self.by_row.idx.slice(..), self.by_row.perm.slice(..));
+        let (ptr_c, idx_c, perm_c) = (self.by_col.ptr.slice(..), self.by_col.idx.slice(..), self.by_col.perm.slice(..));
+        let fwd_core = || match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &ptr_r, idx: &idx_r, perm: &perm_r },
+        };
+        let bwd_core = || match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &ptr_c, idx: &idx_c, perm: &perm_c },
+        };
+        let ws = &mut self.ws;
+        let gpu = &self.gpu;
+        let blas = &self.blas;
+        match plan {
+            ExecPlan::Factored => {
+                let t = grow(&stream, &mut ws.t, n * r)?;
+                gemm(blas, &mut t.slice_mut(..n * r), Mat { data: x, rows: n, cols: d_in, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: false }, false)?;
+                if n <= d_out {
+                    let s_act = grow(&stream, &mut ws.core_act, n * r)?;
+                    apply(gpu, &stream, true, fwd_core(), &t.slice(..n * r), &mut s_act.slice_mut(..n * r), &s, &m, g, n, r)?;
+                    gemm(blas, y, Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &u, rows: d_out, cols: r, trans: true }, false)?;
+                } else {
+                    let uc = grow(&stream, &mut ws.uc, d_out * r)?;
+                    apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
+                    gemm(blas, y, Mat { data: &t.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: true }, false)?;
+                }
+            }
+            ExecPlan::Merged => {
+                let uc = grow(&stream, &mut ws.uc, d_out * r)?;
+                apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
+                let w = grow(&stream, &mut ws.w, d_out * d_in)?;
+                gemm(blas, &mut w.slice_mut(..d_out * d_in), Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: true }, false)?;
+                gemm(blas, y, Mat { data: x, rows: n, cols: d_in, trans: false }, Mat { data: &w.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: true }, false)?;
+                let xs = grow(&stream, &mut ws.x, n * d_in)?;
+                stream.memcpy_dtod(x, &mut xs.slice_mut(..n * d_in)).map_err(|e| driver_err("saving X", e))?;
+            }
+        }
+        if let Some(bias) = &self.bias {
+            // Y += ones(n x 1) bias(1 x d_out): a rank-1 product, no extra kernel.
+            let fresh = ws.ones.as_ref().is_none_or(|o| o.len() < n);
+            let ones = grow(&stream, &mut ws.ones, n)?;
+            if fresh {
+                let host = vec![T::from_f32(1.0); ones.len()];
+                stream.memcpy_htod(&host, ones).map_err(|e| driver_err("filling ones", e))?;
+            }
+            gemm(blas, y, Mat { data: &ones.slice(..n), rows: n, cols: 1, trans: false }, Mat { data: &bias.slice(..), rows: 1, cols: d_out, trans: false }, true)?;
+        }
+        self.saved = Some(Saved { n, plan });
+        Ok(())
+    }
+
+    /// Backward for `G = dL/dY` (`n x d_out`): writes `dx` (`n x d_in`), `dm` (|Omega|, f32) and
+    /// `dgamma` (1 float, 0 without the gate). Needs the forward of the same `n` just before.
+    pub fn backward(
+        &mut self,
+        g_out: &CudaView<'_, T>,
+        n: usize,
+        dx: &mut CudaViewMut<'_, T>,
+        dm: &mut CudaViewMut<'_, f32>,
+        dgamma: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let Dims { d_out, d_in, r, nnz } = self.dims;
+        let saved = self.saved.ok_or(Error::NoForward(ForwardMismatch::Missing))?;
+        if saved.n != n {
+            return Err(Error::NoForward(ForwardMismatch::Tokens { forward: saved.n, backward: n }));
+        }
+        check_len("G (n x d_out)", &vec![(); g_out.len()], n * d_out)?;
+        check_len("dX (n x d_in)", &vec![(); dx.len()], n * d_in)?;
+        check_len("dM (|Omega|)", &vec![(); dm.len()], nnz)?;
+        check_len("dgamma", &vec![(); dgamma.len()], 1)?;
+        let g = self.gate_value();
+        let stream = self.stream.clone();
+        let deterministic = self.sddmm_mode == SddmmMode::Deterministic;
+        let u = self.u.slice(..);
+        let v = self.v.slice(..);
+        let s = self.s.slice(..);
+        let m = self.m.slice(..);
+        let (rows, cols) = (self.rows.slice(..), self.cols.slice(..));
+        let (ptr_r, idx_r, perm_r) = (self.by_row.ptr.slice(..), self.by_row.idx.slice(..), self.by_row.perm.slice(..));
+        let (ptr_c, idx_c, perm_c) = (self.by_col.ptr.slice(..), self.by_col.idx.slice(..), self.by_col.perm.slice(..));
+        let fwd_core = || match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &ptr_r, idx: &idx_r, perm: &perm_r },
+        };
+        let bwd_core = || match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &ptr_c, idx: &idx_c, perm: &perm_c },
+        };
+        let pattern = || match self.band {
+            Some(d) => SddmmPattern::Band { d: d as i32 },
+            None => SddmmPattern::Coo { rows: &rows, cols: &cols, order: &perm_r },
+        };
+        let ws = &mut self.ws;
+        let gpu = &self.gpu;
+        let blas = &self.blas;
+        let gate = self.config.gate;
+        let sddmm_rows = match saved.plan {
+            ExecPlan::Factored => n,
+            ExecPlan::Merged => d_out,
+        };
+        let work = grow(&stream, &mut ws.sddmm, sddmm_workspace_len(self.band, deterministic, sddmm_rows, nnz))?;
+        let gate_partial = grow(&stream, &mut ws.gate_partial, epilogue_blocks(nnz))?;
+        if !gate {
+            stream.memset_zeros(dgamma).map_err(|e| driver_err("zeroing dgamma", e))?;
+        }
+        match saved.plan {
+            ExecPlan::Factored => {
+                let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
+                let a = grow(&stream, &mut ws.a, n * r)?;
+                gemm(blas, &mut a.slice_mut(..n * r), Mat { data: g_out, rows: n, cols: d_out, trans: false }, Mat { data: &u, rows: d_out, cols: r, trans: false }, false)?;
+                let mut gp = gate_partial.slice_mut(..);
+                let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
+                sddmm(gpu, &stream, pattern(), deterministic, &a.slice(..n * r), &t, n, r, nnz, &mut work.slice_mut(..), &m, g, dm, gate_bufs)?;
+                if n <= d_in {
+                    let ac = grow(&stream, &mut ws.core_act, n * r)?;
+                    apply(gpu, &stream, false, bwd_core(), &a.slice(..n * r), &mut ac.slice_mut(..n * r), &s, &m, g, n, r)?;
+                    gemm(blas, dx, Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: true }, false)?;
+                } else {
+                    let vc = grow(&stream, &mut ws.vc, d_in * r)?;
+                    apply(gpu, &stream, true, fwd_core(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
+                    gemm(blas, dx, Mat { data: &a.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &vc.slice(..d_in * r), rows: d_in, cols: r, trans: true }, false)?;
+                }
+            }
+            ExecPlan::Merged => {
+                let w = ws.w.as_ref().expect("forward saved W").slice(..d_out * d_in);
+                let xs = ws.x.as_ref().expect("forward saved X").slice(..n * d_in);
+                gemm(blas, dx, Mat { data: g_out, rows: n, cols: d_out, trans: false }, Mat { data: &w, rows: d_out, cols: d_in, trans: false }, false)?;
+                let p = grow(&stream, &mut ws.p, d_out * d_in)?;
+                gemm(blas, &mut p.slice_mut(..d_out * d_in), Mat { data: g_out, rows: n, cols: d_out, trans: true }, Mat { data: &xs, rows: n, cols: d_in, trans: false }, false)?;
+                let q = grow(&stream, &mut ws.q, d_out * r)?;
+                gemm(blas, &mut q.slice_mut(..d_out * r), Mat { data: &p.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: false }, false)?;
+                let mut gp = gate_partial.slice_mut(..);
+                let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
+                sddmm(gpu, &stream, pattern(), deterministic, &u, &q.slice(..d_out * r), d_out, r, nnz, &mut work.slice_mut(..), &m, g, dm, gate_bufs)?;
+            }
+        }
+        Ok(())
+    }
+}
