@@ -159,6 +159,12 @@ impl LoraLayer {
         }
     }
 
+    /// The trainable matrices `(A, B)`, row-major: A is `rl x d_in`, B is `d_out x rl`
+    /// (for optimizers, and to start B at zero as LoRA training does).
+    pub fn params_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        (&mut self.a, &mut self.b)
+    }
+
     /// Trainable parameters `rl (d_in + d_out)`.
     pub fn trainable_params(&self) -> usize {
         self.rl * (self.d_in + self.d_out)

@@ -53,6 +53,11 @@ pub enum Error {
     /// Reading or writing a file.
     #[error("I/O error on {path}: {source}")]
     Io { path: String, source: std::io::Error },
+
+    /// A file whose contents cannot be used: not safetensors, truncated or corrupt, an unknown
+    /// format version, or an adapter that does not belong to the given base factors.
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
 }
 
 /// Why a backward pass could not use the saved forward state.

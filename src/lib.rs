@@ -10,6 +10,11 @@
 //! - [`cuda`]: the CUDA layer (hand-written kernels, cuBLAS), on the caller's buffers and stream.
 //! - [`plan`]: the factored and merged execution plans and their cost model.
 //! - [`reference`]: an f64 dense reference, for tests.
+//! - [`checkpoint`]: safetensors checkpoints (single or sharded; f32, bf16, f16), read lazily.
+//! - [`adapter`]: the factor and adapter file formats, their checksums and checks.
+//! - [`demo`]: the training demo behind a bare `svft`: SVFT (plain, banded) and LoRA against a
+//!   teacher on a transformer-shaped stack.
+//! - [`plot`]: a small PNG line plot (the demo's loss curves).
 //!
 //! ```
 //! use svft::{cpu::CpuLayer, LayerConfig};
@@ -23,14 +28,18 @@
 //! assert!(merged.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-4));
 //! ```
 
+pub mod adapter;
 pub mod baseline;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
 pub mod cpu;
 pub mod cuda;
+pub mod demo;
 pub mod error;
 pub mod pattern;
 pub mod plan;
+pub mod plot;
 pub mod reference;
 pub mod rng;
 pub mod svd;

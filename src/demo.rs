@@ -1,0 +1,788 @@
+//! The training demo behind a bare `svft`: SVFT (plain and banded) and LoRA learn the same
+//! hidden update of a transformer-shaped stack of layers, and the run ends with what each cost.
+//!
+//! **The stack.** Modules (linear weights) are arranged on a residual stream of width `d`: a
+//! `d x d` module is a residual branch `h <- h + a W h`, and a `d -> f` module followed by an
+//! `f -> d` one is an MLP branch `h <- h + a W_down tanh(W_up h)`, with `a = 1/sqrt(branches)`.
+//! The modules come from a real checkpoint (`--model`: its first targeted modules, decomposed)
+//! or an embedded default shaped like a small transformer (2 blocks of q, k, v, o, up, down at
+//! d = 256, f = 1024, random singular vectors with a decaying spectrum). Every module's spectrum
+//! is normalised to `s_0 = 1` so the residual stream stays well scaled.
+//!
+//! **The task.** A teacher is the same stack with each weight replaced by
+//! `W0 + U D V^T`, where the hidden `r x r` update `D` in the module's singular basis is a mix
+//! of a diagonal part (rescaled singular values), a band of half-width 2 and a rank-2 part.
+//! The students see only `(X, teacher(X))` pairs: Gaussian inputs, MSE loss.
+//!
+//! **The students.** SVFT with a plain and a banded pattern (Zero init, gate off, so step 0 is
+//! W0 exactly), trained with Adam on M through [`CpuLayer::backward_into`]; LoRA (A Gaussian,
+//! B = 0) at the rank whose trainable parameter count is closest to banded SVFT's, trained with
+//! Adam on A and B. Same data, steps, schedule (cosine decay) and stack for all.
+//!
+//! The decomposition favours SVFT by construction (the update lives in the singular basis, and
+//! mostly near its diagonal): the demo shows the method working and what it costs, it is not
+//! a benchmark of which method generalises better.
+
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::baseline::LoraLayer;
+use crate::config::{Init, LayerConfig};
+use crate::cpu::gemm::{gemm, Operand as Op};
+use crate::cpu::CpuLayer;
+use crate::error::{Error, Result};
+use crate::pattern::{band_size, Pattern};
+use crate::rng::Rng;
+use crate::svd::{random_factors, Factors};
+
+/// One module of the demo stack: its name and (normalised) frozen factors.
+#[derive(Debug, Clone)]
+pub struct DemoModule {
+    /// Name (the checkpoint's weight name, or a default-model name).
+    pub name: String,
+    /// Factors with the spectrum scaled so that `s_0 = 1`.
+    pub factors: Factors,
+}
+
+impl DemoModule {
+    /// Wraps factors, scaling the spectrum to `s_0 = 1`.
+    pub fn normalised(name: impl Into<String>, mut factors: Factors) -> Self {
+        let s0 = factors.s.first().copied().unwrap_or(1.0);
+        if s0 > 0.0 {
+            factors.s.iter_mut().for_each(|s| *s /= s0);
+        }
+        DemoModule { name: name.into(), factors }
+    }
+}
+
+/// The embedded default: 2 transformer blocks (q, k, v, o: 256 x 256; up: 1024 x 256;
+/// down: 256 x 1024), random orthonormal singular vectors, a decaying spectrum.
+pub fn default_modules() -> Result<Vec<DemoModule>> {
+    let (d, f) = (256, 1024);
+    let mut out = Vec::new();
+    for block in 0..2 {
+        for (i, (name, d_out, d_in)) in [
+            ("attn.q_proj", d, d),
+            ("attn.k_proj", d, d),
+            ("attn.v_proj", d, d),
+            ("attn.o_proj", d, d),
+            ("mlp.up_proj", f, d),
+            ("mlp.down_proj", d, f),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let factors = random_factors(d_out, d_in, d_out.min(d_in), 1000 + 10 * block as u64 + i as u64)?;
+            out.push(DemoModule::normalised(format!("layers.{block}.{name}.weight"), factors));
+        }
+    }
+    Ok(out)
+}
+
+/// One branch of the residual stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Branch {
+    /// `h <- h + a W h` with a `d x d` module.
+    Linear(usize),
+    /// `h <- h + a W_down tanh(W_up h)`.
+    Mlp {
+        /// The `d -> f` module.
+        up: usize,
+        /// The `f -> d` module.
+        down: usize,
+    },
+}
+
+/// Arranges modules `(d_out, d_in)` into branches on a residual stream: its width `d` (the most
+/// common input width) and the branches, in module order. Modules that fit no branch are left
+/// out (e.g. grouped-query k/v projections narrower than the stream).
+pub fn plan_stack(shapes: &[(usize, usize)]) -> (usize, Vec<Branch>) {
+    let mut counts: Vec<(usize, usize)> = Vec::new();
+    for &(_, d_in) in shapes {
+        match counts.iter_mut().find(|c| c.0 == d_in) {
+            Some(c) => c.1 += 1,
+            None => counts.push((d_in, 1)),
+        }
+    }
+    let d = counts.iter().max_by_key(|c| c.1).map_or(0, |c| c.0);
+    let mut used = vec![false; shapes.len()];
+    let mut branches = Vec::new();
+    for i in 0..shapes.len() {
+        let (d_out, d_in) = shapes[i];
+        if used[i] || d_in != d {
+            continue;
+        }
+        if d_out == d {
+            used[i] = true;
+            branches.push(Branch::Linear(i));
+        } else if let Some(j) = (i + 1..shapes.len()).find(|&j| !used[j] && shapes[j] == (d, d_out)) {
+            used[i] = true;
+            used[j] = true;
+            branches.push(Branch::Mlp { up: i, down: j });
+        }
+    }
+    (d, branches)
+}
+
+/// Settings of a demo run.
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    /// Training steps per method.
+    pub steps: usize,
+    /// Tokens per step.
+    pub tokens: usize,
+    /// Distinct training batches (cycled).
+    pub batches: usize,
+    /// Half-width of the banded SVFT pattern.
+    pub banded: usize,
+    /// LoRA rank; `None` matches banded SVFT's parameter count.
+    pub lora_rank: Option<usize>,
+    /// Adam learning rate for SVFT's M.
+    pub svft_lr: f32,
+    /// Adam learning rate for LoRA's A and B.
+    pub lora_lr: f32,
+    /// Seed of the data and the hidden update.
+    pub seed: u64,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        DemoOptions {
+            steps: 300,
+            tokens: 128,
+            batches: 16,
+            banded: 2,
+            lora_rank: None,
+            svft_lr: 2e-2,
+            lora_lr: 1e-2,
+            seed: 0,
+        }
+    }
+}
+
+/// What one method achieved and cost.
+#[derive(Debug, Clone)]
+pub struct MethodResult {
+    /// Display name, e.g. `SVFT banded:2`.
+    pub name: String,
+    /// Trainable parameters over the stack.
+    pub trainable_params: usize,
+    /// Held-out MSE before training.
+    pub initial_loss: f64,
+    /// Held-out MSE after training.
+    pub final_loss: f64,
+    /// Training MSE per step.
+    pub losses: Vec<f64>,
+    /// Mean wall time of one step (forward, backward, update), milliseconds.
+    pub ms_per_step: f64,
+    /// Frozen weights (SVFT: U, s, V; LoRA: W0), f32 bytes.
+    pub frozen_bytes: usize,
+    /// Trainable parameters, their gradients and Adam's two moments, bytes.
+    pub train_state_bytes: usize,
+    /// Activations the layers save for backward, bytes.
+    pub saved_activation_bytes: usize,
+}
+
+impl MethodResult {
+    /// Frozen + training state + saved activations.
+    pub fn memory_bytes(&self) -> usize {
+        self.frozen_bytes + self.train_state_bytes + self.saved_activation_bytes
+    }
+}
+
+/// The whole run.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// Backend the students ran on.
+    pub backend: String,
+    /// Device description.
+    pub device: String,
+    /// Where the modules came from.
+    pub source: String,
+    /// Modules in the stack: name, d_out, d_in.
+    pub modules: Vec<(String, usize, usize)>,
+    /// Residual stream width.
+    pub width: usize,
+    /// Settings.
+    pub options: DemoOptions,
+    /// LoRA rank used.
+    pub lora_rank: usize,
+    /// Per method.
+    pub results: Vec<MethodResult>,
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+impl DemoReport {
+    /// The closing table.
+    pub fn to_table(&self) -> String {
+        let mut s = format!(
+            "svft demo ({}: {}), {} modules from {}, residual width {}, {} tokens/step, {} steps\n\
+             teacher: W0 + a hidden update in each module's singular basis (diagonal + band:2 + rank 2)\n\n",
+            self.backend,
+            self.device,
+            self.modules.len(),
+            self.source,
+            self.width,
+            self.options.tokens,
+            self.options.steps
+        );
+        s += &format!(
+            "{:<18}{:>12}{:>14}{:>14}{:>10}{:>12}{:>12}\n",
+            "method", "trainable", "loss start", "loss final", "final/0", "ms/step", "memory MiB"
+        );
+        for r in &self.results {
+            s += &format!(
+                "{:<18}{:>12}{:>14.4e}{:>14.4e}{:>10.4}{:>12.2}{:>12.2}\n",
+                r.name,
+                r.trainable_params,
+                r.initial_loss,
+                r.final_loss,
+                r.final_loss / r.initial_loss,
+                r.ms_per_step,
+                mib(r.memory_bytes())
+            );
+        }
+        s += "memory = frozen weights (SVFT: U, s, V; LoRA: W0) + params, grads and Adam state + saved activations, f32\n";
+        s
+    }
+
+    /// The report as one JSON object (loss curves included).
+    pub fn to_json(&self) -> Value {
+        json!({
+            "backend": self.backend,
+            "device": self.device,
+            "source": self.source,
+            "width": self.width,
+            "tokens": self.options.tokens,
+            "steps": self.options.steps,
+            "lora_rank": self.lora_rank,
+            "modules": self.modules.iter().map(|(n, o, i)| json!({"name": n, "d_out": o, "d_in": i})).collect::<Vec<_>>(),
+            "results": self.results.iter().map(|r| json!({
+                "method": r.name,
+                "trainable_params": r.trainable_params,
+                "initial_loss": r.initial_loss,
+                "final_loss": r.final_loss,
+                "ms_per_step": r.ms_per_step,
+                "frozen_bytes": r.frozen_bytes,
+                "train_state_bytes": r.train_state_bytes,
+                "saved_activation_bytes": r.saved_activation_bytes,
+                "memory_bytes": r.memory_bytes(),
+                "losses": r.losses,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Adam over one parameter vector.
+#[derive(Debug, Clone)]
+struct Adam {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Adam {
+    fn new(len: usize) -> Self {
+        Adam { m: vec![0.0; len], v: vec![0.0; len] }
+    }
+    fn step(&mut self, p: &mut [f32], g: &[f32], lr: f32, t: usize) {
+        let (b1, b2, eps) = (0.9f32, 0.999f32, 1e-8f32);
+        let (c1, c2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(&mut self.m).zip(&mut self.v) {
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            *p -= lr * (*m / c1) / ((*v / c2).sqrt() + eps);
+        }
+    }
+}
+
+/// A layer of a stack: forward, backward into dX, an optimizer step, and its costs.
+trait StackLayer {
+    fn forward(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()>;
+    fn backward(&mut self, g: &[f32], n: usize, dx: &mut [f32]) -> Result<()>;
+    fn update(&mut self, lr: f32, t: usize) -> Result<()>;
+    fn trainable(&self) -> usize;
+    fn frozen_bytes(&self) -> usize;
+    fn saved_bytes(&self, n: usize) -> usize;
+}
+
+struct SvftStudent {
+    layer: CpuLayer,
+    dm: Vec<f32>,
+    dgamma: f32,
+    m: Vec<f32>,
+    adam: Adam,
+    adam_gamma: Adam,
+}
+
+impl SvftStudent {
+    fn new(factors: Factors, pattern: Pattern) -> Result<Self> {
+        let config = LayerConfig { pattern, init: Init::Zero, gate: false, ..Default::default() };
+        let layer = CpuLayer::new(factors, &config, None)?;
+        let k = layer.omega().len();
+        Ok(SvftStudent {
+            layer,
+            dm: vec![0.0; k],
+            dgamma: 0.0,
+            m: vec![0.0; k],
+            adam: Adam::new(k),
+            adam_gamma: Adam::new(1),
+        })
+    }
+}
+
+impl StackLayer for SvftStudent {
+    fn forward(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.layer.forward_into(x, n, y)
+    }
+    fn backward(&mut self, g: &[f32], n: usize, dx: &mut [f32]) -> Result<()> {
+        self.dgamma = self.layer.backward_into(g, n, dx, &mut self.dm)?;
+        Ok(())
+    }
+    fn update(&mut self, lr: f32, t: usize) -> Result<()> {
+        self.m.copy_from_slice(self.layer.coefficients());
+        self.adam.step(&mut self.m, &self.dm, lr, t);
+        self.layer.set_coefficients(&self.m)?;
+        if self.layer.config().gate {
+            let mut gamma = [self.layer.gamma()];
+            self.adam_gamma.step(&mut gamma, &[self.dgamma], lr, t);
+            self.layer.set_gamma(gamma[0])?;
+        }
+        Ok(())
+    }
+    fn trainable(&self) -> usize {
+        self.layer.trainable_params()
+    }
+    fn frozen_bytes(&self) -> usize {
+        self.layer.factors().bytes()
+    }
+    fn saved_bytes(&self, n: usize) -> usize {
+        // The factored plan keeps T = X V (n x r); the merged one keeps X (n x d_in).
+        let f = self.layer.factors();
+        match self.layer.plan_for(n) {
+            crate::plan::ExecPlan::Factored => 4 * n * f.r,
+            crate::plan::ExecPlan::Merged => 4 * n * f.d_in,
+        }
+    }
+}
+
+struct LoraStudent {
+    layer: LoraLayer,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    ga: Vec<f32>,
+    gb: Vec<f32>,
+    adam_a: Adam,
+    adam_b: Adam,
+}
+
+impl LoraStudent {
+    fn new(w0: Vec<f32>, d_out: usize, d_in: usize, rank: usize, seed: u64) -> Self {
+        let mut layer = LoraLayer::new(w0, d_out, d_in, rank, seed);
+        layer.params_mut().1.fill(0.0); // B = 0: the adapted layer starts at W0.
+        LoraStudent {
+            layer,
+            d_out,
+            d_in,
+            rank,
+            ga: vec![0.0; rank * d_in],
+            gb: vec![0.0; d_out * rank],
+            adam_a: Adam::new(rank * d_in),
+            adam_b: Adam::new(d_out * rank),
+        }
+    }
+}
+
+impl StackLayer for LoraStudent {
+    fn forward(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.layer.forward(x, n, y);
+        Ok(())
+    }
+    fn backward(&mut self, g: &[f32], n: usize, dx: &mut [f32]) -> Result<()> {
+        self.layer.backward(g, n, dx);
+        Ok(())
+    }
+    fn update(&mut self, lr: f32, t: usize) -> Result<()> {
+        self.ga.copy_from_slice(&self.layer.da);
+        self.gb.copy_from_slice(&self.layer.db);
+        let (a, b) = self.layer.params_mut();
+        self.adam_a.step(a, &self.ga, lr, t);
+        self.adam_b.step(b, &self.gb, lr, t);
+        Ok(())
+    }
+    fn trainable(&self) -> usize {
+        self.layer.trainable_params()
+    }
+    fn frozen_bytes(&self) -> usize {
+        4 * self.d_out * self.d_in
+    }
+    fn saved_bytes(&self, n: usize) -> usize {
+        4 * n * (self.d_in + self.rank)
+    }
+}
+
+/// A dense frozen layer (the teacher): forward only.
+struct Dense {
+    w: Vec<f32>,
+    d_out: usize,
+    d_in: usize,
+}
+
+impl StackLayer for Dense {
+    fn forward(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        gemm(y, Op::n(x, n, self.d_in), Op::t(&self.w, self.d_out, self.d_in), false);
+        Ok(())
+    }
+    fn backward(&mut self, _: &[f32], _: usize, _: &mut [f32]) -> Result<()> {
+        Err(Error::InvalidArgument("the teacher is not trained".into()))
+    }
+    fn update(&mut self, _: f32, _: usize) -> Result<()> {
+        Ok(())
+    }
+    fn trainable(&self) -> usize {
+        0
+    }
+    fn frozen_bytes(&self) -> usize {
+        4 * self.w.len()
+    }
+    fn saved_bytes(&self, _: usize) -> usize {
+        0
+    }
+}
+
+/// The residual stack over boxed layers, with its activation buffers.
+struct Net {
+    layers: Vec<Box<dyn StackLayer>>,
+    shapes: Vec<(usize, usize)>,
+    branches: Vec<Branch>,
+    d: usize,
+    alpha: f32,
+    /// Input of each branch, and the output after the last.
+    hs: Vec<Vec<f32>>,
+    /// tanh outputs of MLP branches.
+    mids: Vec<Vec<f32>>,
+    a: Vec<f32>,
+    z: Vec<f32>,
+    gh: Vec<f32>,
+    ga: Vec<f32>,
+    gt: Vec<f32>,
+    dx: Vec<f32>,
+}
+
+impl Net {
+    fn new(layers: Vec<Box<dyn StackLayer>>, shapes: Vec<(usize, usize)>, d: usize, branches: Vec<Branch>) -> Self {
+        let nb = branches.len();
+        Net {
+            layers,
+            shapes,
+            alpha: 1.0 / (nb.max(1) as f32).sqrt(),
+            branches,
+            d,
+            hs: vec![Vec::new(); nb + 1],
+            mids: vec![Vec::new(); nb],
+            a: Vec::new(),
+            z: Vec::new(),
+            gh: Vec::new(),
+            ga: Vec::new(),
+            gt: Vec::new(),
+            dx: Vec::new(),
+        }
+    }
+
+    fn forward(&mut self, x: &[f32], n: usize) -> Result<&[f32]> {
+        let d = self.d;
+        self.hs[0].clear();
+        self.hs[0].extend_from_slice(x);
+        self.a.resize(n * d, 0.0);
+        for (b, &branch) in self.branches.iter().enumerate() {
+            match branch {
+                Branch::Linear(i) => self.layers[i].forward(&self.hs[b], n, &mut self.a)?,
+                Branch::Mlp { up, down } => {
+                    let f = self.shapes[up].0;
+                    self.z.resize(n * f, 0.0);
+                    self.layers[up].forward(&self.hs[b], n, &mut self.z)?;
+                    let t = &mut self.mids[b];
+                    t.clear();
+                    t.extend(self.z.iter().map(|v| v.tanh()));
+                    self.layers[down].forward(t, n, &mut self.a)?;
+                }
+            }
+            let (before, after) = self.hs.split_at_mut(b + 1);
+            let (h, out) = (&before[b], &mut after[0]);
+            out.clear();
+            out.extend(h.iter().zip(&self.a).map(|(h, a)| h + self.alpha * a));
+        }
+        Ok(&self.hs[self.branches.len()])
+    }
+
+    fn backward(&mut self, g: &[f32], n: usize) -> Result<()> {
+        let d = self.d;
+        self.gh.clear();
+        self.gh.extend_from_slice(g);
+        self.dx.resize(n * d, 0.0);
+        for (b, &branch) in self.branches.iter().enumerate().rev() {
+            self.ga.clear();
+            self.ga.extend(self.gh.iter().map(|g| self.alpha * g));
+            match branch {
+                Branch::Linear(i) => self.layers[i].backward(&self.ga, n, &mut self.dx)?,
+                Branch::Mlp { up, down } => {
+                    let f = self.shapes[up].0;
+                    self.gt.resize(n * f, 0.0);
+                    self.layers[down].backward(&self.ga, n, &mut self.gt)?;
+                    for (g, t) in self.gt.iter_mut().zip(&self.mids[b]) {
+                        *g *= 1.0 - t * t;
+                    }
+                    self.layers[up].backward(&self.gt, n, &mut self.dx)?;
+                }
+            }
+            self.gh.iter_mut().zip(&self.dx).for_each(|(g, dx)| *g += dx);
+        }
+        Ok(())
+    }
+
+    fn used_layers(&self) -> Vec<usize> {
+        self.branches
+            .iter()
+            .flat_map(|b| match *b {
+                Branch::Linear(i) => vec![i],
+                Branch::Mlp { up, down } => vec![up, down],
+            })
+            .collect()
+    }
+}
+
+fn mse(y: &[f32], target: &[f32]) -> f64 {
+    y.iter().zip(target).map(|(&a, &b)| ((a - b) as f64).powi(2)).sum::<f64>() / y.len() as f64
+}
+
+/// The dense `U (diag(s) + D) V^T`, row-major `d_out x d_in`, with `D` dense `r x r`.
+fn dense_with_core(f: &Factors, delta: &[f32]) -> Vec<f32> {
+    let r = f.r;
+    let mut c = delta.to_vec();
+    for i in 0..r {
+        c[i * r + i] += f.s[i];
+    }
+    let mut uc = vec![0.0f32; f.d_out * r];
+    gemm(&mut uc, Op::n(&f.u, f.d_out, r), Op::n(&c, r, r), false);
+    let mut w = vec![0.0f32; f.d_out * f.d_in];
+    gemm(&mut w, Op::n(&uc, f.d_out, r), Op::t(&f.v, f.d_in, r), false);
+    w
+}
+
+/// The hidden update of one module in its singular basis: diagonal (each singular value
+/// rescaled by up to about +-25%), a band of half-width 2, and a rank-2 part.
+fn hidden_update(f: &Factors, rng: &mut Rng) -> Vec<f32> {
+    let r = f.r;
+    let mut dlt = vec![0.0f32; r * r];
+    for i in 0..r {
+        dlt[i * r + i] = 0.25 * f.s[i] * rng.normal() as f32;
+        for j in i.saturating_sub(2)..(i + 3).min(r) {
+            if j != i {
+                dlt[i * r + j] = 0.08 * (f.s[i] * f.s[j]).sqrt() * rng.normal() as f32;
+            }
+        }
+    }
+    for _ in 0..2 {
+        let a = rng.normal_vec(r, 1.0 / (r as f64).sqrt());
+        let b = rng.normal_vec(r, 1.0 / (r as f64).sqrt());
+        for i in 0..r {
+            for j in 0..r {
+                dlt[i * r + j] += 0.15 * a[i] * b[j];
+            }
+        }
+    }
+    dlt
+}
+
+/// Which student a run trains.
+#[derive(Debug, Clone, Copy)]
+enum Student {
+    Svft(Pattern),
+    Lora(usize),
+}
+
+/// Runs the demo on the CPU. `progress(method, step, loss)` is called after every step.
+pub fn run(
+    modules: &[DemoModule],
+    source: &str,
+    options: &DemoOptions,
+    progress: &mut dyn FnMut(&str, usize, f64),
+) -> Result<DemoReport> {
+    if options.steps == 0 || options.tokens == 0 || options.batches == 0 {
+        return Err(Error::InvalidArgument("--steps, --tokens and --batches must be positive".into()));
+    }
+    let shapes: Vec<(usize, usize)> = modules.iter().map(|m| (m.factors.d_out, m.factors.d_in)).collect();
+    let (d, branches) = plan_stack(&shapes);
+    if branches.is_empty() {
+        return Err(Error::InvalidArgument(
+            "no module fits a residual stack (need d x d modules, or d -> f and f -> d pairs)".into(),
+        ));
+    }
+    let n = options.tokens;
+    let mut rng = Rng::new(options.seed);
+
+    // Teacher: W0 + U D V^T per module, as dense layers.
+    let mut teacher_layers: Vec<Box<dyn StackLayer>> = Vec::new();
+    for m in modules {
+        let f = &m.factors;
+        let w = dense_with_core(f, &hidden_update(f, &mut rng));
+        teacher_layers.push(Box::new(Dense { w, d_out: f.d_out, d_in: f.d_in }));
+    }
+    let mut teacher = Net::new(teacher_layers, shapes.clone(), d, branches.clone());
+    let used = teacher.used_layers();
+    let batch = |rng: &mut Rng, teacher: &mut Net| -> Result<(Vec<f32>, Vec<f32>)> {
+        let x = rng.normal_vec(n * d, 1.0);
+        let y = teacher.forward(&x, n)?.to_vec();
+        Ok((x, y))
+    };
+    let data: Vec<(Vec<f32>, Vec<f32>)> =
+        (0..options.batches).map(|_| batch(&mut rng, &mut teacher)).collect::<Result<_>>()?;
+    let eval: Vec<(Vec<f32>, Vec<f32>)> = (0..2).map(|_| batch(&mut rng, &mut teacher)).collect::<Result<_>>()?;
+
+    let banded = Pattern::Banded { d: options.banded };
+    let banded_params: usize = used.iter().map(|&i| banded.size(modules[i].factors.r).unwrap_or(0)).sum();
+    let lora_unit: usize = used.iter().map(|&i| shapes[i].0 + shapes[i].1).sum();
+    let lora_rank =
+        options.lora_rank.unwrap_or_else(|| ((banded_params as f64 / lora_unit as f64).round() as usize).max(1));
+    for &i in &used {
+        let r = modules[i].factors.r;
+        if options.banded >= r {
+            return Err(Error::InvalidArgument(format!(
+                "--banded {} must be below every rank (module rank {r})",
+                options.banded
+            )));
+        }
+        debug_assert_eq!(band_size(r, options.banded), banded.size(r).unwrap_or(0));
+    }
+
+    let students = [
+        ("SVFT plain".to_string(), Student::Svft(Pattern::Plain)),
+        (format!("SVFT {banded}"), Student::Svft(banded)),
+        (format!("LoRA r={lora_rank}"), Student::Lora(lora_rank)),
+    ];
+    let mut results = Vec::new();
+    for (name, student) in students {
+        let mut layers: Vec<Box<dyn StackLayer>> = Vec::new();
+        for (i, m) in modules.iter().enumerate() {
+            let f = &m.factors;
+            layers.push(match student {
+                Student::Svft(p) => Box::new(SvftStudent::new(f.clone(), p)?),
+                Student::Lora(rl) => {
+                    let w0 = dense_with_core(f, &vec![0.0; f.r * f.r]);
+                    Box::new(LoraStudent::new(w0, f.d_out, f.d_in, rl.min(f.r), 77 + i as u64))
+                }
+            });
+        }
+        let mut net = Net::new(layers, shapes.clone(), d, branches.clone());
+        let eval_loss = |net: &mut Net| -> Result<f64> {
+            let mut total = 0.0;
+            for (x, y) in &eval {
+                total += mse(net.forward(x, n)?, y);
+            }
+            Ok(total / eval.len() as f64)
+        };
+        let initial_loss = eval_loss(&mut net)?;
+        let lr0 = match student {
+            Student::Svft(_) => options.svft_lr,
+            Student::Lora(_) => options.lora_lr,
+        };
+        let mut losses = Vec::with_capacity(options.steps);
+        let mut g = vec![0.0f32; n * d];
+        let mut elapsed = 0.0f64;
+        for step in 0..options.steps {
+            let (x, y) = &data[step % data.len()];
+            let lr = lr0 * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / options.steps as f32).cos());
+            let t0 = Instant::now();
+            let out = net.forward(x, n)?;
+            let loss = mse(out, y);
+            let scale = 2.0 / out.len() as f32;
+            g.iter_mut().zip(out.iter().zip(y)).for_each(|(g, (o, t))| *g = scale * (o - t));
+            net.backward(&g, n)?;
+            for &i in &used {
+                net.layers[i].update(lr, step + 1)?;
+            }
+            elapsed += t0.elapsed().as_secs_f64();
+            if !loss.is_finite() {
+                return Err(Error::NonFinite { what: "demo loss", index: step });
+            }
+            losses.push(loss);
+            progress(&name, step, loss);
+        }
+        let final_loss = eval_loss(&mut net)?;
+        let trainable_params = used.iter().map(|&i| net.layers[i].trainable()).sum::<usize>();
+        results.push(MethodResult {
+            name,
+            trainable_params,
+            initial_loss,
+            final_loss,
+            losses,
+            ms_per_step: 1e3 * elapsed / options.steps as f64,
+            frozen_bytes: used.iter().map(|&i| net.layers[i].frozen_bytes()).sum(),
+            train_state_bytes: 16 * trainable_params,
+            saved_activation_bytes: used.iter().map(|&i| net.layers[i].saved_bytes(n)).sum(),
+        });
+    }
+    Ok(DemoReport {
+        backend: "cpu".into(),
+        device: crate::bench::cpu_name(),
+        source: source.to_string(),
+        modules: used.iter().map(|&i| (modules[i].name.clone(), shapes[i].0, shapes[i].1)).collect(),
+        width: d,
+        options: options.clone(),
+        lora_rank,
+        results,
+    })
+}
+
+/// Writes the loss curves of a report as a PNG (log y axis).
+pub fn plot_losses(report: &DemoReport, path: &std::path::Path) -> Result<()> {
+    const COLORS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
+    let series: Vec<crate::plot::Series<'_>> = report
+        .results
+        .iter()
+        .zip(COLORS.iter().cycle())
+        .map(|(r, &color)| crate::plot::Series { label: &r.name, color, values: &r.losses })
+        .collect();
+    crate::plot::line_plot_png(path, "SVFT DEMO: TRAINING LOSS", "STEP", "MSE", &series, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stack_plans() {
+        // BERT-like block: q, k, v, o, up, down.
+        let bert = [(4, 4), (4, 4), (4, 4), (4, 4), (16, 4), (4, 16)];
+        let (d, b) = plan_stack(&bert);
+        assert_eq!(d, 4);
+        assert_eq!(b.len(), 5);
+        assert_eq!(b[4], Branch::Mlp { up: 4, down: 5 });
+        // Llama-like with GQA: k, v narrower; gate and up both d -> f, one down.
+        let llama = [(8, 8), (2, 8), (2, 8), (8, 8), (32, 8), (32, 8), (8, 32)];
+        let (d, b) = plan_stack(&llama);
+        assert_eq!(d, 8);
+        assert_eq!(b, vec![Branch::Linear(0), Branch::Linear(3), Branch::Mlp { up: 4, down: 6 }]);
+    }
+
+    #[test]
+    fn tiny_demo_learns() {
+        let modules: Vec<DemoModule> = [(6, 6), (12, 6), (6, 12)]
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, n))| {
+                DemoModule::normalised(format!("m{i}"), random_factors(o, n, o.min(n), i as u64).unwrap())
+            })
+            .collect();
+        let options = DemoOptions { steps: 150, tokens: 16, batches: 4, banded: 1, ..Default::default() };
+        let report = run(&modules, "test", &options, &mut |_, _, _| {}).unwrap();
+        assert_eq!(report.results.len(), 3);
+        for r in &report.results {
+            assert!(r.final_loss < 0.5 * r.initial_loss, "{}: {} -> {}", r.name, r.initial_loss, r.final_loss);
+        }
+    }
+}
