@@ -6,10 +6,12 @@
 //! everywhere; on a machine without a driver or device, [`device_count`] says why, once, and
 //! every entry point returns [`crate::Error::Cuda`] instead of panicking.
 
+mod bench;
 mod device;
 mod kernels;
 mod layer;
 
+pub use bench::run_cuda;
 pub use device::{device_count, kernels_embedded, Gpu};
 pub use kernels::Dtype;
 pub use layer::{CudaLayer, SddmmMode};
