@@ -1,0 +1,688 @@
+//! The `svft_*` functions. Each body runs under [`guard`]: status code out, no unwinding.
+
+use std::ffi::{c_char, c_void, CStr};
+
+use super::buffers::{
+    c_str, check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, preflight, read_as_f32, span,
+};
+pub use super::registry::SvftLayer;
+use super::registry::{self, Layer};
+use super::status::{fail, guard, FfiResult, SvftStatus};
+use super::{SvftBackend, SvftDtype, SVFT_ABI_VERSION};
+use crate::config::{Init, LayerConfig};
+use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
+use crate::cpu::CpuLayer;
+use crate::pattern::Pattern;
+use crate::plan::{ExecPlan, Plan};
+use crate::svd::{thin_svd, Factors};
+
+fn parse_backend(value: i32) -> FfiResult<SvftBackend> {
+    match value {
+        0 => Ok(SvftBackend::Cpu),
+        1 => fail(
+            SvftStatus::CudaUnavailable,
+            "this build of svft has no CUDA backend (it is being written); use SVFT_BACKEND_CPU",
+        ),
+        _ => fail(SvftStatus::InvalidArgument, format!("unknown backend value {value}")),
+    }
+}
+
+fn parse_init(value: i32) -> FfiResult<Init> {
+    match value {
+        0 => Ok(Init::Zero),
+        1 => Ok(Init::Official),
+        _ => fail(SvftStatus::InvalidArgument, format!("unknown init value {value}")),
+    }
+}
+
+fn parse_plan(value: i32) -> FfiResult<Plan> {
+    match value {
+        0 => Ok(Plan::Auto),
+        1 => Ok(Plan::Factored),
+        2 => Ok(Plan::Merged),
+        _ => fail(SvftStatus::InvalidArgument, format!("unknown plan value {value}")),
+    }
+}
+
+/// The CPU backend takes host pointers and no stream.
+fn cpu_stream(stream: *mut c_void) -> FfiResult {
+    if !stream.is_null() {
+        return fail(SvftStatus::InvalidArgument, "stream must be NULL on the CPU backend");
+    }
+    Ok(())
+}
+
+/// Activations and merged weights are f32 on the CPU backend.
+fn cpu_dtype(value: i32) -> FfiResult {
+    match parse_dtype(value)? {
+        SvftDtype::F32 => Ok(()),
+        other => fail(SvftStatus::UnsupportedDtype, format!("the CPU backend computes in f32, not {}", other.name())),
+    }
+}
+
+fn parse_pattern(spec: *const c_char) -> FfiResult<Pattern> {
+    // SAFETY: the caller passes NULL or a NUL-terminated string.
+    let spec = unsafe { c_str("pattern", spec) }?;
+    Ok(spec.parse::<Pattern>()?)
+}
+
+fn register(cpu: CpuLayer, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
+    let table_len = CoreIndex::new(cpu.omega()).table_len();
+    let handle = registry::insert(Layer { cpu, svd_residual, table_len });
+    // SAFETY: `out` was checked by out_ptr at the start of the call.
+    unsafe { out.write(handle) };
+    Ok(())
+}
+
+/// Checks `out` and clears `*out`, so that it is NULL on every failure after this point.
+fn take_out(out: *mut *mut SvftLayer) -> FfiResult<*mut *mut SvftLayer> {
+    let out = out_ptr("out", out)?;
+    // SAFETY: checked non-null and aligned.
+    unsafe { out.write(std::ptr::null_mut()) };
+    Ok(out)
+}
+
+/// Reads an optional bias (`NULL` with `bias_len` 0 means none).
+fn read_bias(bias: *const c_void, bias_len: usize, dt: SvftDtype, d_out: usize) -> FfiResult<Option<Vec<f32>>> {
+    if bias.is_null() && bias_len == 0 {
+        return Ok(None);
+    }
+    check_len("bias (d_out)", bias_len, d_out)?;
+    // SAFETY: the caller provides bias_len elements of dt at bias.
+    Ok(Some(unsafe { read_as_f32("bias", bias, dt, bias_len) }?))
+}
+
+/// Writes the library version ("MAJOR.MINOR.PATCH", static, NUL-terminated) to `*out`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_version(out: *mut *const c_char) -> SvftStatus {
+    guard("svft_version", || {
+        const VERSION: &CStr = match CStr::from_bytes_with_nul(concat!(env!("CARGO_PKG_VERSION"), "\0").as_bytes()) {
+            Ok(v) => v,
+            Err(_) => panic!("version string with a NUL"),
+        };
+        let out = out_ptr("out", out)?;
+        // SAFETY: checked non-null and aligned.
+        unsafe { out.write(VERSION.as_ptr()) };
+        Ok(())
+    })
+}
+
+/// Writes the ABI version of the loaded library to `*out`; compare with `SVFT_ABI_VERSION`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_abi_version(out: *mut u32) -> SvftStatus {
+    guard("svft_abi_version", || {
+        // SAFETY: checked non-null and aligned.
+        unsafe { out_ptr("out", out)?.write(SVFT_ABI_VERSION) };
+        Ok(())
+    })
+}
+
+/// Writes to `*out` whether `backend` (an `SvftBackend`) can run in this process.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_backend_available(backend: i32, out: *mut bool) -> SvftStatus {
+    guard("svft_backend_available", || {
+        let out = out_ptr("out", out)?;
+        let available = match backend {
+            0 => true,
+            1 => false,
+            _ => return fail(SvftStatus::InvalidArgument, format!("unknown backend value {backend}")),
+        };
+        // SAFETY: checked non-null and aligned.
+        unsafe { out.write(available) };
+        Ok(())
+    })
+}
+
+/// Creates a layer by decomposing a row-major `d_out x d_in` weight (`weight_len` elements of
+/// `dtype`, any `SvftDtype`) with a thin SVD truncated to `rank` triplets (0: full rank,
+/// `min(d_out, d_in)`). `pattern` is a spec string ("plain", "banded:2", "random:16:seed=42",
+/// "topk:8", "topk:8:official"); `init` an `SvftInit`; `gate` turns on `g = sigmoid(gamma)`;
+/// `seed` seeds the official init. `bias` is NULL (with `bias_len` 0) or `d_out` elements of
+/// `dtype`. Weight and bias are in the backend's memory space. On success `*out` is a new
+/// handle (free it with `svft_layer_destroy`); on failure it is NULL.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_from_weight(
+    backend: i32,
+    weight: *const c_void,
+    dtype: i32,
+    weight_len: usize,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    pattern: *const c_char,
+    init: i32,
+    gate: bool,
+    seed: u64,
+    bias: *const c_void,
+    bias_len: usize,
+    out: *mut *mut SvftLayer,
+) -> SvftStatus {
+    guard("svft_layer_from_weight", || {
+        let out = take_out(out)?;
+        parse_backend(backend)?;
+        let dt = parse_dtype(dtype)?;
+        let config =
+            LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
+        if d_out == 0 || d_in == 0 {
+            return fail(SvftStatus::Shape, format!("empty weight shape {d_out} x {d_in}"));
+        }
+        check_len("weight (d_out x d_in)", weight_len, mul("weight", d_out, d_in)?)?;
+        span("weight", weight, weight_len, dt.size())?;
+        let full = d_out.min(d_in);
+        let r = if rank == 0 { full } else { rank };
+        if r > full {
+            return fail(SvftStatus::InvalidArgument, format!("rank {rank} out of range: must be in 0..={full}"));
+        }
+        // The weight in f32/f64, the SVD's copies and workspace, the factors.
+        let est = weight_len.saturating_mul(24).saturating_add((d_out + d_in).saturating_mul(r).saturating_mul(12));
+        preflight("the SVD", est)?;
+        let bias = read_bias(bias, bias_len, dt, d_out)?;
+        let dec = if dt == SvftDtype::F64 {
+            // SAFETY: span() checked the pointer; the caller vouches for weight_len elements.
+            let w = unsafe { std::slice::from_raw_parts(weight.cast::<f64>(), weight_len) };
+            thin_svd(w, d_out, d_in, Some(r))?
+        } else {
+            // SAFETY: as above.
+            let w = unsafe { read_as_f32("weight", weight, dt, weight_len) }?;
+            thin_svd(&w, d_out, d_in, Some(r))?
+        };
+        let cpu = CpuLayer::new(dec.factors, &config, bias)?;
+        register(cpu, dec.residual, out)
+    })
+}
+
+/// Creates a layer from saved factors: `u` (`d_out x rank`, row-major), `s` (`rank`,
+/// descending), `v` (`d_in x rank`), all of `dtype` in the backend's memory space; the other
+/// arguments as in `svft_layer_from_weight` (the pattern is rebuilt from its spec, so random
+/// and top-k patterns come out identical for identical factors). Restore trained values with
+/// `svft_layer_set_coefficients` / `svft_layer_set_gamma`.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_from_factors(
+    backend: i32,
+    dtype: i32,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    u: *const c_void,
+    u_len: usize,
+    s: *const c_void,
+    s_len: usize,
+    v: *const c_void,
+    v_len: usize,
+    pattern: *const c_char,
+    init: i32,
+    gate: bool,
+    seed: u64,
+    bias: *const c_void,
+    bias_len: usize,
+    out: *mut *mut SvftLayer,
+) -> SvftStatus {
+    guard("svft_layer_from_factors", || {
+        let out = take_out(out)?;
+        parse_backend(backend)?;
+        let dt = parse_dtype(dtype)?;
+        let config =
+            LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
+        if d_out == 0 || d_in == 0 || rank == 0 {
+            return fail(SvftStatus::Shape, format!("empty shape: d_out {d_out}, d_in {d_in}, rank {rank}"));
+        }
+        if rank > d_out.min(d_in) {
+            return fail(SvftStatus::InvalidArgument, format!("rank {rank} exceeds min(d_out, d_in)"));
+        }
+        check_len("U (d_out x rank)", u_len, mul("U", d_out, rank)?)?;
+        check_len("s (rank)", s_len, rank)?;
+        check_len("V (d_in x rank)", v_len, mul("V", d_in, rank)?)?;
+        span("U", u, u_len, dt.size())?;
+        span("s", s, s_len, dt.size())?;
+        span("V", v, v_len, dt.size())?;
+        preflight("the factors", (u_len + s_len + v_len).saturating_mul(8))?;
+        let bias = read_bias(bias, bias_len, dt, d_out)?;
+        // SAFETY: spans checked; the caller vouches for the lengths.
+        let (u, s, v) = unsafe {
+            (read_as_f32("U", u, dt, u_len)?, read_as_f32("s", s, dt, s_len)?, read_as_f32("V", v, dt, v_len)?)
+        };
+        let factors = Factors::new(d_out, d_in, u, s, v)?;
+        let cpu = CpuLayer::new(factors, &config, bias)?;
+        register(cpu, f64::NAN, out)
+    })
+}
+
+/// Destroys a layer. Later calls with the handle (including a second destroy) return
+/// `SVFT_STATUS_INVALID_HANDLE`.
+///
+/// # Safety
+/// Any pointer value is accepted.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_destroy(layer: *mut SvftLayer) -> SvftStatus {
+    guard("svft_layer_destroy", || registry::remove(layer))
+}
+
+/// Writes the layer's shape: `d_out`, `d_in`, rank `r` and `|Omega|` (`nnz`, the number of
+/// coefficients). Each output may be NULL when not wanted.
+///
+/// # Safety
+/// Outputs must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_shape(
+    layer: *const SvftLayer,
+    d_out: *mut usize,
+    d_in: *mut usize,
+    rank: *mut usize,
+    nnz: *mut usize,
+) -> SvftStatus {
+    guard("svft_layer_shape", || {
+        let outs = [
+            opt_out_ptr("d_out", d_out)?,
+            opt_out_ptr("d_in", d_in)?,
+            opt_out_ptr("rank", rank)?,
+            opt_out_ptr("nnz", nnz)?,
+        ];
+        registry::with(layer, |l| {
+            let d = l.cpu.dims();
+            for (p, v) in outs.into_iter().zip([d.d_out, d.d_in, d.r, d.nnz]) {
+                // SAFETY: checked non-null and aligned.
+                p.into_iter().for_each(|p| unsafe { p.write(v) });
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Writes the layer's backend (an `SvftBackend`), whether its gate is on, and its trainable
+/// parameter count (`nnz`, +1 with the gate). Each output may be NULL.
+///
+/// # Safety
+/// Outputs must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_info(
+    layer: *const SvftLayer,
+    backend: *mut i32,
+    gate: *mut bool,
+    trainable_params: *mut usize,
+) -> SvftStatus {
+    guard("svft_layer_info", || {
+        let (b, g, t) = (
+            opt_out_ptr("backend", backend)?,
+            opt_out_ptr("gate", gate)?,
+            opt_out_ptr("trainable_params", trainable_params)?,
+        );
+        registry::with(layer, |l| {
+            // SAFETY (all three): checked non-null and aligned.
+            b.into_iter().for_each(|p| unsafe { p.write(SvftBackend::Cpu as i32) });
+            g.into_iter().for_each(|p| unsafe { p.write(l.cpu.config().gate) });
+            t.into_iter().for_each(|p| unsafe { p.write(l.cpu.trainable_params()) });
+            Ok(())
+        })
+    })
+}
+
+/// Bytes the layer needs for `n` tokens: `workspace_bytes`, the scratch a forward plus backward
+/// pass allocates inside the layer (the saved activations included); `saved_bytes`, what forward
+/// keeps for backward (T = X V, `n x r`, on the factored plan; X, `n x d_in`, on the merged
+/// one); `persistent_bytes`, what lives between steps (factors, coefficients, gate, bias).
+/// Each output may be NULL.
+///
+/// # Safety
+/// Outputs must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_memory(
+    layer: *const SvftLayer,
+    n: usize,
+    workspace_bytes: *mut usize,
+    saved_bytes: *mut usize,
+    persistent_bytes: *mut usize,
+) -> SvftStatus {
+    guard("svft_layer_memory", || {
+        let outs = [
+            opt_out_ptr("workspace_bytes", workspace_bytes)?,
+            opt_out_ptr("saved_bytes", saved_bytes)?,
+            opt_out_ptr("persistent_bytes", persistent_bytes)?,
+        ];
+        if n == 0 {
+            return fail(SvftStatus::Shape, "n (tokens) must be positive");
+        }
+        registry::with(layer, |l| {
+            let (ws, saved) = workspace_model(l, n);
+            for (p, v) in outs.into_iter().zip([ws, saved, l.cpu.persistent_bytes()]) {
+                // SAFETY: checked non-null and aligned.
+                p.into_iter().for_each(|p| unsafe { p.write(v) });
+            }
+            Ok(())
+        })
+    })
+}
+
+/// The CPU layer's buffers for `n` tokens, in bytes: (all of them, the saved activations).
+/// Mirrors `cpu::layer::Workspace`; saturates instead of overflowing.
+fn workspace_model(l: &Layer, n: usize) -> (usize, usize) {
+    let d = l.cpu.dims();
+    let (o, i, r, tl) = (d.d_out, d.d_in, d.r, l.table_len);
+    let m = |a: usize, b: usize| a.saturating_mul(b);
+    let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
+    let (floats, saved) = match l.cpu.plan_for(n) {
+        ExecPlan::Factored => {
+            let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
+            if n > o {
+                f = f.saturating_add(m(o, r)); // U_C
+            }
+            if n > i {
+                f = f.saturating_add(m(i, r)); // V_C
+            }
+            (f, m(n, r))
+        }
+        ExecPlan::Merged => {
+            let f = core + m(2, m(o, r)) + m(2, m(o, i)) + m(n, i) + m(sddmm_chunks(o).0, tl); // U_C, Q, W, P, X
+            (f, m(n, i))
+        }
+    };
+    (m(4, floats), m(4, saved))
+}
+
+/// Writes `||U diag(s) V^T - W0||_F / ||W0||_F` of the SVD that built the layer (NaN for a
+/// layer built from factors).
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_svd_residual(layer: *const SvftLayer, out: *mut f64) -> SvftStatus {
+    guard("svft_layer_svd_residual", || {
+        let out = out_ptr("out", out)?;
+        // SAFETY: checked non-null and aligned.
+        registry::with(layer, |l| {
+            unsafe { out.write(l.svd_residual) };
+            Ok(())
+        })
+    })
+}
+
+/// Chooses the execution plan (an `SvftPlan`; default AUTO). Forgets the saved forward pass.
+///
+/// # Safety
+/// Any pointer value is accepted for `layer`.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_set_plan(layer: *mut SvftLayer, plan: i32) -> SvftStatus {
+    guard("svft_layer_set_plan", || {
+        let p = parse_plan(plan)?;
+        registry::with(layer, |l| {
+            l.cpu.set_plan(p);
+            Ok(())
+        })
+    })
+}
+
+/// `Y = X W^T (+ bias)` for `n` tokens: `x` is `n x d_in` (`x_len` elements), `y` is
+/// `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend) in the backend's
+/// memory space; `stream` is the CUstream on CUDA and must be NULL on the CPU. Saves what the
+/// next `svft_layer_backward` with the same `n` needs.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_forward(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    x: *const c_void,
+    x_len: usize,
+    n: usize,
+    y: *mut c_void,
+    y_len: usize,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_forward", || {
+        registry::with(layer, |l| {
+            cpu_stream(stream)?;
+            cpu_dtype(dtype)?;
+            let d = l.cpu.dims();
+            if n == 0 {
+                return fail(SvftStatus::Shape, "n (tokens) must be positive");
+            }
+            check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
+            check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
+            check_disjoint(&[span("x", x, x_len, 4)?, span("y", y, y_len, 4)?])?;
+            preflight("the forward workspace", workspace_model(l, n).0)?;
+            // SAFETY: checked non-null, aligned, sized and disjoint; the caller vouches for
+            // the lengths.
+            let (x, y) = unsafe {
+                (
+                    std::slice::from_raw_parts(x.cast::<f32>(), x_len),
+                    std::slice::from_raw_parts_mut(y.cast::<f32>(), y_len),
+                )
+            };
+            Ok(l.cpu.forward_into(x, n, y)?)
+        })
+    })
+}
+
+/// Backward for the preceding forward of the same `n`: `grad_y` is `dL/dY` (`n x d_out`),
+/// `grad_x` receives `dL/dX` (`n x d_in`), both of `dtype`; `grad_m` receives `dL/dM`
+/// (`grad_m_len` = nnz f32) and `grad_gamma`, when not NULL, `dL/dgamma` (one f32; 0 without
+/// the gate). All in the backend's memory space; `stream` as in `svft_layer_forward`. Fails
+/// with `SVFT_STATUS_NO_FORWARD` when no forward with this `n` preceded it since the layer's
+/// coefficients, gamma or plan last changed.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_backward(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    grad_y: *const c_void,
+    grad_y_len: usize,
+    n: usize,
+    grad_x: *mut c_void,
+    grad_x_len: usize,
+    grad_m: *mut f32,
+    grad_m_len: usize,
+    grad_gamma: *mut f32,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_backward", || {
+        registry::with(layer, |l| {
+            cpu_stream(stream)?;
+            cpu_dtype(dtype)?;
+            let d = l.cpu.dims();
+            if n == 0 {
+                return fail(SvftStatus::Shape, "n (tokens) must be positive");
+            }
+            check_len("grad_y (n x d_out)", grad_y_len, mul("grad_y", n, d.d_out)?)?;
+            check_len("grad_x (n x d_in)", grad_x_len, mul("grad_x", n, d.d_in)?)?;
+            check_len("grad_m (nnz)", grad_m_len, d.nnz)?;
+            let mut spans = vec![
+                span("grad_y", grad_y, grad_y_len, 4)?,
+                span("grad_x", grad_x, grad_x_len, 4)?,
+                span("grad_m", grad_m.cast(), grad_m_len, 4)?,
+            ];
+            if !grad_gamma.is_null() {
+                spans.push(span("grad_gamma", grad_gamma.cast(), 1, 4)?);
+            }
+            check_disjoint(&spans)?;
+            // SAFETY: checked non-null, aligned, sized and disjoint.
+            let (gy, gx, gm) = unsafe {
+                (
+                    std::slice::from_raw_parts(grad_y.cast::<f32>(), grad_y_len),
+                    std::slice::from_raw_parts_mut(grad_x.cast::<f32>(), grad_x_len),
+                    std::slice::from_raw_parts_mut(grad_m, grad_m_len),
+                )
+            };
+            let dgamma = l.cpu.backward_into(gy, n, gx, gm)?;
+            if !grad_gamma.is_null() {
+                // SAFETY: checked above.
+                unsafe { grad_gamma.write(dgamma) };
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Copies the coefficients M (`len` = nnz f32, host memory, canonical order: coefficient k
+/// belongs to `(rows[k], cols[k])` of `svft_layer_indices`).
+///
+/// # Safety
+/// `m` must be NULL or valid for `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m: *mut f32, len: usize) -> SvftStatus {
+    guard("svft_layer_get_coefficients", || {
+        registry::with(layer, |l| {
+            let src = l.cpu.coefficients();
+            check_len("m (nnz)", len, src.len())?;
+            span("m", m.cast(), len, 4)?;
+            // SAFETY: checked non-null, aligned and sized; the layer's own buffer cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), m, len) };
+            Ok(())
+        })
+    })
+}
+
+/// Replaces the coefficients M (`len` = nnz finite f32, host memory). Forgets the saved forward.
+///
+/// # Safety
+/// `m` must be NULL or valid for `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_set_coefficients(layer: *mut SvftLayer, m: *const f32, len: usize) -> SvftStatus {
+    guard("svft_layer_set_coefficients", || {
+        registry::with(layer, |l| {
+            check_len("m (nnz)", len, l.cpu.coefficients().len())?;
+            span("m", m.cast(), len, 4)?;
+            // SAFETY: checked non-null, aligned and sized.
+            let m = unsafe { std::slice::from_raw_parts(m, len) };
+            Ok(l.cpu.set_coefficients(m)?)
+        })
+    })
+}
+
+/// Writes the gate parameter gamma (`g = sigmoid(gamma)` when the gate is on).
+///
+/// # Safety
+/// `gamma` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *mut f32) -> SvftStatus {
+    guard("svft_layer_get_gamma", || {
+        let out = out_ptr("gamma", gamma)?;
+        // SAFETY: checked non-null and aligned.
+        registry::with(layer, |l| {
+            unsafe { out.write(l.cpu.gamma()) };
+            Ok(())
+        })
+    })
+}
+
+/// Sets gamma (finite). Forgets the saved forward.
+///
+/// # Safety
+/// Any pointer value is accepted for `layer`.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_set_gamma(layer: *mut SvftLayer, gamma: f32) -> SvftStatus {
+    guard("svft_layer_set_gamma", || registry::with(layer, |l| Ok(l.cpu.set_gamma(gamma)?)))
+}
+
+/// Writes the dense adapted weight `U C V^T` (bias not included), row-major `d_out x d_in`
+/// (`w_len` elements of `dtype`, F32 on the CPU backend) in the backend's memory space.
+///
+/// # Safety
+/// `w` must be NULL or valid for `w_len` elements.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_merge(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    w: *mut c_void,
+    w_len: usize,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_merge", || {
+        registry::with(layer, |l| {
+            cpu_stream(stream)?;
+            cpu_dtype(dtype)?;
+            let d = l.cpu.dims();
+            check_len("w (d_out x d_in)", w_len, mul("w", d.d_out, d.d_in)?)?;
+            span("w", w, w_len, 4)?;
+            preflight("the merged weight", mul("w", w_len, 8)?)?;
+            let merged = l.cpu.merge();
+            // SAFETY: checked non-null, aligned and sized; `merged` is ours.
+            unsafe { std::ptr::copy_nonoverlapping(merged.as_ptr(), w.cast::<f32>(), w_len) };
+            Ok(())
+        })
+    })
+}
+
+/// Copies the frozen factors to host f32 buffers: `u` (`d_out x r`), `s` (`r`), `v`
+/// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored).
+///
+/// # Safety
+/// Non-NULL pointers must be valid for their lengths.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_factors(
+    layer: *const SvftLayer,
+    u: *mut f32,
+    u_len: usize,
+    s: *mut f32,
+    s_len: usize,
+    v: *mut f32,
+    v_len: usize,
+) -> SvftStatus {
+    guard("svft_layer_factors", || {
+        registry::with(layer, |l| {
+            let f = l.cpu.factors();
+            for (what, dst, len, src) in [("u", u, u_len, &f.u), ("s", s, s_len, &f.s), ("v", v, v_len, &f.v)] {
+                if dst.is_null() {
+                    continue;
+                }
+                check_len(what, len, src.len())?;
+                span(what, dst.cast(), len, 4)?;
+                // SAFETY: checked non-null, aligned and sized; the source is ours.
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len) };
+            }
+            Ok(())
+        })
+    })
+}
+
+/// Copies the pattern's index set: coefficient k sits at `(rows[k], cols[k])` of the `r x r`
+/// core (`len` = nnz; duplicates, possible for random patterns, add up). Either output may be
+/// NULL.
+///
+/// # Safety
+/// Non-NULL pointers must be valid for `len` elements.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_indices(
+    layer: *const SvftLayer,
+    rows: *mut u32,
+    cols: *mut u32,
+    len: usize,
+) -> SvftStatus {
+    guard("svft_layer_indices", || {
+        registry::with(layer, |l| {
+            let omega = l.cpu.omega();
+            check_len("rows/cols (nnz)", len, omega.len())?;
+            for (what, dst, src) in [("rows", rows, &omega.rows), ("cols", cols, &omega.cols)] {
+                if !dst.is_null() {
+                    span(what, dst.cast(), len, 4)?;
+                    // SAFETY: checked non-null, aligned and sized; the source is ours.
+                    unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len) };
+                }
+            }
+            Ok(())
+        })
+    })
+}
+
+/// For tests of the ABI itself: panics inside the guard, so it returns `SVFT_STATUS_PANIC`
+/// with a message, proving that no panic crosses the C boundary.
+#[no_mangle]
+pub extern "C" fn svft_selftest_panic() -> SvftStatus {
+    guard("svft_selftest_panic", || panic!("deliberate panic from svft_selftest_panic"))
+}
