@@ -152,3 +152,20 @@ fn probe_explains_a_missing_device() {
         }
     }
 }
+
+#[test]
+fn cusolver_svd_matches_the_cpu_svd() {
+    let Some(gpu) = gpu_or_skip("cusolver_svd_matches_the_cpu_svd") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    for &(d_out, d_in) in &[(37usize, 23usize), (19, 41), (300, 300)] {
+        let w = randn(d_out * d_in, 5);
+        let dev = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, None).unwrap();
+        assert!(dev.residual < 1e-5, "{d_out}x{d_in}: residual {}", dev.residual);
+        let host = svft::svd::thin_svd(&w, d_out, d_in, None).unwrap();
+        let err = rel_err(&dev.factors.s, &wide(&host.factors.s));
+        assert!(err < 1e-5, "{d_out}x{d_in}: singular values differ by {err}");
+        let cut = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(5)).unwrap();
+        assert_eq!(cut.factors.r, 5);
+        assert!(svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(0)).is_err());
+    }
+}
