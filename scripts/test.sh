@@ -6,7 +6,8 @@
 #    to compile (or spills registers, see tests) a failure rather than a warning.
 # 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
 #    report checks, and the kernels run on CPU threads in interpret mode).
-# 3. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
+# 3. Runs the Python package's tests over the C ABI (scripts/test-python.sh).
+# 4. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -17,6 +18,9 @@ export SVFT_REQUIRE_KERNELS=1
 
 echo "== cargo test (release, interpret mode on)"
 cargo test --release --features interpret
+
+echo "== Python package (NumPy tests over the C ABI; PyTorch tests skip without torch)"
+SVFT_CARGO_ARGS="--features interpret" scripts/test-python.sh
 
 echo "== kernels under ThreadSanitizer and AddressSanitizer"
 scripts/sanitize-kernels.sh
