@@ -441,7 +441,14 @@ pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor], metadata: HashMap
     safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
         safetensors::SafeTensorError::IoError(source) => io_err(path, source),
         other => file_err(path, format!("cannot write: {other}")),
-    })
+    })?;
+    // The temporary file it was written through is private (0600); make it an ordinary file.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(path, e))?;
+    }
+    Ok(())
 }
 
 /// Compiles a `--targets` regex, or the [`DEFAULT_TARGETS`] when `None`.

@@ -132,7 +132,8 @@ pub struct DemoOptions {
     pub steps: usize,
     /// Tokens per step.
     pub tokens: usize,
-    /// Distinct training batches (cycled).
+    /// Distinct training batches, cycled; 0 draws a fresh batch for every step (the default, so
+    /// that no method can overfit a small data set).
     pub batches: usize,
     /// Half-width of the banded SVFT pattern.
     pub banded: usize,
@@ -151,7 +152,7 @@ impl Default for DemoOptions {
         DemoOptions {
             steps: 300,
             tokens: 128,
-            batches: 16,
+            batches: 0,
             banded: 2,
             lora_rank: None,
             svft_lr: 2e-2,
@@ -612,8 +613,8 @@ pub fn run(
     options: &DemoOptions,
     progress: &mut dyn FnMut(&str, usize, f64),
 ) -> Result<DemoReport> {
-    if options.steps == 0 || options.tokens == 0 || options.batches == 0 {
-        return Err(Error::InvalidArgument("--steps, --tokens and --batches must be positive".into()));
+    if options.steps == 0 || options.tokens == 0 {
+        return Err(Error::InvalidArgument("--steps and --tokens must be positive".into()));
     }
     let shapes: Vec<(usize, usize)> = modules.iter().map(|m| (m.factors.d_out, m.factors.d_in)).collect();
     let (d, branches) = plan_stack(&shapes);
@@ -639,9 +640,11 @@ pub fn run(
         let y = teacher.forward(&x, n)?.to_vec();
         Ok((x, y))
     };
+    let eval: Vec<(Vec<f32>, Vec<f32>)> = (0..2).map(|_| batch(&mut rng, &mut teacher)).collect::<Result<_>>()?;
+    // Every student sees the same data: a fixed set of batches, or the same fresh stream.
     let data: Vec<(Vec<f32>, Vec<f32>)> =
         (0..options.batches).map(|_| batch(&mut rng, &mut teacher)).collect::<Result<_>>()?;
-    let eval: Vec<(Vec<f32>, Vec<f32>)> = (0..2).map(|_| batch(&mut rng, &mut teacher)).collect::<Result<_>>()?;
+    let stream_seed = options.seed ^ 0x5eed_da7a;
 
     let banded = Pattern::Banded { d: options.banded };
     let banded_params: usize = used.iter().map(|&i| banded.size(modules[i].factors.r).unwrap_or(0)).sum();
@@ -693,8 +696,16 @@ pub fn run(
         let mut losses = Vec::with_capacity(options.steps);
         let mut g = vec![0.0f32; n * d];
         let mut elapsed = 0.0f64;
+        let mut stream = Rng::new(stream_seed);
+        let mut fresh: (Vec<f32>, Vec<f32>);
         for step in 0..options.steps {
-            let (x, y) = &data[step % data.len()];
+            let (x, y) = if data.is_empty() {
+                fresh = batch(&mut stream, &mut teacher)?;
+                (&fresh.0, &fresh.1)
+            } else {
+                let b = &data[step % data.len()];
+                (&b.0, &b.1)
+            };
             let lr = lr0 * 0.5 * (1.0 + (std::f32::consts::PI * step as f32 / options.steps as f32).cos());
             let t0 = Instant::now();
             let out = net.forward(x, n)?;
@@ -778,7 +789,7 @@ mod tests {
                 DemoModule::normalised(format!("m{i}"), random_factors(o, n, o.min(n), i as u64).unwrap())
             })
             .collect();
-        let options = DemoOptions { steps: 150, tokens: 16, batches: 4, banded: 1, ..Default::default() };
+        let options = DemoOptions { steps: 150, tokens: 16, banded: 1, ..Default::default() };
         let report = run(&modules, "test", &options, &mut |_, _, _| {}).unwrap();
         assert_eq!(report.results.len(), 3);
         for r in &report.results {

@@ -85,8 +85,8 @@ pub struct DemoArgs {
     /// Tokens per step.
     #[arg(long, default_value_t = 128)]
     pub tokens: usize,
-    /// Distinct training batches, cycled.
-    #[arg(long, default_value_t = 16)]
+    /// Distinct training batches, cycled (0: a fresh batch every step).
+    #[arg(long, default_value_t = 0)]
     pub batches: usize,
     /// Half-width d of the banded SVFT pattern.
     #[arg(long, default_value_t = 2)]
