@@ -124,8 +124,13 @@ fn targets_rank_and_bad_inputs() {
     assert!(err.contains("rank 99"), "{err}");
     let err = svft_err(&["decompose", s(&dir.join("missing.safetensors"))]);
     assert!(err.contains("missing.safetensors"), "{err}");
-    let err = svft_err(&["decompose", s(&model), "--backend", "cuda", "-o", s(&out)]);
-    assert!(err.contains("CUDA"), "{err}");
+    if svft::cuda::device_count().is_err() {
+        // No usable GPU here: --backend cuda says why; --backend auto falls back to the CPU.
+        let err = svft_err(&["decompose", s(&model), "--backend", "cuda", "-o", s(&out)]);
+        assert!(err.contains("CUDA"), "{err}");
+        let v = svft_json(&["decompose", s(&model), "--backend", "auto", "-o", s(&out), "--json"]);
+        assert_eq!(v["backend"], "cpu");
+    }
 
     // Truncated: the data section is cut short.
     let bytes = std::fs::read(&model).unwrap();

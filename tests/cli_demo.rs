@@ -66,6 +66,8 @@ fn demo_from_a_model() {
     assert!(err.contains("--steps"), "{err}");
     let err = svft_err(&["demo", "--model", s(&model), "--banded", "16", "--steps", "2"]);
     assert!(err.contains("--banded"), "{err}");
+    let err = svft_err(&["demo", "--backend", "cuda", "--steps", "2"]);
+    assert!(err.contains("no CUDA training loop"), "{err}");
 }
 
 /// README's main job: a bare `svft` trains and prints the table, and leaves the plot in the

@@ -1,4 +1,5 @@
-//! `svft bench`: one shape, or every distinct adapted shape of a checkpoint.
+//! `svft bench`: one shape, or every distinct adapted shape of a checkpoint, on the CPU or a
+//! CUDA device.
 
 use std::time::Duration;
 
@@ -8,16 +9,43 @@ use svft::bench::{cpu_name, run_cpu, BenchCase, LORA_RANK};
 use svft::checkpoint::{target_regex, Checkpoint};
 use svft::{Error, Result};
 
-use super::{progress_bar, resolve_backend, BenchArgs};
+use super::{progress_bar, resolve_backend, BenchArgs, Device};
+
+/// One case on the resolved device, as the JSON report.
+fn bench_one(device: &Device, case: &BenchCase, dtype: &str) -> Result<Value> {
+    match device {
+        Device::Cpu => Ok(run_cpu(case)?.to_json()),
+        Device::Cuda(gpu) => match dtype {
+            "f32" => svft::cuda::run_cuda::<f32>(gpu, case, dtype),
+            "bf16" => svft::cuda::run_cuda::<half::bf16>(gpu, case, dtype),
+            "f16" => svft::cuda::run_cuda::<half::f16>(gpu, case, dtype),
+            _ => unreachable!("checked in run"),
+        },
+    }
+}
+
+fn f(v: &Value, key: &str) -> f64 {
+    v[key].as_f64().unwrap_or(f64::NAN)
+}
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    resolve_backend(a.backend)?;
     if !(a.seconds.is_finite() && a.seconds > 0.0) {
         return Err(Error::InvalidArgument("--seconds must be positive".into()));
     }
     if a.d_out == 0 || a.d_in == 0 || a.tokens == 0 {
         return Err(Error::InvalidArgument("--d-out, --d-in and --tokens must be positive".into()));
     }
+    if !["f32", "bf16", "f16"].contains(&a.dtype.as_str()) {
+        return Err(Error::InvalidArgument(format!("--dtype `{}`: expected f32, bf16 or f16", a.dtype)));
+    }
+    let device = resolve_backend(a.backend)?;
+    if matches!(device, Device::Cpu) && a.dtype != "f32" {
+        return Err(Error::InvalidArgument(format!("--dtype {}: the CPU bench runs in f32 only", a.dtype)));
+    }
+    let device_name = match &device {
+        Device::Cpu => cpu_name(),
+        Device::Cuda(gpu) => gpu.name().to_string(),
+    };
     let case = |d_out, d_in| BenchCase {
         d_out,
         d_in,
@@ -27,18 +55,39 @@ pub fn run(a: BenchArgs) -> Result<()> {
         budget: Duration::from_secs_f64(a.seconds),
     };
     let Some(model) = &a.model else {
-        let report = run_cpu(&case(a.d_out, a.d_in))?;
+        if let (Device::Cpu, false) = (&device, a.json) {
+            print!("{}", run_cpu(&case(a.d_out, a.d_in))?.to_table());
+            return Ok(());
+        }
+        let v = bench_one(&device, &case(a.d_out, a.d_in), &a.dtype)?;
         if a.json {
-            println!("{}", report.to_json());
+            println!("{v}");
         } else {
-            print!("{}", report.to_table());
+            println!(
+                "svft bench ({}: {device_name}), {}x{} weight, {} tokens, {}, {}, plan {}",
+                device.name(),
+                a.d_out,
+                a.d_in,
+                a.tokens,
+                a.pattern,
+                a.dtype,
+                v["plan"].as_str().unwrap_or("")
+            );
+            for (label, key) in [
+                ("SVFT", "svft_fwd_bwd_ms"),
+                ("dense products alone", "gemm_floor_ms"),
+                ("LoRA r=16", "lora_fwd_bwd_ms"),
+                ("official layer order", "official_fwd_bwd_ms"),
+            ] {
+                println!("{label:<28}{:>12.4} ms", f(&v, key));
+            }
         }
         return Ok(());
     };
 
     let ckpt = Checkpoint::open(model)?;
     let re = target_regex(a.targets.as_deref())?;
-    // Distinct (d_out, d_in) in first-seen order, with how many modules have each.
+    // Distinct (d_out, d_in) in first-seen order, with the modules of each.
     let mut shapes: Vec<((usize, usize), Vec<String>)> = Vec::new();
     for e in ckpt.targets(&re) {
         let dims = e.dims2().expect("2-D");
@@ -55,34 +104,28 @@ pub fn run(a: BenchArgs) -> Result<()> {
         )));
     }
     let pb = progress_bar(shapes.len() as u64, "bench");
-    let mut reports = Vec::new();
+    let mut cases = Vec::new();
     for ((d_out, d_in), names) in &shapes {
         pb.set_message(format!("{d_out}x{d_in}"));
-        reports.push((run_cpu(&case(*d_out, *d_in))?, names.len()));
+        let mut v = bench_one(&device, &case(*d_out, *d_in), &a.dtype)?;
+        v["modules"] = json!(names.len());
+        v["example"] = json!(names[0]);
+        cases.push(v);
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let total =
-        |f: &dyn Fn(&svft::bench::BenchReport) -> f64| -> f64 { reports.iter().map(|(r, k)| f(r) * *k as f64).sum() };
+    let total = |key: &str| -> f64 { cases.iter().map(|c| f(c, key) * f(c, "modules")).sum() };
     let (svft_ms, lora_ms, official_ms) =
-        (total(&|r| r.svft_fwd_bwd_ms), total(&|r| r.lora_fwd_bwd_ms), total(&|r| r.official_fwd_bwd_ms));
-    let params: usize = reports.iter().map(|(r, k)| r.trainable_params * k).sum();
-    let lora_params: usize = reports.iter().map(|(r, k)| r.lora_params * k).sum();
+        (total("svft_fwd_bwd_ms"), total("lora_fwd_bwd_ms"), total("official_fwd_bwd_ms"));
+    let count = |key: &str| -> u64 {
+        cases.iter().map(|c| c[key].as_u64().unwrap_or(0) * c["modules"].as_u64().unwrap_or(0)).sum()
+    };
+    let (params, lora_params) = (count("trainable_params"), count("lora_params"));
+    let modules: usize = shapes.iter().map(|s| s.1.len()).sum();
     if a.json {
-        let cases: Vec<Value> = reports
-            .iter()
-            .zip(&shapes)
-            .map(|((r, k), (_, names))| {
-                let mut v = r.to_json();
-                v["modules"] = json!(k);
-                v["example"] = json!(names[0]);
-                v
-            })
-            .collect();
         let v = json!({
-            "backend": "cpu", "device": cpu_name(), "model": model.display().to_string(),
-            "tokens": a.tokens, "pattern": a.pattern.to_string(), "modules": reports.iter().map(|r| r.1).sum::<usize>(),
-            "cases": cases,
+            "backend": device.name(), "device": device_name, "model": model.display().to_string(),
+            "tokens": a.tokens, "pattern": a.pattern.to_string(), "modules": modules, "cases": cases,
             "total": {
                 "svft_fwd_bwd_ms": svft_ms, "lora_fwd_bwd_ms": lora_ms, "official_fwd_bwd_ms": official_ms,
                 "trainable_params": params, "lora_params": lora_params,
@@ -92,10 +135,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "svft bench (cpu: {}), {}: {} adapted modules in {} shapes, {} tokens, {}, plan {}",
-        cpu_name(),
+        "svft bench ({}: {device_name}), {}: {modules} adapted modules in {} shapes, {} tokens, {}, plan {}",
+        device.name(),
         model.display(),
-        reports.iter().map(|r| r.1).sum::<usize>(),
         shapes.len(),
         a.tokens,
         a.pattern,
@@ -114,19 +156,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "SVFT/LoRA",
         "official/SVFT"
     );
-    for (r, k) in &reports {
+    for c in &cases {
         println!(
             "{:<12}{:>8}{:>10}{:>10}{:>11.3}{:>11.3}{:>12.3}{:>13.3}{:>11.2}{:>15.2}",
-            format!("{}x{}", r.case.d_out, r.case.d_in),
-            k,
-            r.plan.to_string(),
-            r.trainable_params,
-            r.svft_fwd_bwd_ms,
-            r.gemm_floor_ms,
-            r.lora_fwd_bwd_ms,
-            r.official_fwd_bwd_ms,
-            r.svft_fwd_bwd_ms / r.lora_fwd_bwd_ms,
-            r.official_fwd_bwd_ms / r.svft_fwd_bwd_ms
+            format!("{}x{}", c["d_out"], c["d_in"]),
+            c["modules"],
+            c["plan"].as_str().unwrap_or(""),
+            c["trainable_params"],
+            f(c, "svft_fwd_bwd_ms"),
+            f(c, "gemm_floor_ms"),
+            f(c, "lora_fwd_bwd_ms"),
+            f(c, "official_fwd_bwd_ms"),
+            f(c, "svft_fwd_bwd_ms") / f(c, "lora_fwd_bwd_ms"),
+            f(c, "official_fwd_bwd_ms") / f(c, "svft_fwd_bwd_ms")
         );
     }
     println!(

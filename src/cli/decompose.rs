@@ -10,7 +10,7 @@ use svft::checkpoint::{dtype_name, round_through, target_regex, Checkpoint, Dtyp
 use svft::svd::thin_svd;
 use svft::{Error, Result};
 
-use super::{progress_bar, resolve_backend, DecomposeArgs, FactorDtype};
+use super::{progress_bar, resolve_backend, DecomposeArgs, Device, FactorDtype};
 
 /// `<dir>/<name>.svft-factors.safetensors` for a model path.
 pub fn default_output(model: &Path) -> PathBuf {
@@ -23,7 +23,14 @@ pub fn default_output(model: &Path) -> PathBuf {
 }
 
 pub fn run(a: DecomposeArgs) -> Result<()> {
-    let backend = resolve_backend(a.backend)?;
+    let device = resolve_backend(a.backend)?;
+    let backend = device.name();
+    let stream = match &device {
+        Device::Cpu => None,
+        Device::Cuda(gpu) => {
+            Some(gpu.context().new_stream().map_err(|e| Error::Cuda(format!("creating a stream: {e:?}")))?)
+        }
+    };
     let ckpt = Checkpoint::open(&a.model)?;
     let re = target_regex(a.targets.as_deref())?;
     let targets = ckpt.targets(&re);
@@ -51,8 +58,11 @@ pub fn run(a: DecomposeArgs) -> Result<()> {
         let (d_out, d_in) = e.dims2().expect("targets are 2-D");
         let w = ckpt.read_f32(&e.name)?;
         let t0 = Instant::now();
-        let dec =
-            thin_svd(&w, d_out, d_in, a.rank).map_err(|err| Error::InvalidArgument(format!("{}: {err}", e.name)))?;
+        let dec = match &stream {
+            None => thin_svd(&w, d_out, d_in, a.rank),
+            Some(stream) => svft::cuda::thin_svd_cuda(stream, &w, d_out, d_in, a.rank),
+        }
+        .map_err(|err| Error::InvalidArgument(format!("{}: {err}", e.name)))?;
         let mut factors = dec.factors;
         let residual = if storage == Dtype::F32 {
             dec.residual

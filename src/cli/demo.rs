@@ -7,7 +7,7 @@ use svft::demo::{default_modules, plot_losses, run as run_demo, DemoModule, Demo
 use svft::svd::thin_svd;
 use svft::{Error, Result};
 
-use super::{progress_bar, resolve_backend, DemoArgs};
+use super::{progress_bar, Backend, DemoArgs};
 
 fn model_modules(a: &DemoArgs) -> Result<(Vec<DemoModule>, String)> {
     let Some(path) = &a.model else {
@@ -35,7 +35,16 @@ fn model_modules(a: &DemoArgs) -> Result<(Vec<DemoModule>, String)> {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let backend = resolve_backend(a.backend)?;
+    // The demo's training loop runs on the CPU layer; a CUDA loop is not written yet, so `auto`
+    // means the CPU here and `cuda` says so.
+    let backend = match a.backend {
+        Backend::Cuda => {
+            return Err(Error::InvalidArgument(
+                "svft demo has no CUDA training loop yet: use --backend cpu (or auto)".into(),
+            ))
+        }
+        Backend::Auto | Backend::Cpu => "cpu",
+    };
     let t0 = Instant::now();
     let (modules, source) = model_modules(&a)?;
     let options = DemoOptions {

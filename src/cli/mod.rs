@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use svft::{Error, Pattern, Plan, Result};
+use svft::{Pattern, Plan, Result};
 
 mod bench;
 mod decompose;
@@ -38,15 +38,34 @@ pub enum Backend {
     Cuda,
 }
 
-/// The backend a command runs on, or why the requested one cannot run.
-pub fn resolve_backend(b: Backend) -> Result<&'static str> {
+/// A resolved backend.
+pub enum Device {
+    /// The CPU threads.
+    Cpu,
+    /// A CUDA device with the kernels loaded.
+    Cuda(std::sync::Arc<svft::cuda::Gpu>),
+}
+
+impl Device {
+    /// `cpu` or `cuda`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Device::Cpu => "cpu",
+            Device::Cuda(_) => "cuda",
+        }
+    }
+}
+
+/// The backend a command runs on: `cuda` opens device 0 (or says why it cannot: no kernels in
+/// this build, no driver, no device); `auto` takes CUDA when a device is usable, else the CPU.
+pub fn resolve_backend(b: Backend) -> Result<Device> {
     match b {
-        Backend::Auto | Backend::Cpu => Ok("cpu"),
-        Backend::Cuda => Err(Error::InvalidArgument(
-            "--backend cuda: the CUDA path of this command is not available in this build yet; use --backend cpu \
-             (or auto)"
-                .into(),
-        )),
+        Backend::Cpu => Ok(Device::Cpu),
+        Backend::Cuda => Ok(Device::Cuda(svft::cuda::Gpu::new(0)?)),
+        Backend::Auto => Ok(match svft::cuda::device_count() {
+            Ok(_) => svft::cuda::Gpu::new(0).map(Device::Cuda).unwrap_or(Device::Cpu),
+            Err(_) => Device::Cpu,
+        }),
     }
 }
 
@@ -228,6 +247,9 @@ pub struct BenchArgs {
     /// Regex of the adapted weights (with --model).
     #[arg(long)]
     pub targets: Option<String>,
+    /// Element type of the CUDA bench (f32, bf16, f16); the CPU bench is f32 only.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
