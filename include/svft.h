@@ -69,7 +69,7 @@ enum SvftBackend
  {
   // Host memory, faer GEMMs and hand-written sparse passes.
   SVFT_BACKEND_CPU = 0,
-  // Device memory and CUDA streams (not in this build yet).
+  // Device memory and CUDA streams (activations in f32, bf16 or f16).
   SVFT_BACKEND_CUDA = 1,
 };
 #ifndef __cplusplus
@@ -162,7 +162,9 @@ SvftStatus svft_version(const char **out);
 // `out` must be NULL or writable.
 SvftStatus svft_abi_version(uint32_t *out);
 
-// Writes to `*out` whether `backend` (an `SvftBackend`) can run in this process.
+// Writes to `*out` whether `backend` (an `SvftBackend`) can run in this process. For CUDA
+// this is the device probe (kernels in this build, driver library, at least one device; run
+// once per process): when it is false, `svft_last_error` says why, although the call succeeds.
 //
 // # Safety
 // `out` must be NULL or writable.
@@ -173,8 +175,13 @@ SvftStatus svft_backend_available(int32_t backend, bool *out);
 // `min(d_out, d_in)`). `pattern` is a spec string ("plain", "banded:2", "random:16:seed=42",
 // "topk:8", "topk:8:official"); `init` an `SvftInit`; `gate` turns on `g = sigmoid(gamma)`;
 // `seed` seeds the official init. `bias` is NULL (with `bias_len` 0) or `d_out` elements of
-// `dtype`. Weight and bias are in the backend's memory space. On success `*out` is a new
-// handle (free it with `svft_layer_destroy`); on failure it is NULL.
+// `dtype`. Weight and bias are in the backend's memory space: host pointers on the CPU,
+// device pointers on CUDA (the layer goes to the weight's device). On CUDA the weight is
+// copied to the host and decomposed by the same CPU SVD as on the CPU backend (so both
+// backends get the same factors), and the layer computes in `dtype` (F64 gives F32); the copy
+// runs on a stream of the library's own, so the caller's writes to weight and bias must be
+// complete (e.g. synchronise the stream that wrote them). On success `*out` is a new handle
+// (free it with `svft_layer_destroy`); on failure it is NULL.
 //
 // # Safety
 // Pointers must be NULL or valid for the sizes given.
@@ -194,7 +201,8 @@ SvftStatus svft_layer_from_weight(int32_t backend,
                                   struct SvftLayer **out);
 
 // Creates a layer from saved factors: `u` (`d_out x rank`, row-major), `s` (`rank`,
-// descending), `v` (`d_in x rank`), all of `dtype` in the backend's memory space; the other
+// descending), `v` (`d_in x rank`), all of `dtype` in the backend's memory space (device
+// pointers on CUDA, read like the weight of `svft_layer_from_weight`); the other
 // arguments as in `svft_layer_from_weight` (the pattern is rebuilt from its spec, so random
 // and top-k patterns come out identical for identical factors). Restore trained values with
 // `svft_layer_set_coefficients` / `svft_layer_set_gamma`.
@@ -251,8 +259,9 @@ SvftStatus svft_layer_info(const struct SvftLayer *layer,
 // Bytes the layer needs for `n` tokens: `workspace_bytes`, the scratch a forward plus backward
 // pass allocates inside the layer (the saved activations included); `saved_bytes`, what forward
 // keeps for backward (T = X V, `n x r`, on the factored plan; X, `n x d_in`, on the merged
-// one); `persistent_bytes`, what lives between steps (factors, coefficients, gate, bias).
-// Each output may be NULL.
+// one, and the merged W as well on CUDA); `persistent_bytes`, what lives between steps
+// (factors, coefficients, gate, bias). On CUDA these are device bytes of the layer's dtype
+// (f32 for the coefficients' buffers). Each output may be NULL.
 //
 // # Safety
 // Outputs must be NULL or writable.
@@ -276,9 +285,12 @@ SvftStatus svft_layer_svd_residual(const struct SvftLayer *layer, double *out);
 SvftStatus svft_layer_set_plan(struct SvftLayer *layer, int32_t plan);
 
 // `Y = X W^T (+ bias)` for `n` tokens: `x` is `n x d_in` (`x_len` elements), `y` is
-// `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend) in the backend's
-// memory space; `stream` is the CUstream on CUDA and must be NULL on the CPU. Saves what the
-// next `svft_layer_backward` with the same `n` needs.
+// `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend; the layer's dtype on
+// CUDA) in the backend's memory space; `stream` is the CUstream on CUDA (NULL: the legacy
+// default stream) and must be NULL on the CPU. On CUDA the call only enqueues work: it runs on
+// the layer's stream after the work already on `stream`, and work enqueued on `stream` later
+// runs after it (no host synchronisation). Saves what the next `svft_layer_backward` with the
+// same `n` needs.
 //
 // # Safety
 // Pointers must be NULL or valid for the sizes given.
@@ -313,13 +325,17 @@ SvftStatus svft_layer_backward(struct SvftLayer *layer,
                                void *stream);
 
 // Copies the coefficients M (`len` = nnz f32, host memory, canonical order: coefficient k
-// belongs to `(rows[k], cols[k])` of `svft_layer_indices`).
+// belongs to `(rows[k], cols[k])` of `svft_layer_indices`). On CUDA, M lives on the device:
+// this copies it through the host and waits for the layer's queued work (a host synchronisation;
+// call it between steps, not inside one).
 //
 // # Safety
 // `m` must be NULL or valid for `len` floats.
 SvftStatus svft_layer_get_coefficients(const struct SvftLayer *layer, float *m, size_t len);
 
 // Replaces the coefficients M (`len` = nnz finite f32, host memory). Forgets the saved forward.
+// On CUDA the values are uploaded on the layer's stream, after its queued work (the host
+// buffer may be reused as soon as the call returns).
 //
 // # Safety
 // `m` must be NULL or valid for `len` floats.
@@ -331,14 +347,18 @@ SvftStatus svft_layer_set_coefficients(struct SvftLayer *layer, const float *m, 
 // `gamma` must be NULL or writable.
 SvftStatus svft_layer_get_gamma(const struct SvftLayer *layer, float *gamma);
 
-// Sets gamma (finite). Forgets the saved forward.
+// Sets gamma (finite). Forgets the saved forward. Gamma is a host value on every backend
+// (the CUDA kernels take g by value).
 //
 // # Safety
 // Any pointer value is accepted for `layer`.
 SvftStatus svft_layer_set_gamma(struct SvftLayer *layer, float gamma);
 
 // Writes the dense adapted weight `U C V^T` (bias not included), row-major `d_out x d_in`
-// (`w_len` elements of `dtype`, F32 on the CPU backend) in the backend's memory space.
+// (`w_len` elements of `dtype`: F32 on the CPU backend; the layer's dtype or F32 on CUDA) in
+// the backend's memory space; `stream` as in `svft_layer_forward`. On CUDA, `U C` is formed on
+// the host from the device factors (this waits for the layer's queued work), the product by
+// cuBLAS, ordered on `stream` like a forward.
 //
 // # Safety
 // `w` must be NULL or valid for `w_len` elements.
@@ -349,7 +369,9 @@ SvftStatus svft_layer_merge(struct SvftLayer *layer,
                             void *stream);
 
 // Copies the frozen factors to host f32 buffers: `u` (`d_out x r`), `s` (`r`), `v`
-// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored).
+// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored). On CUDA they
+// are read back from the device as the layer holds them (rounded to its dtype), after the
+// layer's queued work.
 //
 // # Safety
 // Non-NULL pointers must be valid for their lengths.

@@ -12,7 +12,9 @@ import ctypes
 from ._lib import SvftError, call, library_path
 from .layer import Layer
 
-__all__ = ["Layer", "SvftError", "SVFTLinear", "version", "backend_available", "library_path"]
+__all__ = [
+    "Layer", "SvftError", "SVFTLinear", "version", "backend_available", "backend_unavailable_reason", "library_path",
+]
 
 
 def version():
@@ -23,12 +25,20 @@ def version():
 
 
 def backend_available(backend):
-    """Whether "cpu" or "cuda" can run in this process."""
-    from ._lib import BACKENDS
+    """Whether "cpu" or "cuda" can run in this process (for "cuda": the library's device probe)."""
+    return backend_unavailable_reason(backend) == ""
+
+
+def backend_unavailable_reason(backend):
+    """Why `backend` cannot run here ("" when it can): e.g. no CUDA driver, no device, or a
+    library built without the CUDA kernels."""
+    from ._lib import BACKENDS, last_error
 
     out = ctypes.c_bool()
     call("svft_backend_available", BACKENDS[backend], ctypes.byref(out))
-    return out.value
+    if out.value:
+        return ""
+    return last_error() or f"the {backend} backend is unavailable"
 
 
 def __getattr__(name):

@@ -3,6 +3,11 @@
 Its autograd function calls the C ABI directly on the tensors' memory (host pointers on CPU;
 device pointers and the current CUDA stream on CUDA), so no copy of activations is made.
 Coefficients M and the gate gamma are nn.Parameters (f32); U, s, V live inside the library.
+On CUDA the layer lives on the weight's device and computes in the weight's dtype (f32, bf16
+or f16; M and its gradient stay f32); each forward orders itself after the work already on
+`torch.cuda.current_stream()` and before the work queued there later, without blocking the
+host. Handing M and gamma to the library before a forward copies them through the host (a
+stream synchronisation per call: the library keeps gamma as a host scalar).
 """
 
 import torch

@@ -131,8 +131,20 @@ def test_errors():
     _raises("NON_FINITE", Layer.from_weight, np.full((3, 3), np.nan, np.float32))
     _raises("SHAPE", Layer.from_weight, w, "plain", "zero", False, np.zeros(4, np.float32))
     _raises("INVALID_ARGUMENT", Layer.from_weight, w, "plain", "zero", False, None, 9)
-    _raises("CUDA_UNAVAILABLE" if not svft.backend_available("cuda") else "NULL_POINTER",
-            Layer.from_weight_ptr, "cuda", 0, 0, 6, 5, "plain", "zero", False, None, 0)
+    # On CUDA the checks that need no device come first; then a host pointer is refused as
+    # such with a device, or the backend is unavailable (with the probe's reason) without one.
+    _raises("NULL_POINTER", Layer.from_weight_ptr, "cuda", 0, 0, 6, 5, "plain", "zero", False, None, 0)
+    _raises("UNSUPPORTED_DTYPE", Layer.from_weight_ptr, "cuda", w.ctypes.data, 9, 6, 5, "plain", "zero", False, None, 0)
+    if svft.backend_available("cuda"):
+        e = _raises("INVALID_ARGUMENT", Layer.from_weight_ptr, "cuda", w.ctypes.data, 0, 6, 5, "plain", "zero", False,
+                    None, 0)
+        assert "not CUDA memory" in e.message, e.message
+    else:
+        reason = svft.backend_unavailable_reason("cuda")
+        assert reason
+        e = _raises("CUDA_UNAVAILABLE", Layer.from_weight_ptr, "cuda", w.ctypes.data, 0, 6, 5, "plain", "zero", False,
+                    None, 0)
+        assert reason in e.message, (reason, e.message)
     layer = Layer.from_weight(w, "banded:1")
     _raises("NO_FORWARD", layer.backward, np.ones((2, 6), np.float32))
     layer.forward(np.ones((3, 5), np.float32))

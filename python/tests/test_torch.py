@@ -54,7 +54,7 @@ def _devices():
     if not torch.cuda.is_available():
         print("CUDA tensors skipped: torch.cuda.is_available() is False")
     elif not svft.backend_available("cuda"):
-        print("CUDA tensors skipped: this libsvft has no CUDA backend yet")
+        print(f"CUDA tensors skipped: libsvft's CUDA backend is unavailable: {svft.backend_unavailable_reason('cuda')}")
     else:
         yield torch.device("cuda")
 
@@ -147,8 +147,10 @@ def test_zero_init_equals_linear():
 
 
 def test_cuda_uses_current_stream():
-    if not (torch.cuda.is_available() and svft.backend_available("cuda")):
-        raise Skip("needs a CUDA device and libsvft's CUDA backend")
+    if not torch.cuda.is_available():
+        raise Skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    if not svft.backend_available("cuda"):
+        raise Skip(f"needs libsvft's CUDA backend: {svft.backend_unavailable_reason('cuda')}")
     _, ours, official = _pair(torch.device("cuda"))
     side = torch.cuda.Stream()
     x = torch.randn(64, 17, device="cuda")
@@ -158,6 +160,37 @@ def test_cuda_uses_current_stream():
     torch.cuda.current_stream().wait_stream(side)
     with torch.no_grad():
         assert _rel(y, official(x)) < 1e-5
+
+
+def test_cuda_half_precision():
+    """bf16 and f16 CUDA tensors: the layer computes in the weight's dtype (f32 accumulation),
+    M and its gradient stay f32; compared with the official math in f32 on the same (rounded)
+    factors."""
+    if not torch.cuda.is_available():
+        raise Skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    if not svft.backend_available("cuda"):
+        raise Skip(f"needs libsvft's CUDA backend: {svft.backend_unavailable_reason('cuda')}")
+    _setup()
+    for dtype in (torch.bfloat16, torch.float16):
+        torch.manual_seed(3)
+        linear = nn.Linear(40, 24).to("cuda", dtype)
+        ours = SVFTLinear.from_linear(linear, pattern="banded:2", init="official", gate=True, seed=3)
+        with torch.no_grad():
+            ours.gamma.fill_(0.3)
+        u, s, v = (torch.from_numpy(a).cuda() for a in ours._layer.factors())
+        rows, cols = (torch.from_numpy(a.astype("int64")).cuda() for a in ours._layer.indices())
+        official = OfficialSVFT(u, s, v, rows, cols, ours.m.detach(), ours.gamma.detach(), linear.bias.detach().float())
+        x = torch.randn(6, 40, device="cuda").to(dtype)
+        x1, x2 = x.clone().requires_grad_(), x.float().requires_grad_()
+        y1, y2 = ours(x1), official(x2)
+        assert y1.dtype == dtype and _rel(y1.float(), y2) < 2e-2, (dtype, "y", _rel(y1.float(), y2))
+        gy = torch.randn_like(y2)
+        y1.backward(gy.to(dtype))
+        y2.backward(gy)
+        assert _rel(x1.grad.float(), x2.grad) < 2e-2, (dtype, "dx")
+        assert ours.m.grad.dtype == torch.float32 and _rel(ours.m.grad, official.m.grad) < 2e-2, (dtype, "dm")
+        with torch.no_grad():
+            assert _rel(ours.merged_weight(), official.weight()) < 1e-2, (dtype, "W")
 
 
 def _time(fn, reps):

@@ -246,6 +246,11 @@ impl<T: Dtype> CudaLayer<T> {
     pub fn uses_band_kernels(&self) -> bool {
         self.band.is_some()
     }
+    /// The frozen factors on the device: U (`d_out x r`, row-major, `T`), s (`r`, f32) and V
+    /// (`d_in x r`, row-major, `T`).
+    pub fn device_factors(&self) -> (&CudaSlice<T>, &CudaSlice<f32>, &CudaSlice<T>) {
+        (&self.u, &self.s, &self.v)
+    }
     /// The device buffer of the coefficients M (f32, canonical order): an optimizer may update
     /// it in place on the layer's stream.
     pub fn coefficients_mut(&mut self) -> &mut CudaSlice<f32> {

@@ -5,9 +5,10 @@ use std::ffi::{c_char, c_void, CStr};
 use super::buffers::{
     c_str, check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, preflight, read_as_f32, span,
 };
+use super::cuda;
 pub use super::registry::SvftLayer;
-use super::registry::{self, Layer};
-use super::status::{fail, guard, FfiResult, SvftStatus};
+use super::registry::{self, Backend, Layer};
+use super::status::{fail, guard, set_last_error, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype, SVFT_ABI_VERSION};
 use crate::config::{Init, LayerConfig};
 use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
@@ -16,13 +17,12 @@ use crate::pattern::Pattern;
 use crate::plan::{ExecPlan, Plan};
 use crate::svd::{thin_svd, Factors};
 
+/// Parses an `int32_t` backend value. Whether CUDA can run is checked later, after the
+/// checks that need no device, so that bad arguments are reported alike on every machine.
 fn parse_backend(value: i32) -> FfiResult<SvftBackend> {
     match value {
         0 => Ok(SvftBackend::Cpu),
-        1 => fail(
-            SvftStatus::CudaUnavailable,
-            "this build of svft has no CUDA backend (it is being written); use SVFT_BACKEND_CPU",
-        ),
+        1 => Ok(SvftBackend::Cuda),
         _ => fail(SvftStatus::InvalidArgument, format!("unknown backend value {value}")),
     }
 }
@@ -66,9 +66,13 @@ fn parse_pattern(spec: *const c_char) -> FfiResult<Pattern> {
     Ok(spec.parse::<Pattern>()?)
 }
 
-fn register(cpu: CpuLayer, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
+fn register_cpu(cpu: CpuLayer, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
     let table_len = CoreIndex::new(cpu.omega()).table_len();
-    let handle = registry::insert(Layer { cpu, svd_residual, table_len });
+    register(Backend::Cpu { layer: cpu, table_len }, svd_residual, out)
+}
+
+fn register(backend: Backend, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
+    let handle = registry::insert(Layer { backend, svd_residual });
     // SAFETY: `out` was checked by out_ptr at the start of the call.
     unsafe { out.write(handle) };
     Ok(())
@@ -123,7 +127,9 @@ pub unsafe extern "C" fn svft_abi_version(out: *mut u32) -> SvftStatus {
     })
 }
 
-/// Writes to `*out` whether `backend` (an `SvftBackend`) can run in this process.
+/// Writes to `*out` whether `backend` (an `SvftBackend`) can run in this process. For CUDA
+/// this is the device probe (kernels in this build, driver library, at least one device; run
+/// once per process): when it is false, `svft_last_error` says why, although the call succeeds.
 ///
 /// # Safety
 /// `out` must be NULL or writable.
@@ -131,10 +137,16 @@ pub unsafe extern "C" fn svft_abi_version(out: *mut u32) -> SvftStatus {
 pub unsafe extern "C" fn svft_backend_available(backend: i32, out: *mut bool) -> SvftStatus {
     guard("svft_backend_available", || {
         let out = out_ptr("out", out)?;
-        let available = match backend {
-            0 => true,
-            1 => false,
-            _ => return fail(SvftStatus::InvalidArgument, format!("unknown backend value {backend}")),
+        let available = match parse_backend(backend)? {
+            SvftBackend::Cpu => true,
+            SvftBackend::Cuda => match cuda::available() {
+                Ok(_) => true,
+                Err(e) => {
+                    // The one success that leaves a message: why CUDA cannot run here.
+                    set_last_error(e.msg);
+                    false
+                }
+            },
         };
         // SAFETY: checked non-null and aligned.
         unsafe { out.write(available) };
@@ -147,8 +159,13 @@ pub unsafe extern "C" fn svft_backend_available(backend: i32, out: *mut bool) ->
 /// `min(d_out, d_in)`). `pattern` is a spec string ("plain", "banded:2", "random:16:seed=42",
 /// "topk:8", "topk:8:official"); `init` an `SvftInit`; `gate` turns on `g = sigmoid(gamma)`;
 /// `seed` seeds the official init. `bias` is NULL (with `bias_len` 0) or `d_out` elements of
-/// `dtype`. Weight and bias are in the backend's memory space. On success `*out` is a new
-/// handle (free it with `svft_layer_destroy`); on failure it is NULL.
+/// `dtype`. Weight and bias are in the backend's memory space: host pointers on the CPU,
+/// device pointers on CUDA (the layer goes to the weight's device). On CUDA the weight is
+/// copied to the host and decomposed by the same CPU SVD as on the CPU backend (so both
+/// backends get the same factors), and the layer computes in `dtype` (F64 gives F32); the copy
+/// runs on a stream of the library's own, so the caller's writes to weight and bias must be
+/// complete (e.g. synchronise the stream that wrote them). On success `*out` is a new handle
+/// (free it with `svft_layer_destroy`); on failure it is NULL.
 ///
 /// # Safety
 /// Pointers must be NULL or valid for the sizes given.
@@ -171,7 +188,7 @@ pub unsafe extern "C" fn svft_layer_from_weight(
 ) -> SvftStatus {
     guard("svft_layer_from_weight", || {
         let out = take_out(out)?;
-        parse_backend(backend)?;
+        let backend = parse_backend(backend)?;
         let dt = parse_dtype(dtype)?;
         let config =
             LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
@@ -188,6 +205,16 @@ pub unsafe extern "C" fn svft_layer_from_weight(
         // The weight in f32/f64, the SVD's copies and workspace, the factors.
         let est = weight_len.saturating_mul(24).saturating_add((d_out + d_in).saturating_mul(r).saturating_mul(12));
         preflight("the SVD", est)?;
+        if backend == SvftBackend::Cuda {
+            if !(bias.is_null() && bias_len == 0) {
+                check_len("bias (d_out)", bias_len, d_out)?;
+                span("bias", bias, bias_len, dt.size())?;
+            }
+            // SAFETY: the caller vouches for the device buffers' lengths.
+            let (layer, residual) =
+                unsafe { cuda::from_weight(weight, dt, weight_len, d_out, d_in, r, &config, bias, bias_len) }?;
+            return register(Backend::Cuda(Box::new(layer)), residual, out);
+        }
         let bias = read_bias(bias, bias_len, dt, d_out)?;
         let dec = if dt == SvftDtype::F64 {
             // SAFETY: span() checked the pointer; the caller vouches for weight_len elements.
@@ -199,12 +226,13 @@ pub unsafe extern "C" fn svft_layer_from_weight(
             thin_svd(&w, d_out, d_in, Some(r))?
         };
         let cpu = CpuLayer::new(dec.factors, &config, bias)?;
-        register(cpu, dec.residual, out)
+        register_cpu(cpu, dec.residual, out)
     })
 }
 
 /// Creates a layer from saved factors: `u` (`d_out x rank`, row-major), `s` (`rank`,
-/// descending), `v` (`d_in x rank`), all of `dtype` in the backend's memory space; the other
+/// descending), `v` (`d_in x rank`), all of `dtype` in the backend's memory space (device
+/// pointers on CUDA, read like the weight of `svft_layer_from_weight`); the other
 /// arguments as in `svft_layer_from_weight` (the pattern is rebuilt from its spec, so random
 /// and top-k patterns come out identical for identical factors). Restore trained values with
 /// `svft_layer_set_coefficients` / `svft_layer_set_gamma`.
@@ -234,7 +262,7 @@ pub unsafe extern "C" fn svft_layer_from_factors(
 ) -> SvftStatus {
     guard("svft_layer_from_factors", || {
         let out = take_out(out)?;
-        parse_backend(backend)?;
+        let backend = parse_backend(backend)?;
         let dt = parse_dtype(dtype)?;
         let config =
             LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
@@ -251,6 +279,17 @@ pub unsafe extern "C" fn svft_layer_from_factors(
         span("s", s, s_len, dt.size())?;
         span("V", v, v_len, dt.size())?;
         preflight("the factors", (u_len + s_len + v_len).saturating_mul(8))?;
+        if backend == SvftBackend::Cuda {
+            if !(bias.is_null() && bias_len == 0) {
+                check_len("bias (d_out)", bias_len, d_out)?;
+                span("bias", bias, bias_len, dt.size())?;
+            }
+            // SAFETY: the caller vouches for the device buffers' lengths.
+            let layer = unsafe {
+                cuda::from_factors(dt, d_out, d_in, (u, u_len), (s, s_len), (v, v_len), &config, bias, bias_len)
+            }?;
+            return register(Backend::Cuda(Box::new(layer)), f64::NAN, out);
+        }
         let bias = read_bias(bias, bias_len, dt, d_out)?;
         // SAFETY: spans checked; the caller vouches for the lengths.
         let (u, s, v) = unsafe {
@@ -258,7 +297,7 @@ pub unsafe extern "C" fn svft_layer_from_factors(
         };
         let factors = Factors::new(d_out, d_in, u, s, v)?;
         let cpu = CpuLayer::new(factors, &config, bias)?;
-        register(cpu, f64::NAN, out)
+        register_cpu(cpu, f64::NAN, out)
     })
 }
 
@@ -293,7 +332,7 @@ pub unsafe extern "C" fn svft_layer_shape(
             opt_out_ptr("nnz", nnz)?,
         ];
         registry::with(layer, |l| {
-            let d = l.cpu.dims();
+            let d = l.dims();
             for (p, v) in outs.into_iter().zip([d.d_out, d.d_in, d.r, d.nnz]) {
                 // SAFETY: checked non-null and aligned.
                 p.into_iter().for_each(|p| unsafe { p.write(v) });
@@ -323,9 +362,9 @@ pub unsafe extern "C" fn svft_layer_info(
         );
         registry::with(layer, |l| {
             // SAFETY (all three): checked non-null and aligned.
-            b.into_iter().for_each(|p| unsafe { p.write(SvftBackend::Cpu as i32) });
-            g.into_iter().for_each(|p| unsafe { p.write(l.cpu.config().gate) });
-            t.into_iter().for_each(|p| unsafe { p.write(l.cpu.trainable_params()) });
+            b.into_iter().for_each(|p| unsafe { p.write(l.kind() as i32) });
+            g.into_iter().for_each(|p| unsafe { p.write(l.gate()) });
+            t.into_iter().for_each(|p| unsafe { p.write(l.trainable_params()) });
             Ok(())
         })
     })
@@ -334,8 +373,9 @@ pub unsafe extern "C" fn svft_layer_info(
 /// Bytes the layer needs for `n` tokens: `workspace_bytes`, the scratch a forward plus backward
 /// pass allocates inside the layer (the saved activations included); `saved_bytes`, what forward
 /// keeps for backward (T = X V, `n x r`, on the factored plan; X, `n x d_in`, on the merged
-/// one); `persistent_bytes`, what lives between steps (factors, coefficients, gate, bias).
-/// Each output may be NULL.
+/// one, and the merged W as well on CUDA); `persistent_bytes`, what lives between steps
+/// (factors, coefficients, gate, bias). On CUDA these are device bytes of the layer's dtype
+/// (f32 for the coefficients' buffers). Each output may be NULL.
 ///
 /// # Safety
 /// Outputs must be NULL or writable.
@@ -357,8 +397,17 @@ pub unsafe extern "C" fn svft_layer_memory(
             return fail(SvftStatus::Shape, "n (tokens) must be positive");
         }
         registry::with(layer, |l| {
-            let (ws, saved) = workspace_model(l, n);
-            for (p, v) in outs.into_iter().zip([ws, saved, l.cpu.persistent_bytes()]) {
+            let (ws, saved, persistent) = match &l.backend {
+                Backend::Cpu { layer, table_len } => {
+                    let (ws, saved) = workspace_model(layer, *table_len, n);
+                    (ws, saved, layer.persistent_bytes())
+                }
+                Backend::Cuda(c) => {
+                    let (ws, saved) = c.workspace_model(n);
+                    (ws, saved, c.persistent_bytes())
+                }
+            };
+            for (p, v) in outs.into_iter().zip([ws, saved, persistent]) {
                 // SAFETY: checked non-null and aligned.
                 p.into_iter().for_each(|p| unsafe { p.write(v) });
             }
@@ -369,12 +418,12 @@ pub unsafe extern "C" fn svft_layer_memory(
 
 /// The CPU layer's buffers for `n` tokens, in bytes: (all of them, the saved activations).
 /// Mirrors `cpu::layer::Workspace`; saturates instead of overflowing.
-fn workspace_model(l: &Layer, n: usize) -> (usize, usize) {
-    let d = l.cpu.dims();
-    let (o, i, r, tl) = (d.d_out, d.d_in, d.r, l.table_len);
+fn workspace_model(l: &CpuLayer, table_len: usize, n: usize) -> (usize, usize) {
+    let d = l.dims();
+    let (o, i, r, tl) = (d.d_out, d.d_in, d.r, table_len);
     let m = |a: usize, b: usize| a.saturating_mul(b);
     let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
-    let (floats, saved) = match l.cpu.plan_for(n) {
+    let (floats, saved) = match l.plan_for(n) {
         ExecPlan::Factored => {
             let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
             if n > o {
@@ -419,16 +468,19 @@ pub unsafe extern "C" fn svft_layer_set_plan(layer: *mut SvftLayer, plan: i32) -
     guard("svft_layer_set_plan", || {
         let p = parse_plan(plan)?;
         registry::with(layer, |l| {
-            l.cpu.set_plan(p);
+            l.set_plan(p);
             Ok(())
         })
     })
 }
 
 /// `Y = X W^T (+ bias)` for `n` tokens: `x` is `n x d_in` (`x_len` elements), `y` is
-/// `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend) in the backend's
-/// memory space; `stream` is the CUstream on CUDA and must be NULL on the CPU. Saves what the
-/// next `svft_layer_backward` with the same `n` needs.
+/// `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend; the layer's dtype on
+/// CUDA) in the backend's memory space; `stream` is the CUstream on CUDA (NULL: the legacy
+/// default stream) and must be NULL on the CPU. On CUDA the call only enqueues work: it runs on
+/// the layer's stream after the work already on `stream`, and work enqueued on `stream` later
+/// runs after it (no host synchronisation). Saves what the next `svft_layer_backward` with the
+/// same `n` needs.
 ///
 /// # Safety
 /// Pointers must be NULL or valid for the sizes given.
@@ -445,16 +497,21 @@ pub unsafe extern "C" fn svft_layer_forward(
 ) -> SvftStatus {
     guard("svft_layer_forward", || {
         registry::with(layer, |l| {
+            let (cpu, table_len) = match &mut l.backend {
+                Backend::Cpu { layer, table_len } => (layer, *table_len),
+                // SAFETY: the caller vouches for the device buffers and the stream.
+                Backend::Cuda(c) => return unsafe { c.forward(dtype, x, x_len, n, y, y_len, stream) },
+            };
             cpu_stream(stream)?;
             cpu_dtype(dtype)?;
-            let d = l.cpu.dims();
+            let d = cpu.dims();
             if n == 0 {
                 return fail(SvftStatus::Shape, "n (tokens) must be positive");
             }
             check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
             check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
             check_disjoint(&[span("x", x, x_len, 4)?, span("y", y, y_len, 4)?])?;
-            preflight("the forward workspace", workspace_model(l, n).0)?;
+            preflight("the forward workspace", workspace_model(cpu, table_len, n).0)?;
             // SAFETY: checked non-null, aligned, sized and disjoint; the caller vouches for
             // the lengths.
             let (x, y) = unsafe {
@@ -463,7 +520,7 @@ pub unsafe extern "C" fn svft_layer_forward(
                     std::slice::from_raw_parts_mut(y.cast::<f32>(), y_len),
                 )
             };
-            Ok(l.cpu.forward_into(x, n, y)?)
+            Ok(cpu.forward_into(x, n, y)?)
         })
     })
 }
@@ -493,9 +550,20 @@ pub unsafe extern "C" fn svft_layer_backward(
 ) -> SvftStatus {
     guard("svft_layer_backward", || {
         registry::with(layer, |l| {
+            let cpu = match &mut l.backend {
+                Backend::Cpu { layer, .. } => layer,
+                Backend::Cuda(c) => {
+                    // SAFETY: the caller vouches for the device buffers and the stream.
+                    return unsafe {
+                        c.backward(
+                            dtype, grad_y, grad_y_len, n, grad_x, grad_x_len, grad_m, grad_m_len, grad_gamma, stream,
+                        )
+                    };
+                }
+            };
             cpu_stream(stream)?;
             cpu_dtype(dtype)?;
-            let d = l.cpu.dims();
+            let d = cpu.dims();
             if n == 0 {
                 return fail(SvftStatus::Shape, "n (tokens) must be positive");
             }
@@ -519,7 +587,7 @@ pub unsafe extern "C" fn svft_layer_backward(
                     std::slice::from_raw_parts_mut(grad_m, grad_m_len),
                 )
             };
-            let dgamma = l.cpu.backward_into(gy, n, gx, gm)?;
+            let dgamma = cpu.backward_into(gy, n, gx, gm)?;
             if !grad_gamma.is_null() {
                 // SAFETY: checked above.
                 unsafe { grad_gamma.write(dgamma) };
@@ -530,7 +598,9 @@ pub unsafe extern "C" fn svft_layer_backward(
 }
 
 /// Copies the coefficients M (`len` = nnz f32, host memory, canonical order: coefficient k
-/// belongs to `(rows[k], cols[k])` of `svft_layer_indices`).
+/// belongs to `(rows[k], cols[k])` of `svft_layer_indices`). On CUDA, M lives on the device:
+/// this copies it through the host and waits for the layer's queued work (a host synchronisation;
+/// call it between steps, not inside one).
 ///
 /// # Safety
 /// `m` must be NULL or valid for `len` floats.
@@ -538,9 +608,16 @@ pub unsafe extern "C" fn svft_layer_backward(
 pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m: *mut f32, len: usize) -> SvftStatus {
     guard("svft_layer_get_coefficients", || {
         registry::with(layer, |l| {
-            let src = l.cpu.coefficients();
-            check_len("m (nnz)", len, src.len())?;
+            check_len("m (nnz)", len, l.dims().nnz)?;
             span("m", m.cast(), len, 4)?;
+            let from_device;
+            let src = match &l.backend {
+                Backend::Cpu { layer, .. } => layer.coefficients(),
+                Backend::Cuda(c) => {
+                    from_device = c.coefficients()?;
+                    &from_device
+                }
+            };
             // SAFETY: checked non-null, aligned and sized; the layer's own buffer cannot overlap.
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), m, len) };
             Ok(())
@@ -549,6 +626,8 @@ pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m:
 }
 
 /// Replaces the coefficients M (`len` = nnz finite f32, host memory). Forgets the saved forward.
+/// On CUDA the values are uploaded on the layer's stream, after its queued work (the host
+/// buffer may be reused as soon as the call returns).
 ///
 /// # Safety
 /// `m` must be NULL or valid for `len` floats.
@@ -556,11 +635,14 @@ pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m:
 pub unsafe extern "C" fn svft_layer_set_coefficients(layer: *mut SvftLayer, m: *const f32, len: usize) -> SvftStatus {
     guard("svft_layer_set_coefficients", || {
         registry::with(layer, |l| {
-            check_len("m (nnz)", len, l.cpu.coefficients().len())?;
+            check_len("m (nnz)", len, l.dims().nnz)?;
             span("m", m.cast(), len, 4)?;
             // SAFETY: checked non-null, aligned and sized.
             let m = unsafe { std::slice::from_raw_parts(m, len) };
-            Ok(l.cpu.set_coefficients(m)?)
+            match &mut l.backend {
+                Backend::Cpu { layer, .. } => Ok(layer.set_coefficients(m)?),
+                Backend::Cuda(c) => c.set_coefficients(m),
+            }
         })
     })
 }
@@ -575,23 +657,36 @@ pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *m
         let out = out_ptr("gamma", gamma)?;
         // SAFETY: checked non-null and aligned.
         registry::with(layer, |l| {
-            unsafe { out.write(l.cpu.gamma()) };
+            let gamma = match &l.backend {
+                Backend::Cpu { layer, .. } => layer.gamma(),
+                Backend::Cuda(c) => c.gamma(),
+            };
+            unsafe { out.write(gamma) };
             Ok(())
         })
     })
 }
 
-/// Sets gamma (finite). Forgets the saved forward.
+/// Sets gamma (finite). Forgets the saved forward. Gamma is a host value on every backend
+/// (the CUDA kernels take g by value).
 ///
 /// # Safety
 /// Any pointer value is accepted for `layer`.
 #[no_mangle]
 pub unsafe extern "C" fn svft_layer_set_gamma(layer: *mut SvftLayer, gamma: f32) -> SvftStatus {
-    guard("svft_layer_set_gamma", || registry::with(layer, |l| Ok(l.cpu.set_gamma(gamma)?)))
+    guard("svft_layer_set_gamma", || {
+        registry::with(layer, |l| match &mut l.backend {
+            Backend::Cpu { layer, .. } => Ok(layer.set_gamma(gamma)?),
+            Backend::Cuda(c) => c.set_gamma(gamma),
+        })
+    })
 }
 
 /// Writes the dense adapted weight `U C V^T` (bias not included), row-major `d_out x d_in`
-/// (`w_len` elements of `dtype`, F32 on the CPU backend) in the backend's memory space.
+/// (`w_len` elements of `dtype`: F32 on the CPU backend; the layer's dtype or F32 on CUDA) in
+/// the backend's memory space; `stream` as in `svft_layer_forward`. On CUDA, `U C` is formed on
+/// the host from the device factors (this waits for the layer's queued work), the product by
+/// cuBLAS, ordered on `stream` like a forward.
 ///
 /// # Safety
 /// `w` must be NULL or valid for `w_len` elements.
@@ -605,13 +700,18 @@ pub unsafe extern "C" fn svft_layer_merge(
 ) -> SvftStatus {
     guard("svft_layer_merge", || {
         registry::with(layer, |l| {
+            let cpu = match &mut l.backend {
+                Backend::Cpu { layer, .. } => layer,
+                // SAFETY: the caller vouches for the device buffer and the stream.
+                Backend::Cuda(c) => return unsafe { c.merge(dtype, w, w_len, stream) },
+            };
             cpu_stream(stream)?;
             cpu_dtype(dtype)?;
-            let d = l.cpu.dims();
+            let d = cpu.dims();
             check_len("w (d_out x d_in)", w_len, mul("w", d.d_out, d.d_in)?)?;
             span("w", w, w_len, 4)?;
             preflight("the merged weight", mul("w", w_len, 8)?)?;
-            let merged = l.cpu.merge();
+            let merged = cpu.merge();
             // SAFETY: checked non-null, aligned and sized; `merged` is ours.
             unsafe { std::ptr::copy_nonoverlapping(merged.as_ptr(), w.cast::<f32>(), w_len) };
             Ok(())
@@ -620,7 +720,9 @@ pub unsafe extern "C" fn svft_layer_merge(
 }
 
 /// Copies the frozen factors to host f32 buffers: `u` (`d_out x r`), `s` (`r`), `v`
-/// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored).
+/// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored). On CUDA they
+/// are read back from the device as the layer holds them (rounded to its dtype), after the
+/// layer's queued work.
 ///
 /// # Safety
 /// Non-NULL pointers must be valid for their lengths.
@@ -636,8 +738,18 @@ pub unsafe extern "C" fn svft_layer_factors(
 ) -> SvftStatus {
     guard("svft_layer_factors", || {
         registry::with(layer, |l| {
-            let f = l.cpu.factors();
-            for (what, dst, len, src) in [("u", u, u_len, &f.u), ("s", s, s_len, &f.s), ("v", v, v_len, &f.v)] {
+            let from_device;
+            let (fu, fs, fv) = match &l.backend {
+                Backend::Cpu { layer, .. } => {
+                    let f = layer.factors();
+                    (&f.u, &f.s, &f.v)
+                }
+                Backend::Cuda(c) => {
+                    from_device = c.factors()?;
+                    (&from_device.0, &from_device.1, &from_device.2)
+                }
+            };
+            for (what, dst, len, src) in [("u", u, u_len, fu), ("s", s, s_len, fs), ("v", v, v_len, fv)] {
                 if dst.is_null() {
                     continue;
                 }
@@ -666,7 +778,7 @@ pub unsafe extern "C" fn svft_layer_indices(
 ) -> SvftStatus {
     guard("svft_layer_indices", || {
         registry::with(layer, |l| {
-            let omega = l.cpu.omega();
+            let omega = l.omega();
             check_len("rows/cols (nnz)", len, omega.len())?;
             for (what, dst, src) in [("rows", rows, &omega.rows), ("cols", cols, &omega.cols)] {
                 if !dst.is_null() {

@@ -4,7 +4,8 @@
 //! - It returns an [`SvftStatus`] (`SVFT_STATUS_OK` = 0 on success) and never unwinds into the
 //!   caller: each body runs under `catch_unwind`, and a panic becomes `SVFT_STATUS_PANIC`.
 //! - On failure, a message for the calling thread explains it: [`svft_last_error`] copies it.
-//!   Every call clears the message on entry, so after a success it is empty.
+//!   Every call clears the message on entry, so after a success it is empty (one exception:
+//!   `svft_backend_available` leaves the reason when a backend is not available).
 //! - Layers are opaque `SvftLayer *` handles. A handle is a registry key, never dereferenced:
 //!   a destroyed, never-created or forged handle is `SVFT_STATUS_INVALID_HANDLE`, not UB.
 //!   One handle may be used from several threads; calls on it are serialised.
@@ -12,12 +13,21 @@
 //!   must be non-null and aligned for their element type, and output buffers must not overlap
 //!   inputs. Enumerations are passed as `int32_t` so that an unknown value is an error.
 //! - Memory spaces: on `SVFT_BACKEND_CPU` every pointer is host memory and `stream` must be
-//!   NULL. On `SVFT_BACKEND_CUDA` weights, activations, gradients and merged weights are device
-//!   pointers and `stream` is a `CUstream` (NULL = the legacy default stream); coefficients, gamma,
-//!   factors read back and indices are host memory on every backend. This build has no CUDA
-//!   backend: asking for one returns `SVFT_STATUS_CUDA_UNAVAILABLE`.
+//!   NULL. On `SVFT_BACKEND_CUDA` weights, factors passed in, biases, activations, gradients
+//!   (grad_m and grad_gamma included) and merged weights are device pointers (`CUdeviceptr`
+//!   from cuMemAlloc/cudaMalloc or a pool; not host, pinned host or managed memory, which are
+//!   `SVFT_STATUS_INVALID_ARGUMENT`) on the layer's device, and `stream` is a `CUstream` of that
+//!   device's primary context (NULL = the legacy default stream). Coefficients, gamma, factors
+//!   read back and indices are host memory on every backend.
+//! - CUDA streams: each CUDA layer runs on a stream of its own, joined with the caller's
+//!   `stream` by events in both directions on every forward, backward and merge, so the call
+//!   behaves as if it ran on `stream` and never blocks the host. The library never frees or
+//!   keeps caller memory after a call returns. The calling thread's current CUDA context is
+//!   restored on return. Without a usable device (or in a build without the kernels), CUDA
+//!   calls return `SVFT_STATUS_CUDA_UNAVAILABLE`, with the probe's reason in the message.
 
 mod buffers;
+mod cuda;
 mod exports;
 mod registry;
 mod status;
@@ -34,7 +44,7 @@ pub const SVFT_ABI_VERSION: u32 = 1;
 pub enum SvftBackend {
     /// Host memory, faer GEMMs and hand-written sparse passes.
     Cpu = 0,
-    /// Device memory and CUDA streams (not in this build yet).
+    /// Device memory and CUDA streams (activations in f32, bf16 or f16).
     Cuda = 1,
 }
 

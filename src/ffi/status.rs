@@ -127,7 +127,7 @@ thread_local! {
     static LAST_ERROR: RefCell<String> = const { RefCell::new(String::new()) };
 }
 
-fn set_last_error(msg: String) {
+pub(crate) fn set_last_error(msg: String) {
     let msg = msg.replace('\0', "\\0");
     let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = msg);
 }

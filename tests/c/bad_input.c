@@ -38,6 +38,7 @@ static void expect(int line, const char *call, SvftStatus got, SvftStatus want) 
 }
 
 #define EXPECT(want, call) expect(__LINE__, #call, (call), SVFT_STATUS_##want)
+#define EXPECT_STATUS(status, call) expect(__LINE__, #call, (call), (status))
 #define CPU SVFT_BACKEND_CPU
 #define F32 SVFT_DTYPE_F32
 
@@ -69,7 +70,22 @@ int main(void) {
     EXPECT(INVALID_ARGUMENT, svft_backend_available(99, &flag));
     EXPECT(INVALID_ARGUMENT, svft_backend_available(-1, &flag));
     EXPECT(NULL_POINTER, svft_backend_available(CPU, NULL));
-    EXPECT(OK, svft_backend_available(SVFT_BACKEND_CUDA, &flag));
+    /* CUDA's availability is the device probe; when it is false the (successful) call leaves
+     * the reason as the last error. Either way the statuses below do not depend on it, except
+     * a host pointer given to the CUDA backend: INVALID_ARGUMENT with a device, else
+     * CUDA_UNAVAILABLE. */
+    bool cuda = false;
+    char why[256];
+    size_t why_len = 0;
+    checks++;
+    if (svft_backend_available(SVFT_BACKEND_CUDA, &cuda) != SVFT_STATUS_OK ||
+        svft_last_error(why, sizeof why, &why_len) != SVFT_STATUS_OK || (cuda ? why_len != 0 : why_len == 0)) {
+        failures++;
+        printf("svft_backend_available(CUDA): available %d with message \"%s\"\n", (int)cuda, why);
+    } else if (getenv("SVFT_VERBOSE")) {
+        printf("CUDA available: %d %s\n", (int)cuda, why);
+    }
+    const SvftStatus cuda_host_ptr = cuda ? SVFT_STATUS_INVALID_ARGUMENT : SVFT_STATUS_CUDA_UNAVAILABLE;
     EXPECT(INVALID_ARGUMENT, svft_status_name(999, &str));
     EXPECT(INVALID_ARGUMENT, svft_status_name(-1, &str));
     EXPECT(NULL_POINTER, svft_status_name(0, NULL));
@@ -97,7 +113,18 @@ int main(void) {
         failures++;
         printf("*out not cleared on failure\n");
     }
-    EXPECT(CUDA_UNAVAILABLE, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
+    EXPECT_STATUS(cuda_host_ptr, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
+    /* On CUDA, every check that needs no device comes first (same status on every machine). */
+    EXPECT(UNSUPPORTED_DTYPE, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, 9, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
+    EXPECT(NULL_POINTER, FROM_WEIGHT(SVFT_BACKEND_CUDA, NULL, F32, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
+    EXPECT(MISALIGNED, FROM_WEIGHT(SVFT_BACKEND_CUDA, w_mis, F32, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
+    EXPECT(MISALIGNED,
+           FROM_WEIGHT(SVFT_BACKEND_CUDA, w_mis, SVFT_DTYPE_BF16, O * I, O, I, 0, "banded:1", 1, NULL, 0, &out));
+    EXPECT(SHAPE, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I - 1, O, I, 0, "banded:1", 1, bias, O, &out));
+    EXPECT(SHAPE, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 0, "banded:1", 1, bias, O - 1, &out));
+    EXPECT(PATTERN, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 0, "bogus", 1, bias, O, &out));
+    EXPECT(INVALID_ARGUMENT, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 9, "banded:1", 1, bias, O, &out));
+    EXPECT(INVALID_ARGUMENT, FROM_WEIGHT(SVFT_BACKEND_CUDA, w, F32, O * I, O, I, 0, "banded:1", 7, bias, O, &out));
     EXPECT(INVALID_ARGUMENT, FROM_WEIGHT(7, w, F32, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
     EXPECT(UNSUPPORTED_DTYPE, FROM_WEIGHT(CPU, w, 9, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
     EXPECT(UNSUPPORTED_DTYPE, FROM_WEIGHT(CPU, w, -1, O * I, O, I, 0, "banded:1", 1, bias, O, &out));
@@ -142,7 +169,11 @@ int main(void) {
     EXPECT(OK, svft_layer_factors(layer, u, O * R, s, R, v, I * R));
 #define FROM_FACTORS(backend, dtype, o, i, r, up, ul, sp, sl, vp, vl, pat) \
     svft_layer_from_factors(backend, dtype, o, i, r, up, ul, sp, sl, vp, vl, pat, 0, false, 0, NULL, 0, &out)
-    EXPECT(CUDA_UNAVAILABLE, FROM_FACTORS(SVFT_BACKEND_CUDA, F32, O, I, R, u, O * R, s, R, v, I * R, "plain"));
+    EXPECT_STATUS(cuda_host_ptr, FROM_FACTORS(SVFT_BACKEND_CUDA, F32, O, I, R, u, O * R, s, R, v, I * R, "plain"));
+    EXPECT(SHAPE, FROM_FACTORS(SVFT_BACKEND_CUDA, F32, O, I, R, u, O * R, s, R - 1, v, I * R, "plain"));
+    EXPECT(MISALIGNED,
+           FROM_FACTORS(SVFT_BACKEND_CUDA, F32, O, I, R, u, O * R, (float *)((char *)s + 1), R, v, I * R, "plain"));
+    EXPECT(UNSUPPORTED_DTYPE, FROM_FACTORS(SVFT_BACKEND_CUDA, 4, O, I, R, u, O * R, s, R, v, I * R, "plain"));
     EXPECT(NULL_POINTER, FROM_FACTORS(CPU, F32, O, I, R, NULL, O * R, s, R, v, I * R, "plain"));
     EXPECT(SHAPE, FROM_FACTORS(CPU, F32, O, I, R, u, O * R, s, R - 1, v, I * R, "plain"));
     EXPECT(SHAPE, FROM_FACTORS(CPU, F32, O, I, 0, u, 0, s, 0, v, 0, "plain"));
