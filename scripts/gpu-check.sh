@@ -11,7 +11,7 @@ export CUDA_HOME SVFT_REQUIRE_KERNELS=1
 bundle=gpu-bundle
 rm -rf "$bundle" && mkdir -p "$bundle"
 # Test binaries: cargo prints each executable's path as JSON; keep the GPU-facing ones.
-cargo test --release --no-run --test gpu --test layer --message-format=json 2>/dev/null \
+cargo test --release --no-run --test gpu --test ffi_cuda --test layer --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:

@@ -34,6 +34,7 @@ run() { # name, command...
 }
 
 run gpu-tests "$here/test-gpu" --test-threads=1
+run ffi-cuda-tests "$here/test-ffi_cuda" --test-threads=1
 run cpu-tests "$here/test-layer"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
