@@ -11,8 +11,22 @@ fn svft(args: &[&str]) -> std::process::Output {
 fn bench_json_has_every_field_and_consistent_ratios() {
     for plan in ["factored", "merged", "auto"] {
         let out = svft(&[
-            "bench", "--backend", "cpu", "--d-out", "96", "--d-in", "64", "--tokens", "40", "--pattern", "banded:2",
-            "--plan", plan, "--seconds", "0.05", "--json",
+            "bench",
+            "--backend",
+            "cpu",
+            "--d-out",
+            "96",
+            "--d-in",
+            "64",
+            "--tokens",
+            "40",
+            "--pattern",
+            "banded:2",
+            "--plan",
+            plan,
+            "--seconds",
+            "0.05",
+            "--json",
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
@@ -20,8 +34,17 @@ fn bench_json_has_every_field_and_consistent_ratios() {
             assert!(v[key].is_string(), "{key} missing");
         }
         for key in [
-            "d_out", "d_in", "tokens", "trainable_params", "svft_fwd_bwd_ms", "gemm_floor_ms", "lora_fwd_bwd_ms",
-            "official_fwd_bwd_ms", "ratio_to_floor", "ratio_to_lora", "speedup_vs_official",
+            "d_out",
+            "d_in",
+            "tokens",
+            "trainable_params",
+            "svft_fwd_bwd_ms",
+            "gemm_floor_ms",
+            "lora_fwd_bwd_ms",
+            "official_fwd_bwd_ms",
+            "ratio_to_floor",
+            "ratio_to_lora",
+            "speedup_vs_official",
         ] {
             let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
             assert!(x.is_finite() && x > 0.0, "{key} = {x}");

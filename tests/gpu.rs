@@ -38,7 +38,14 @@ fn download<T: Dtype>(layer: &CudaLayer<T>, dev: &CudaSlice<T>) -> Vec<f32> {
 }
 
 /// Runs forward + backward on the device and compares with the reference; returns dM.
-fn check<T: Dtype>(layer: &mut CudaLayer<T>, f: &svft::svd::Factors, bias: Option<&[f32]>, n: usize, tol: f64, what: &str) -> Vec<f32> {
+fn check<T: Dtype>(
+    layer: &mut CudaLayer<T>,
+    f: &svft::svd::Factors,
+    bias: Option<&[f32]>,
+    n: usize,
+    tol: f64,
+    what: &str,
+) -> Vec<f32> {
     let rnd = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| T::from_f32(v).to_f32()).collect() };
     let x = rnd(randn(n * f.d_in, n as u64));
     let gy = rnd(randn(n * f.d_out, n as u64 + 1));
@@ -64,8 +71,13 @@ fn check<T: Dtype>(layer: &mut CudaLayer<T>, f: &svft::svd::Factors, bias: Optio
     let plan = layer.plan_for(n);
     let e = [rel_err(&y, &refl.forward(&xw, n)), rel_err(&dx, &dx_ref), rel_err(&dm, &dm_ref)];
     assert!(e.iter().all(|&e| e < tol), "{what} n={n} {plan}: errors Y/dX/dM {e:?} (tol {tol})");
-    let scale: f64 = refl.g() * (1.0 - refl.g()) * dm_ref.iter().zip(&refl.m).map(|(d, m)| (d / refl.g() * m).abs()).sum::<f64>();
-    assert!(dgamma.is_finite() && (dgamma as f64 - dgamma_ref).abs() <= tol * scale.max(1e-30) + if gate { 0.0 } else { 1e-30 }, "{what}: dgamma {dgamma} vs {dgamma_ref}");
+    let scale: f64 =
+        refl.g() * (1.0 - refl.g()) * dm_ref.iter().zip(&refl.m).map(|(d, m)| (d / refl.g() * m).abs()).sum::<f64>();
+    assert!(
+        dgamma.is_finite()
+            && (dgamma as f64 - dgamma_ref).abs() <= tol * scale.max(1e-30) + if gate { 0.0 } else { 1e-30 },
+        "{what}: dgamma {dgamma} vs {dgamma_ref}"
+    );
     dm
 }
 
@@ -82,7 +94,8 @@ fn every_case<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
                 for gate in [false, true] {
                     let config = LayerConfig { pattern, init: Init::Official, gate, plan, seed: 2 };
                     let bias = gate.then(|| randn(d_out, 3));
-                    let mut layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), &f, &config, bias.as_deref()).unwrap();
+                    let mut layer =
+                        CudaLayer::<T>::new(gpu.clone(), stream.clone(), &f, &config, bias.as_deref()).unwrap();
                     let what = format!("{dtype} {d_out}x{d_in} r={r} {spec} {plan} gate={gate}");
                     for n in [1, 30, 300, 2049] {
                         check(&mut layer, &f, bias.as_deref(), n, tol, &what);
@@ -119,7 +132,10 @@ fn deterministic_sddmm_is_bitwise_reproducible() {
         layer.set_sddmm_mode(SddmmMode::Deterministic);
         let a = check(&mut layer, &f, None, 4097, F32_TOL, spec);
         let b = check(&mut layer, &f, None, 4097, F32_TOL, spec);
-        assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{spec}: deterministic dM differs run to run");
+        assert!(
+            a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+            "{spec}: deterministic dM differs run to run"
+        );
     }
 }
 
@@ -132,7 +148,8 @@ fn bad_device_inputs_are_errors() {
     let x = upload(&layer, &randn(3 * 23, 1));
     let mut y = poisoned_dev(&layer, 3 * 37);
     assert!(matches!(layer.forward(&x.slice(..), 4, &mut y.slice_mut(..)), Err(svft::Error::Shape { .. })));
-    let (mut dx, mut dm, mut dg) = (poisoned_dev(&layer, 69), poisoned_dev::<f32>(&layer, 23), poisoned_dev::<f32>(&layer, 1));
+    let (mut dx, mut dm, mut dg) =
+        (poisoned_dev(&layer, 69), poisoned_dev::<f32>(&layer, 23), poisoned_dev::<f32>(&layer, 1));
     assert!(matches!(
         layer.backward(&y.slice(..), 3, &mut dx.slice_mut(..), &mut dm.slice_mut(..), &mut dg.slice_mut(..)),
         Err(svft::Error::NoForward(_))

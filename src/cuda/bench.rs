@@ -93,10 +93,34 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase, dtype: &str) -> Resu
             let mut t = random_dev::<T>(&stream, &mut rng, n * r, 1.0)?;
             let mut a = random_dev::<T>(&stream, &mut rng, n * r, 1.0)?;
             time_ms(&stream, budget, || {
-                gemm(&blas, &mut t.slice_mut(..), m_(&x.slice(..), n, d_in, false), m_(&v.slice(..), d_in, r, false), false)?;
-                gemm(&blas, &mut y.slice_mut(..), m_(&t.slice(..), n, r, false), m_(&u.slice(..), d_out, r, true), false)?;
-                gemm(&blas, &mut a.slice_mut(..), m_(&gy.slice(..), n, d_out, false), m_(&u.slice(..), d_out, r, false), false)?;
-                gemm(&blas, &mut dx.slice_mut(..), m_(&a.slice(..), n, r, false), m_(&v.slice(..), d_in, r, true), false)
+                gemm(
+                    &blas,
+                    &mut t.slice_mut(..),
+                    m_(&x.slice(..), n, d_in, false),
+                    m_(&v.slice(..), d_in, r, false),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut y.slice_mut(..),
+                    m_(&t.slice(..), n, r, false),
+                    m_(&u.slice(..), d_out, r, true),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut a.slice_mut(..),
+                    m_(&gy.slice(..), n, d_out, false),
+                    m_(&u.slice(..), d_out, r, false),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut dx.slice_mut(..),
+                    m_(&a.slice(..), n, r, false),
+                    m_(&v.slice(..), d_in, r, true),
+                    false,
+                )
             })?
         }
         ExecPlan::Merged => {
@@ -104,11 +128,41 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase, dtype: &str) -> Resu
             let mut p = random_dev::<T>(&stream, &mut rng, d_out * d_in, 1.0)?;
             let mut q = random_dev::<T>(&stream, &mut rng, d_out * r, 1.0)?;
             time_ms(&stream, budget, || {
-                gemm(&blas, &mut w.slice_mut(..), m_(&u.slice(..), d_out, r, false), m_(&v.slice(..), d_in, r, true), false)?;
-                gemm(&blas, &mut y.slice_mut(..), m_(&x.slice(..), n, d_in, false), m_(&w.slice(..), d_out, d_in, true), false)?;
-                gemm(&blas, &mut dx.slice_mut(..), m_(&gy.slice(..), n, d_out, false), m_(&w.slice(..), d_out, d_in, false), false)?;
-                gemm(&blas, &mut p.slice_mut(..), m_(&gy.slice(..), n, d_out, true), m_(&x.slice(..), n, d_in, false), false)?;
-                gemm(&blas, &mut q.slice_mut(..), m_(&p.slice(..), d_out, d_in, false), m_(&v.slice(..), d_in, r, false), false)
+                gemm(
+                    &blas,
+                    &mut w.slice_mut(..),
+                    m_(&u.slice(..), d_out, r, false),
+                    m_(&v.slice(..), d_in, r, true),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut y.slice_mut(..),
+                    m_(&x.slice(..), n, d_in, false),
+                    m_(&w.slice(..), d_out, d_in, true),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut dx.slice_mut(..),
+                    m_(&gy.slice(..), n, d_out, false),
+                    m_(&w.slice(..), d_out, d_in, false),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut p.slice_mut(..),
+                    m_(&gy.slice(..), n, d_out, true),
+                    m_(&x.slice(..), n, d_in, false),
+                    false,
+                )?;
+                gemm(
+                    &blas,
+                    &mut q.slice_mut(..),
+                    m_(&p.slice(..), d_out, d_in, false),
+                    m_(&v.slice(..), d_in, r, false),
+                    false,
+                )
             })?
         }
     };
@@ -123,11 +177,29 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase, dtype: &str) -> Resu
     let mut da = random_dev::<T>(&stream, &mut rng, rl * d_in, 1.0)?;
     let mut db = random_dev::<T>(&stream, &mut rng, d_out * rl, 1.0)?;
     let lora = time_ms(&stream, budget, || {
-        gemm(&blas, &mut y.slice_mut(..), m_(&x.slice(..), n, d_in, false), m_(&w0.slice(..), d_out, d_in, true), false)?;
+        gemm(
+            &blas,
+            &mut y.slice_mut(..),
+            m_(&x.slice(..), n, d_in, false),
+            m_(&w0.slice(..), d_out, d_in, true),
+            false,
+        )?;
         gemm(&blas, &mut h.slice_mut(..), m_(&x.slice(..), n, d_in, false), m_(&la.slice(..), rl, d_in, true), false)?;
         gemm(&blas, &mut y.slice_mut(..), m_(&h.slice(..), n, rl, false), m_(&lb.slice(..), d_out, rl, true), true)?;
-        gemm(&blas, &mut dx.slice_mut(..), m_(&gy.slice(..), n, d_out, false), m_(&w0.slice(..), d_out, d_in, false), false)?;
-        gemm(&blas, &mut gb.slice_mut(..), m_(&gy.slice(..), n, d_out, false), m_(&lb.slice(..), d_out, rl, false), false)?;
+        gemm(
+            &blas,
+            &mut dx.slice_mut(..),
+            m_(&gy.slice(..), n, d_out, false),
+            m_(&w0.slice(..), d_out, d_in, false),
+            false,
+        )?;
+        gemm(
+            &blas,
+            &mut gb.slice_mut(..),
+            m_(&gy.slice(..), n, d_out, false),
+            m_(&lb.slice(..), d_out, rl, false),
+            false,
+        )?;
         gemm(&blas, &mut dx.slice_mut(..), m_(&gb.slice(..), n, rl, false), m_(&la.slice(..), rl, d_in, false), true)?;
         gemm(&blas, &mut db.slice_mut(..), m_(&gy.slice(..), n, d_out, true), m_(&h.slice(..), n, rl, false), false)?;
         gemm(&blas, &mut da.slice_mut(..), m_(&gb.slice(..), n, rl, true), m_(&x.slice(..), n, d_in, false), false)

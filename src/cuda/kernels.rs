@@ -4,9 +4,7 @@
 //! work (every kernel is grid-strided, so a capped grid is still correct).
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{
-    CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
-};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use super::{blas_err, driver_err, Gpu};
 use crate::error::Result;
@@ -23,7 +21,9 @@ const SMEM_LIMIT: usize = 48 * 1024;
 const GRID_Y_MAX: usize = 65_535;
 
 /// Activation dtypes: f32, bf16, f16. s, M, gamma and all gradients of M stay f32.
-pub trait Dtype: DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static {
+pub trait Dtype:
+    DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static
+{
     /// Suffix of the kernel names (`_f32`, `_bf16`, `_f16`).
     const SUFFIX: &'static str;
     /// Rounds an f32 to this type (round to nearest even).
@@ -223,7 +223,16 @@ pub(crate) fn sddmm<T: Dtype>(
             };
             let chunk_i = chunk as i32;
             let mut b = stream.launch_builder(f);
-            b.arg(a).arg(t).arg(rows).arg(cols).arg(order).arg(&mut *work).arg(&n_i).arg(&r_i).arg(&nnz_i).arg(&chunk_i);
+            b.arg(a)
+                .arg(t)
+                .arg(rows)
+                .arg(cols)
+                .arg(order)
+                .arg(&mut *work)
+                .arg(&n_i)
+                .arg(&r_i)
+                .arg(&nnz_i)
+                .arg(&chunk_i);
             // SAFETY: argument list and sizes as documented for coo_sddmm_*.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
             nchunks
@@ -238,7 +247,14 @@ pub(crate) fn sddmm<T: Dtype>(
     match gate {
         Some((gate_partial, dgamma)) => {
             let mut b = stream.launch_builder(f);
-            b.arg(&mut *work).arg(&reduced_chunks).arg(m).arg(&g).arg(&mut *dm).arg(&mut *gate_partial).arg(&nnz_i).arg(&accumulate);
+            b.arg(&mut *work)
+                .arg(&reduced_chunks)
+                .arg(m)
+                .arg(&g)
+                .arg(&mut *dm)
+                .arg(&mut *gate_partial)
+                .arg(&nnz_i)
+                .arg(&accumulate);
             // SAFETY: documented arguments; gate_partial holds `blocks` floats.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("sddmm_epilogue", e))?;
             let f = gpu.function("gate_grad_reduce")?;
@@ -251,7 +267,14 @@ pub(crate) fn sddmm<T: Dtype>(
         }
         None => {
             let mut b = stream.launch_builder(f);
-            b.arg(&mut *work).arg(&reduced_chunks).arg(&null).arg(&g).arg(&mut *dm).arg(&null).arg(&nnz_i).arg(&accumulate);
+            b.arg(&mut *work)
+                .arg(&reduced_chunks)
+                .arg(&null)
+                .arg(&g)
+                .arg(&mut *dm)
+                .arg(&null)
+                .arg(&nnz_i)
+                .arg(&accumulate);
             // SAFETY: documented arguments; M and gate_partial may be NULL without the gate.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("sddmm_epilogue", e))?;
         }

@@ -173,7 +173,11 @@ impl<T: Dtype> CudaLayer<T> {
             stream.clone_htod(&v).map_err(|e| driver_err("uploading the pattern", e))
         };
         let in_band = omega.pattern.is_banded()
-            && omega.rows.iter().zip(&omega.cols).all(|(&i, &j)| (i as i64 - j as i64).unsigned_abs() as usize <= omega.pattern.d());
+            && omega
+                .rows
+                .iter()
+                .zip(&omega.cols)
+                .all(|(&i, &j)| (i as i64 - j as i64).unsigned_abs() as usize <= omega.pattern.d());
         let band = (in_band && band_fits(omega.pattern.d())).then(|| omega.pattern.d());
         let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("creating the cuBLAS handle", e))?;
         Ok(CudaLayer {
@@ -300,7 +304,16 @@ impl<T: Dtype> CudaLayer<T> {
         let t = |s: &Option<CudaSlice<T>>| s.as_ref().map_or(0, |s| s.len() * std::mem::size_of::<T>());
         let f = |s: &Option<CudaSlice<f32>>| s.as_ref().map_or(0, |s| s.len() * 4);
         let w = &self.ws;
-        t(&w.t) + t(&w.core_act) + t(&w.a) + t(&w.uc) + t(&w.vc) + t(&w.w) + t(&w.x) + t(&w.p) + t(&w.q) + t(&w.ones)
+        t(&w.t)
+            + t(&w.core_act)
+            + t(&w.a)
+            + t(&w.uc)
+            + t(&w.vc)
+            + t(&w.w)
+            + t(&w.x)
+            + t(&w.p)
+            + t(&w.q)
+            + t(&w.ones)
             + f(&w.sddmm)
             + f(&w.gate_partial)
     }
@@ -338,23 +351,65 @@ impl<T: Dtype> CudaLayer<T> {
         match plan {
             ExecPlan::Factored => {
                 let t = grow(&stream, &mut ws.t, n * r)?;
-                gemm(blas, &mut t.slice_mut(..n * r), Mat { data: x, rows: n, cols: d_in, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: false }, false)?;
+                gemm(
+                    blas,
+                    &mut t.slice_mut(..n * r),
+                    Mat { data: x, rows: n, cols: d_in, trans: false },
+                    Mat { data: &v, rows: d_in, cols: r, trans: false },
+                    false,
+                )?;
                 if n <= d_out {
                     let s_act = grow(&stream, &mut ws.core_act, n * r)?;
-                    apply(gpu, &stream, true, fwd_core(), &t.slice(..n * r), &mut s_act.slice_mut(..n * r), &s, &m, g, n, r)?;
-                    gemm(blas, y, Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &u, rows: d_out, cols: r, trans: true }, false)?;
+                    apply(
+                        gpu,
+                        &stream,
+                        true,
+                        fwd_core(),
+                        &t.slice(..n * r),
+                        &mut s_act.slice_mut(..n * r),
+                        &s,
+                        &m,
+                        g,
+                        n,
+                        r,
+                    )?;
+                    gemm(
+                        blas,
+                        y,
+                        Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false },
+                        Mat { data: &u, rows: d_out, cols: r, trans: true },
+                        false,
+                    )?;
                 } else {
                     let uc = grow(&stream, &mut ws.uc, d_out * r)?;
                     apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
-                    gemm(blas, y, Mat { data: &t.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: true }, false)?;
+                    gemm(
+                        blas,
+                        y,
+                        Mat { data: &t.slice(..n * r), rows: n, cols: r, trans: false },
+                        Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: true },
+                        false,
+                    )?;
                 }
             }
             ExecPlan::Merged => {
                 let uc = grow(&stream, &mut ws.uc, d_out * r)?;
                 apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                 let w = grow(&stream, &mut ws.w, d_out * d_in)?;
-                gemm(blas, &mut w.slice_mut(..d_out * d_in), Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: true }, false)?;
-                gemm(blas, y, Mat { data: x, rows: n, cols: d_in, trans: false }, Mat { data: &w.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: true }, false)?;
+                gemm(
+                    blas,
+                    &mut w.slice_mut(..d_out * d_in),
+                    Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: false },
+                    Mat { data: &v, rows: d_in, cols: r, trans: true },
+                    false,
+                )?;
+                gemm(
+                    blas,
+                    y,
+                    Mat { data: x, rows: n, cols: d_in, trans: false },
+                    Mat { data: &w.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: true },
+                    false,
+                )?;
                 let xs = grow(&stream, &mut ws.x, n * d_in)?;
                 stream.memcpy_dtod(x, &mut xs.slice_mut(..n * d_in)).map_err(|e| driver_err("saving X", e))?;
             }
@@ -367,7 +422,13 @@ impl<T: Dtype> CudaLayer<T> {
                 let host = vec![T::from_f32(1.0); ones.len()];
                 stream.memcpy_htod(&host, ones).map_err(|e| driver_err("filling ones", e))?;
             }
-            gemm(blas, y, Mat { data: &ones.slice(..n), rows: n, cols: 1, trans: false }, Mat { data: &bias.slice(..), rows: 1, cols: d_out, trans: false }, true)?;
+            gemm(
+                blas,
+                y,
+                Mat { data: &ones.slice(..n), rows: n, cols: 1, trans: false },
+                Mat { data: &bias.slice(..), rows: 1, cols: d_out, trans: false },
+                true,
+            )?;
         }
         self.saved = Some(Saved { n, plan });
         Ok(())
@@ -431,31 +492,109 @@ impl<T: Dtype> CudaLayer<T> {
             ExecPlan::Factored => {
                 let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
                 let a = grow(&stream, &mut ws.a, n * r)?;
-                gemm(blas, &mut a.slice_mut(..n * r), Mat { data: g_out, rows: n, cols: d_out, trans: false }, Mat { data: &u, rows: d_out, cols: r, trans: false }, false)?;
+                gemm(
+                    blas,
+                    &mut a.slice_mut(..n * r),
+                    Mat { data: g_out, rows: n, cols: d_out, trans: false },
+                    Mat { data: &u, rows: d_out, cols: r, trans: false },
+                    false,
+                )?;
                 let mut gp = gate_partial.slice_mut(..);
                 let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
-                sddmm(gpu, &stream, pattern(), deterministic, &a.slice(..n * r), &t, n, r, nnz, &mut work.slice_mut(..), &m, g, dm, gate_bufs)?;
+                sddmm(
+                    gpu,
+                    &stream,
+                    pattern(),
+                    deterministic,
+                    &a.slice(..n * r),
+                    &t,
+                    n,
+                    r,
+                    nnz,
+                    &mut work.slice_mut(..),
+                    &m,
+                    g,
+                    dm,
+                    gate_bufs,
+                )?;
                 if n <= d_in {
                     let ac = grow(&stream, &mut ws.core_act, n * r)?;
-                    apply(gpu, &stream, false, bwd_core(), &a.slice(..n * r), &mut ac.slice_mut(..n * r), &s, &m, g, n, r)?;
-                    gemm(blas, dx, Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: true }, false)?;
+                    apply(
+                        gpu,
+                        &stream,
+                        false,
+                        bwd_core(),
+                        &a.slice(..n * r),
+                        &mut ac.slice_mut(..n * r),
+                        &s,
+                        &m,
+                        g,
+                        n,
+                        r,
+                    )?;
+                    gemm(
+                        blas,
+                        dx,
+                        Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false },
+                        Mat { data: &v, rows: d_in, cols: r, trans: true },
+                        false,
+                    )?;
                 } else {
                     let vc = grow(&stream, &mut ws.vc, d_in * r)?;
                     apply(gpu, &stream, true, fwd_core(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
-                    gemm(blas, dx, Mat { data: &a.slice(..n * r), rows: n, cols: r, trans: false }, Mat { data: &vc.slice(..d_in * r), rows: d_in, cols: r, trans: true }, false)?;
+                    gemm(
+                        blas,
+                        dx,
+                        Mat { data: &a.slice(..n * r), rows: n, cols: r, trans: false },
+                        Mat { data: &vc.slice(..d_in * r), rows: d_in, cols: r, trans: true },
+                        false,
+                    )?;
                 }
             }
             ExecPlan::Merged => {
                 let w = ws.w.as_ref().expect("forward saved W").slice(..d_out * d_in);
                 let xs = ws.x.as_ref().expect("forward saved X").slice(..n * d_in);
-                gemm(blas, dx, Mat { data: g_out, rows: n, cols: d_out, trans: false }, Mat { data: &w, rows: d_out, cols: d_in, trans: false }, false)?;
+                gemm(
+                    blas,
+                    dx,
+                    Mat { data: g_out, rows: n, cols: d_out, trans: false },
+                    Mat { data: &w, rows: d_out, cols: d_in, trans: false },
+                    false,
+                )?;
                 let p = grow(&stream, &mut ws.p, d_out * d_in)?;
-                gemm(blas, &mut p.slice_mut(..d_out * d_in), Mat { data: g_out, rows: n, cols: d_out, trans: true }, Mat { data: &xs, rows: n, cols: d_in, trans: false }, false)?;
+                gemm(
+                    blas,
+                    &mut p.slice_mut(..d_out * d_in),
+                    Mat { data: g_out, rows: n, cols: d_out, trans: true },
+                    Mat { data: &xs, rows: n, cols: d_in, trans: false },
+                    false,
+                )?;
                 let q = grow(&stream, &mut ws.q, d_out * r)?;
-                gemm(blas, &mut q.slice_mut(..d_out * r), Mat { data: &p.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: false }, Mat { data: &v, rows: d_in, cols: r, trans: false }, false)?;
+                gemm(
+                    blas,
+                    &mut q.slice_mut(..d_out * r),
+                    Mat { data: &p.slice(..d_out * d_in), rows: d_out, cols: d_in, trans: false },
+                    Mat { data: &v, rows: d_in, cols: r, trans: false },
+                    false,
+                )?;
                 let mut gp = gate_partial.slice_mut(..);
                 let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
-                sddmm(gpu, &stream, pattern(), deterministic, &u, &q.slice(..d_out * r), d_out, r, nnz, &mut work.slice_mut(..), &m, g, dm, gate_bufs)?;
+                sddmm(
+                    gpu,
+                    &stream,
+                    pattern(),
+                    deterministic,
+                    &u,
+                    &q.slice(..d_out * r),
+                    d_out,
+                    r,
+                    nnz,
+                    &mut work.slice_mut(..),
+                    &m,
+                    g,
+                    dm,
+                    gate_bufs,
+                )?;
             }
         }
         Ok(())

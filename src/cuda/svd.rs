@@ -70,18 +70,45 @@ pub fn thin_svd_cuda(
             solver_err(
                 "gesvdj workspace query",
                 sys::cusolverDnSgesvdj_bufferSize(
-                    handle.cu(), jobz, 1, m, n, pa as *const f32, m, ps as *const f32, pu as *const f32, m,
-                    pv as *const f32, n, &mut lwork, params,
+                    handle.cu(),
+                    jobz,
+                    1,
+                    m,
+                    n,
+                    pa as *const f32,
+                    m,
+                    ps as *const f32,
+                    pu as *const f32,
+                    m,
+                    pv as *const f32,
+                    n,
+                    &mut lwork,
+                    params,
                 ),
             )?;
-            let mut work = stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(|e| driver_err("gesvdj workspace", e))?;
+            let mut work =
+                stream.alloc_zeros::<f32>(lwork.max(1) as usize).map_err(|e| driver_err("gesvdj workspace", e))?;
             let (pw, _gw) = work.device_ptr_mut(stream);
             let (pi, _gi) = info.device_ptr_mut(stream);
             solver_err(
                 "gesvdj",
                 sys::cusolverDnSgesvdj(
-                    handle.cu(), jobz, 1, m, n, pa as *mut f32, m, ps as *mut f32, pu as *mut f32, m, pv as *mut f32, n,
-                    pw as *mut f32, lwork, pi as *mut i32, params,
+                    handle.cu(),
+                    jobz,
+                    1,
+                    m,
+                    n,
+                    pa as *mut f32,
+                    m,
+                    ps as *mut f32,
+                    pu as *mut f32,
+                    m,
+                    pv as *mut f32,
+                    n,
+                    pw as *mut f32,
+                    lwork,
+                    pi as *mut i32,
+                    params,
                 ),
             )
         })();
