@@ -17,6 +17,8 @@ export CUDA_HOME
 export SVFT_REQUIRE_KERNELS=1
 
 echo "== cargo test (release, interpret mode on)"
+# The C tests link target/release/libsvft.{so,a}, which only a build of the lib target writes.
+cargo build --release --features interpret --lib
 cargo test --release --features interpret
 
 echo "== Python package (NumPy tests over the C ABI; PyTorch tests skip without torch)"
