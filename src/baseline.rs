@@ -108,10 +108,10 @@ impl OfficialLayer {
         gemm(&mut self.dz, Op::t(&self.u, d_out, r), Op::t(&self.dwt, d_in, d_out), false);
         let g = self.g();
         let mut dot = 0.0f64;
-        for k in 0..self.m.len() {
+        for (k, out) in dm.iter_mut().enumerate().take(self.m.len()) {
             let (zi, vj) = (self.rows[k] as usize * d_in, self.cols[k] as usize * d_in);
-            let dc: f32 = (0..d_in).map(|q| self.dz[zi + q] * self.vt[vj + q]).sum();
-            dm[k] = g * dc;
+            let dc: f32 = self.dz[zi..zi + d_in].iter().zip(&self.vt[vj..vj + d_in]).map(|(a, b)| a * b).sum();
+            *out = g * dc;
             dot += (dc * self.m[k]) as f64;
         }
         (g as f64 * (1.0 - g as f64) * dot) as f32

@@ -18,6 +18,7 @@ fn assert_close(analytic: f64, numeric: f64, what: &str) {
 }
 
 #[test]
+#[allow(clippy::needless_range_loop)] // k indexes both the perturbed M and dM
 fn reference_gradients_match_finite_differences() {
     let h = 1e-6;
     for (pi, spec) in ["banded:2", "random:4:seed=3", "topk:1:official"].iter().enumerate() {

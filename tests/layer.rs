@@ -151,3 +151,27 @@ fn switching_token_counts_keeps_results_right() {
         check_against_reference(&mut layer, n, n as u64, "switching n");
     }
 }
+
+#[test]
+fn official_order_baseline_computes_the_same_layer() {
+    // The bench's speedups are against this baseline: it must do the same work correctly.
+    for &(d_out, d_in, r) in &SHAPES {
+        let f = factors(d_out, d_in, r, 21);
+        for spec in ["banded:2", "random:3:seed=5"] {
+            let omega = spec.parse::<Pattern>().unwrap().omega(&f).unwrap();
+            let m = randn(omega.len(), 4);
+            let mut official = svft::baseline::OfficialLayer::new(&f, &omega, &m, 0.4);
+            let n = 29;
+            let (x, gy) = (randn(n * d_in, 5), randn(n * d_out, 6));
+            let (mut y, mut dx, mut dm) = (poisoned(n * d_out), poisoned(n * d_in), poisoned(omega.len()));
+            official.forward(&x, n, &mut y);
+            let dgamma = official.backward(&gy, n, &mut dx, &mut dm);
+            let refl = Reference::new(&f, &omega, &m, 0.4, true, None);
+            let (dx_ref, dm_ref, dgamma_ref) = refl.backward(&wide(&x), &wide(&gy), n);
+            assert!(rel_err(&y, &refl.forward(&wide(&x), n)) < F32_TOL, "{spec}: Y");
+            assert!(rel_err(&dx, &dx_ref) < F32_TOL, "{spec}: dX");
+            assert!(rel_err(&dm, &dm_ref) < F32_TOL, "{spec}: dM");
+            assert!(rel_err(&[dgamma], &[dgamma_ref]) < 1e-4, "{spec}: dgamma {dgamma} vs {dgamma_ref}");
+        }
+    }
+}

@@ -73,7 +73,7 @@ pub fn run(a: DecomposeArgs) -> Result<()> {
             factors.residual(&w)?
         };
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if a.rank.is_none() && storage == Dtype::F32 && !(residual <= a.max_residual) {
+        if a.rank.is_none() && storage == Dtype::F32 && (residual.is_nan() || residual > a.max_residual) {
             pb.finish_and_clear();
             return Err(Error::Svd(format!(
                 "{}: relative reconstruction residual {residual:.3e} exceeds --max-residual {:.1e}",
