@@ -33,7 +33,7 @@ pub struct Csr {
 impl Csr {
     /// Groups entries by `major[k]`, keeping canonical order within a group (a stable
     /// counting sort: O(r + nnz)).
-    fn build(r: usize, major: &[u32], minor: &[u32]) -> Csr {
+    pub(crate) fn build(r: usize, major: &[u32], minor: &[u32]) -> Csr {
         let mut ptr = vec![0u32; r + 1];
         for &i in major {
             ptr[i as usize + 1] += 1;

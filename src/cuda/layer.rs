@@ -100,24 +100,60 @@ pub struct CudaLayer<T: Dtype> {
     saved: Option<Saved>,
 }
 
+/// Uploads the CSR of the pattern grouped by `major` (the CPU backend's counting sort).
 fn csr(stream: &Arc<CudaStream>, r: usize, major: &[u32], minor: &[u32]) -> Result<DeviceCsr> {
-    let mut ptr = vec![0i32; r + 1];
-    for &i in major {
-        ptr[i as usize + 1] += 1;
+    let host = crate::cpu::sparse::Csr::build(r, major, minor);
+    let up = |v: &[u32]| {
+        let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+        stream.clone_htod(&v).map_err(|e| driver_err("uploading the pattern", e))
+    };
+    Ok(DeviceCsr { ptr: up(&host.ptr)?, idx: up(&host.idx)?, perm: up(&host.perm)? })
+}
+
+/// The pattern's device structures viewed for one call, in the forms the kernels take.
+struct PatternViews<'a> {
+    band: Option<usize>,
+    rows: CudaView<'a, i32>,
+    cols: CudaView<'a, i32>,
+    by_row: [CudaView<'a, i32>; 3],
+    by_col: [CudaView<'a, i32>; 3],
+}
+
+impl<'a> PatternViews<'a> {
+    fn new(
+        band: Option<usize>,
+        rows: &'a CudaSlice<i32>,
+        cols: &'a CudaSlice<i32>,
+        by_row: &'a DeviceCsr,
+        by_col: &'a DeviceCsr,
+    ) -> Self {
+        let views = |c: &'a DeviceCsr| [c.ptr.slice(..), c.idx.slice(..), c.perm.slice(..)];
+        PatternViews { band, rows: rows.slice(..), cols: cols.slice(..), by_row: views(by_row), by_col: views(by_col) }
     }
-    for i in 0..r {
-        ptr[i + 1] += ptr[i];
+
+    /// The core for `in C^T` (forward, and the fold into V).
+    fn fwd(&self) -> CoreArgs<'_> {
+        match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &self.by_row[0], idx: &self.by_row[1], perm: &self.by_row[2] },
+        }
     }
-    let mut next = ptr.clone();
-    let (mut idx, mut perm) = (vec![0i32; major.len()], vec![0i32; major.len()]);
-    for (k, (&i, &j)) in major.iter().zip(minor).enumerate() {
-        let e = next[i as usize] as usize;
-        idx[e] = j as i32;
-        perm[e] = k as i32;
-        next[i as usize] += 1;
+
+    /// The core for `in C` (backward, and the fold into U).
+    fn bwd(&self) -> CoreArgs<'_> {
+        match self.band {
+            Some(d) => CoreArgs::Band { d: d as i32 },
+            None => CoreArgs::Csr { ptr: &self.by_col[0], idx: &self.by_col[1], perm: &self.by_col[2] },
+        }
     }
-    let up = |v: &[i32]| stream.clone_htod(v).map_err(|e| driver_err("uploading the pattern", e));
-    Ok(DeviceCsr { ptr: up(&ptr)?, idx: up(&idx)?, perm: up(&perm)? })
+
+    /// The pattern for the SDDMM (COO entries visited in by-row order).
+    fn sddmm(&self) -> SddmmPattern<'_> {
+        match self.band {
+            Some(d) => SddmmPattern::Band { d: d as i32 },
+            None => SddmmPattern::Coo { rows: &self.rows, cols: &self.cols, order: &self.by_row[2] },
+        }
+    }
 }
 
 impl<T: Dtype> CudaLayer<T> {
@@ -335,16 +371,7 @@ impl<T: Dtype> CudaLayer<T> {
         let v = self.v.slice(..);
         let s = self.s.slice(..);
         let m = self.m.slice(..);
-        let (ptr_r, idx_r, perm_r) = (self.by_row.ptr.slice(..), self.by_row.idx.slice(..), self.by_row.perm.slice(..));
-        let (ptr_c, idx_c, perm_c) = (self.by_col.ptr.slice(..), self.by_col.idx.slice(..), self.by_col.perm.slice(..));
-        let fwd_core = || match self.band {
-            Some(d) => CoreArgs::Band { d: d as i32 },
-            None => CoreArgs::Csr { ptr: &ptr_r, idx: &idx_r, perm: &perm_r },
-        };
-        let bwd_core = || match self.band {
-            Some(d) => CoreArgs::Band { d: d as i32 },
-            None => CoreArgs::Csr { ptr: &ptr_c, idx: &idx_c, perm: &perm_c },
-        };
+        let pv = PatternViews::new(self.band, &self.rows, &self.cols, &self.by_row, &self.by_col);
         let ws = &mut self.ws;
         let gpu = &self.gpu;
         let blas = &self.blas;
@@ -364,7 +391,7 @@ impl<T: Dtype> CudaLayer<T> {
                         gpu,
                         &stream,
                         true,
-                        fwd_core(),
+                        pv.fwd(),
                         &t.slice(..n * r),
                         &mut s_act.slice_mut(..n * r),
                         &s,
@@ -382,7 +409,7 @@ impl<T: Dtype> CudaLayer<T> {
                     )?;
                 } else {
                     let uc = grow(&stream, &mut ws.uc, d_out * r)?;
-                    apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
+                    apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                     gemm(
                         blas,
                         y,
@@ -394,7 +421,7 @@ impl<T: Dtype> CudaLayer<T> {
             }
             ExecPlan::Merged => {
                 let uc = grow(&stream, &mut ws.uc, d_out * r)?;
-                apply(gpu, &stream, false, bwd_core(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
+                apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                 let w = grow(&stream, &mut ws.w, d_out * d_in)?;
                 gemm(
                     blas,
@@ -460,21 +487,7 @@ impl<T: Dtype> CudaLayer<T> {
         let v = self.v.slice(..);
         let s = self.s.slice(..);
         let m = self.m.slice(..);
-        let (rows, cols) = (self.rows.slice(..), self.cols.slice(..));
-        let (ptr_r, idx_r, perm_r) = (self.by_row.ptr.slice(..), self.by_row.idx.slice(..), self.by_row.perm.slice(..));
-        let (ptr_c, idx_c, perm_c) = (self.by_col.ptr.slice(..), self.by_col.idx.slice(..), self.by_col.perm.slice(..));
-        let fwd_core = || match self.band {
-            Some(d) => CoreArgs::Band { d: d as i32 },
-            None => CoreArgs::Csr { ptr: &ptr_r, idx: &idx_r, perm: &perm_r },
-        };
-        let bwd_core = || match self.band {
-            Some(d) => CoreArgs::Band { d: d as i32 },
-            None => CoreArgs::Csr { ptr: &ptr_c, idx: &idx_c, perm: &perm_c },
-        };
-        let pattern = || match self.band {
-            Some(d) => SddmmPattern::Band { d: d as i32 },
-            None => SddmmPattern::Coo { rows: &rows, cols: &cols, order: &perm_r },
-        };
+        let pv = PatternViews::new(self.band, &self.rows, &self.cols, &self.by_row, &self.by_col);
         let ws = &mut self.ws;
         let gpu = &self.gpu;
         let blas = &self.blas;
@@ -504,7 +517,7 @@ impl<T: Dtype> CudaLayer<T> {
                 sddmm(
                     gpu,
                     &stream,
-                    pattern(),
+                    pv.sddmm(),
                     deterministic,
                     &a.slice(..n * r),
                     &t,
@@ -523,7 +536,7 @@ impl<T: Dtype> CudaLayer<T> {
                         gpu,
                         &stream,
                         false,
-                        bwd_core(),
+                        pv.bwd(),
                         &a.slice(..n * r),
                         &mut ac.slice_mut(..n * r),
                         &s,
@@ -541,7 +554,7 @@ impl<T: Dtype> CudaLayer<T> {
                     )?;
                 } else {
                     let vc = grow(&stream, &mut ws.vc, d_in * r)?;
-                    apply(gpu, &stream, true, fwd_core(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
+                    apply(gpu, &stream, true, pv.fwd(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
                     gemm(
                         blas,
                         dx,
@@ -582,7 +595,7 @@ impl<T: Dtype> CudaLayer<T> {
                 sddmm(
                     gpu,
                     &stream,
-                    pattern(),
+                    pv.sddmm(),
                     deterministic,
                     &u,
                     &q.slice(..d_out * r),
