@@ -134,6 +134,8 @@ enum SvftPlan
   SVFT_PLAN_FACTORED = 1,
   // The official order: W = U C V^T each step; saves X (n x d_in).
   SVFT_PLAN_MERGED = 2,
+  // The factored order through the skinny small-n kernels (CUDA; the CPU runs FACTORED).
+  SVFT_PLAN_SMALL_N = 3,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L

@@ -220,10 +220,10 @@ pub fn run_cpu(case: &BenchCase) -> Result<BenchReport> {
     let (mut t, mut a, mut s) = (vec![0.0; n * r], vec![0.0; n * r], vec![0.5; n * r]);
     let (mut w, mut p, mut q) = match plan {
         ExecPlan::Merged => (vec![0.0; d_out * d_in], vec![0.0; d_out * d_in], vec![0.0; d_out * r]),
-        ExecPlan::Factored => (Vec::new(), Vec::new(), Vec::new()),
+        ExecPlan::Factored | ExecPlan::SmallN => (Vec::new(), Vec::new(), Vec::new()),
     };
     let mut floor = || match plan {
-        ExecPlan::Factored => {
+        ExecPlan::Factored | ExecPlan::SmallN => {
             gemm(&mut t, Op::n(&x, n, d_in), Op::n(v, d_in, r), false);
             gemm(&mut y2, Op::n(&s, n, r), Op::t(u, d_out, r), false);
             gemm(&mut a, Op::n(&gy, n, d_out), Op::n(u, d_out, r), false);
@@ -258,7 +258,7 @@ pub fn run_cpu(case: &BenchCase) -> Result<BenchReport> {
     let (svft, floor, lora_ms, official_ms) = (ms[0], ms[1], ms[2], ms[3]);
 
     let plan_gemm_flops = match plan {
-        ExecPlan::Factored => dims.factored_gemm_flops(n),
+        ExecPlan::Factored | ExecPlan::SmallN => dims.factored_gemm_flops(n),
         ExecPlan::Merged => dims.merged_gemm_flops(n),
     };
     Ok(BenchReport {

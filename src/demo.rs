@@ -364,7 +364,7 @@ impl StackLayer for SvftStudent {
         // The factored plan keeps T = X V (n x r); the merged one keeps X (n x d_in).
         let f = self.layer.factors();
         match self.layer.plan_for(n) {
-            crate::plan::ExecPlan::Factored => 4 * n * f.r,
+            crate::plan::ExecPlan::Factored | crate::plan::ExecPlan::SmallN => 4 * n * f.r,
             crate::plan::ExecPlan::Merged => 4 * n * f.d_in,
         }
     }

@@ -23,7 +23,14 @@ pub enum Plan {
     Factored,
     /// Always the merged (official-order) plan.
     Merged,
+    /// The small-n path: the factored plan's arithmetic with the dense products done by
+    /// hand-written skinny kernels that stream U and V once per pass (CUDA; the CPU backend runs
+    /// its factored plan). Valid at any n; meant for n <= [`SMALL_N_MAX`].
+    SmallN,
 }
+
+/// Largest token count for which `Auto` considers the small-n path.
+pub const SMALL_N_MAX: usize = 64;
 
 /// The plan actually run for a given token count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -32,6 +39,23 @@ pub enum ExecPlan {
     Factored,
     /// See [`Plan::Merged`].
     Merged,
+    /// See [`Plan::SmallN`].
+    SmallN,
+}
+
+impl ExecPlan {
+    /// Whether this plan keeps the factored order (saves T, never forms W): Factored and SmallN.
+    pub fn is_factored(self) -> bool {
+        !matches!(self, ExecPlan::Merged)
+    }
+    /// FLOPs of this plan's dense products for `n` tokens.
+    pub fn gemm_flops(self, dims: &Dims, n: usize) -> f64 {
+        if self.is_factored() {
+            dims.factored_gemm_flops(n)
+        } else {
+            dims.merged_gemm_flops(n)
+        }
+    }
 }
 
 /// The merged plan is chosen only when its FLOPs are below this fraction of the factored plan's.
@@ -100,6 +124,7 @@ impl Plan {
         match self {
             Plan::Factored => ExecPlan::Factored,
             Plan::Merged => ExecPlan::Merged,
+            Plan::SmallN => ExecPlan::SmallN,
             Plan::Auto => dims.cheaper(n),
         }
     }
@@ -111,6 +136,7 @@ impl fmt::Display for Plan {
             Plan::Auto => "auto",
             Plan::Factored => "factored",
             Plan::Merged => "merged",
+            Plan::SmallN => "small-n",
         })
     }
 }
@@ -120,6 +146,7 @@ impl fmt::Display for ExecPlan {
         f.write_str(match self {
             ExecPlan::Factored => "factored",
             ExecPlan::Merged => "merged",
+            ExecPlan::SmallN => "small-n",
         })
     }
 }
@@ -131,7 +158,10 @@ impl FromStr for Plan {
             "auto" => Ok(Plan::Auto),
             "factored" => Ok(Plan::Factored),
             "merged" | "official" => Ok(Plan::Merged),
-            _ => Err(Error::InvalidArgument(format!("unknown plan `{s}`: expected auto, factored or merged"))),
+            "small-n" | "small_n" | "smalln" => Ok(Plan::SmallN),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown plan `{s}`: expected auto, factored, merged or small-n"
+            ))),
         }
     }
 }

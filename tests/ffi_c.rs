@@ -244,6 +244,7 @@ fn cycle(link: Link) {
                 Plan::Auto => 0,
                 Plan::Factored => 1,
                 Plan::Merged => 2,
+                Plan::SmallN => 3,
             },
         );
         put_u64(&mut input, c.bias as u64);
@@ -284,7 +285,7 @@ fn cycle(link: Link) {
         // Sizes.
         let fields: Vec<usize> = stdout.split_whitespace().skip(1).map(|v| v.parse().unwrap()).collect();
         let saved = match rust.plan_for(c.n) {
-            svft::ExecPlan::Factored => 4 * c.n * r,
+            svft::ExecPlan::Factored | svft::ExecPlan::SmallN => 4 * c.n * r,
             svft::ExecPlan::Merged => 4 * c.n * c.d_in,
         };
         assert_eq!(fields[..5], [c.d_out, c.d_in, r, nnz, nnz + c.gate as usize], "{what}: shape {stdout}");

@@ -10,7 +10,7 @@ from pathlib import Path
 BACKENDS = {"cpu": 0, "cuda": 1}
 DTYPES = {"float32": 0, "bfloat16": 1, "float16": 2, "float64": 3}
 INITS = {"zero": 0, "official": 1}
-PLANS = {"auto": 0, "factored": 1, "merged": 2}
+PLANS = {"auto": 0, "factored": 1, "merged": 2, "small-n": 3}
 ABI_VERSION = 1
 
 

@@ -252,7 +252,7 @@ impl CpuLayer {
         self.gather_core();
         let plan = self.plan_for(n);
         match plan {
-            ExecPlan::Factored => {
+            ExecPlan::Factored | ExecPlan::SmallN => {
                 let t = sized(&mut self.ws.t, n * r);
                 gemm(t, Op::n(x, n, d_in), Op::n(&self.factors.v, d_in, r), false);
                 if n <= d_out {
@@ -302,7 +302,7 @@ impl CpuLayer {
         let f = &self.factors;
         let ws = &mut self.ws;
         match saved.plan {
-            ExecPlan::Factored => {
+            ExecPlan::Factored | ExecPlan::SmallN => {
                 let a = sized(&mut ws.a, n * r);
                 gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
                 let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(n));

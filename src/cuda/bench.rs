@@ -89,7 +89,7 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase, dtype: &str) -> Resu
     let u = random_dev::<T>(&stream, &mut rng, d_out * r, 0.02)?;
     let v = random_dev::<T>(&stream, &mut rng, d_in * r, 0.02)?;
     let floor = match plan {
-        ExecPlan::Factored => {
+        ExecPlan::Factored | ExecPlan::SmallN => {
             let mut t = random_dev::<T>(&stream, &mut rng, n * r, 1.0)?;
             let mut a = random_dev::<T>(&stream, &mut rng, n * r, 1.0)?;
             time_ms(&stream, budget, || {
@@ -214,7 +214,7 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase, dtype: &str) -> Resu
     })?;
 
     let plan_flops = match plan {
-        ExecPlan::Factored => dims.factored_gemm_flops(n),
+        ExecPlan::Factored | ExecPlan::SmallN => dims.factored_gemm_flops(n),
         ExecPlan::Merged => dims.merged_gemm_flops(n),
     };
     let lora_flops = dims.lora_flops(n, rl);

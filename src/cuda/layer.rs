@@ -376,7 +376,7 @@ impl<T: Dtype> CudaLayer<T> {
         let gpu = &self.gpu;
         let blas = &self.blas;
         match plan {
-            ExecPlan::Factored => {
+            ExecPlan::Factored | ExecPlan::SmallN => {
                 let t = grow(&stream, &mut ws.t, n * r)?;
                 gemm(
                     blas,
@@ -493,7 +493,7 @@ impl<T: Dtype> CudaLayer<T> {
         let blas = &self.blas;
         let gate = self.config.gate;
         let sddmm_rows = match saved.plan {
-            ExecPlan::Factored => n,
+            ExecPlan::Factored | ExecPlan::SmallN => n,
             ExecPlan::Merged => d_out,
         };
         let work = grow(&stream, &mut ws.sddmm, sddmm_workspace_len(self.band, deterministic, sddmm_rows, nnz))?;
@@ -502,7 +502,7 @@ impl<T: Dtype> CudaLayer<T> {
             stream.memset_zeros(dgamma).map_err(|e| driver_err("zeroing dgamma", e))?;
         }
         match saved.plan {
-            ExecPlan::Factored => {
+            ExecPlan::Factored | ExecPlan::SmallN => {
                 let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
                 let a = grow(&stream, &mut ws.a, n * r)?;
                 gemm(

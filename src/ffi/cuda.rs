@@ -742,7 +742,7 @@ impl CudaRecord {
         let ones = if self.inner.has_bias { n } else { 0 };
         let f32s = k.saturating_add(k.div_ceil(256).clamp(1, 1024)); // SDDMM dC, gate partials
         let (elems, saved) = match plan {
-            ExecPlan::Factored => {
+            ExecPlan::Factored | ExecPlan::SmallN => {
                 let mut e = m(2, m(n, r)).saturating_add(ones); // T, A
                 if n <= o || n <= i {
                     e = e.saturating_add(m(n, r)); // S, A C

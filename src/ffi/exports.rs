@@ -40,6 +40,7 @@ fn parse_plan(value: i32) -> FfiResult<Plan> {
         0 => Ok(Plan::Auto),
         1 => Ok(Plan::Factored),
         2 => Ok(Plan::Merged),
+        3 => Ok(Plan::SmallN),
         _ => fail(SvftStatus::InvalidArgument, format!("unknown plan value {value}")),
     }
 }
@@ -424,7 +425,7 @@ fn workspace_model(l: &CpuLayer, table_len: usize, n: usize) -> (usize, usize) {
     let m = |a: usize, b: usize| a.saturating_mul(b);
     let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
     let (floats, saved) = match l.plan_for(n) {
-        ExecPlan::Factored => {
+        ExecPlan::Factored | ExecPlan::SmallN => {
             let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
             if n > o {
                 f = f.saturating_add(m(o, r)); // U_C

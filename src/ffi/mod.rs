@@ -82,4 +82,6 @@ pub enum SvftPlan {
     Factored = 1,
     /// The official order: W = U C V^T each step; saves X (n x d_in).
     Merged = 2,
+    /// The factored order through the skinny small-n kernels (CUDA; the CPU runs FACTORED).
+    SmallN = 3,
 }
