@@ -286,6 +286,28 @@ SvftStatus svft_layer_svd_residual(const struct SvftLayer *layer, double *out);
 // Any pointer value is accepted for `layer`.
 SvftStatus svft_layer_set_plan(struct SvftLayer *layer, int32_t plan);
 
+// Measured plan choice: times every plan (forward + backward on random inputs; FACTORED and
+// MERGED, plus SMALL_N for n <= 64 on CUDA) at `count` token counts `tokens`, about
+// `seconds` each, and makes AUTO follow the measurements (a fixed plan set with
+// `svft_layer_set_plan` still wins). `tokens` may be NULL with `count` 0: 1, 4, 16, ..., 16384.
+// With `use_cache` nonzero the table is read from, or measured once and written to, the plan
+// cache (`SVFT_PLAN_CACHE`, default `~/.cache/svft/plans.json`) keyed by device, dtype, shape and
+// pattern. Blocks until done (CUDA: on the layer's own stream). Coefficients and gate are unchanged.
+//
+// # Safety
+// `tokens` must be NULL (with `count` 0) or point to `count` readable `size_t`.
+SvftStatus svft_layer_calibrate(struct SvftLayer *layer,
+                                const size_t *tokens,
+                                size_t count,
+                                double seconds,
+                                int32_t use_cache);
+
+// Writes the plan (an `SvftPlan`, never AUTO) that forward runs for `n` tokens.
+//
+// # Safety
+// `plan` must be writable.
+SvftStatus svft_layer_plan_for(const struct SvftLayer *layer, size_t n, int32_t *plan);
+
 // `Y = X W^T (+ bias)` for `n` tokens: `x` is `n x d_in` (`x_len` elements), `y` is
 // `n x d_out` (`y_len`), both row-major of `dtype` (F32 on the CPU backend; the layer's dtype on
 // CUDA) in the backend's memory space; `stream` is the CUstream on CUDA (NULL: the legacy

@@ -8,7 +8,8 @@
 //! - [`svd`]: the one-time thin SVD on the CPU and the frozen [`svd::Factors`].
 //! - [`cpu`]: the CPU layer (faer GEMMs plus hand-written sparse passes).
 //! - [`cuda`]: the CUDA layer (hand-written kernels, cuBLAS), on the caller's buffers and stream.
-//! - [`plan`]: the factored and merged execution plans and their cost model.
+//! - [`plan`]: the factored, merged and small-n execution plans and their FLOP cost model.
+//! - [`calibrate`]: measured plan choice (per device and shape, cached) for `Plan::Auto`.
 //! - [`reference`]: an f64 dense reference, for tests.
 //! - [`checkpoint`]: safetensors checkpoints (single or sharded; f32, bf16, f16), read lazily.
 //! - [`adapter`]: the factor and adapter file formats, their checksums and checks.
@@ -32,6 +33,7 @@
 pub mod adapter;
 pub mod baseline;
 pub mod bench;
+pub mod calibrate;
 pub mod checkpoint;
 pub mod config;
 pub mod cpu;

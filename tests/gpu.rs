@@ -186,3 +186,31 @@ fn cusolver_svd_matches_the_cpu_svd() {
         assert!(svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(0)).is_err());
     }
 }
+
+#[test]
+fn calibration_measures_every_plan_and_auto_follows_it() {
+    let Some(gpu) = gpu_or_skip("calibration_measures_every_plan_and_auto_follows_it") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(300, 200, 200, 3);
+    let config = LayerConfig::official("banded:2".parse().unwrap());
+    let mut layer = CudaLayer::<half::bf16>::new(gpu, stream, &f, &config, None).unwrap();
+    let options = svft::calibrate::CalibrationOptions {
+        tokens: vec![1, 16, 300],
+        budget: std::time::Duration::from_millis(5),
+        cache: None,
+    };
+    let table = layer.calibrate(&options).unwrap().clone();
+    for p in table.points() {
+        let plans: Vec<svft::ExecPlan> = p.ms.iter().map(|m| m.0).collect();
+        let small = p.n <= svft::plan::SMALL_N_MAX;
+        assert_eq!(plans.contains(&svft::ExecPlan::SmallN), small, "n = {}: {plans:?}", p.n);
+        assert_eq!(plans.len(), 2 + usize::from(small));
+        assert!(p.ms.iter().all(|m| m.1.is_finite() && m.1 > 0.0));
+        assert_eq!(Some(layer.plan_for(p.n)), p.best(), "auto picks the measured winner at n = {}", p.n);
+    }
+    assert_eq!(layer.config().plan, Plan::Auto, "the configured plan is restored");
+    // Whatever auto picks now still computes the layer.
+    for n in [1, 16, 300] {
+        check(&mut layer, &f, None, n, 1e-2, "calibrated bf16");
+    }
+}

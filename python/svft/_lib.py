@@ -50,6 +50,8 @@ _SIGNATURES = {
     "svft_layer_memory": [c_void_p, c_size_t, _c_size_p, _c_size_p, _c_size_p],
     "svft_layer_svd_residual": [c_void_p, POINTER(c_double)],
     "svft_layer_set_plan": [c_void_p, c_int32],
+    "svft_layer_calibrate": [c_void_p, c_void_p, c_size_t, c_double, c_int32],
+    "svft_layer_plan_for": [c_void_p, c_size_t, POINTER(c_int32)],
     "svft_layer_forward": [c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p],
     "svft_layer_backward": [
         c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p,

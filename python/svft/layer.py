@@ -128,8 +128,24 @@ class Layer:
         return out.value
 
     def set_plan(self, plan):
-        """"auto", "factored" or "merged"."""
+        """"auto", "factored", "merged" or "small-n"."""
         call("svft_layer_set_plan", self.handle, PLANS[plan])
+
+    def calibrate(self, tokens=None, seconds=0.05, use_cache=True):
+        """Times every plan at each token count (default 1, 4, ..., 16384) and makes "auto"
+        follow the measurements; with use_cache the table is kept in the plan cache
+        (SVFT_PLAN_CACHE, default ~/.cache/svft/plans.json) and reused."""
+        if tokens is None:
+            call("svft_layer_calibrate", self.handle, None, 0, float(seconds), int(bool(use_cache)))
+            return
+        arr = np.ascontiguousarray(np.asarray(tokens, dtype=np.uintp))
+        call("svft_layer_calibrate", self.handle, _addr(arr), arr.size, float(seconds), int(bool(use_cache)))
+
+    def plan_for(self, n):
+        """The plan ("factored", "merged" or "small-n") forward runs for n tokens."""
+        out = ctypes.c_int32()
+        call("svft_layer_plan_for", self.handle, int(n), ctypes.byref(out))
+        return {v: k for k, v in PLANS.items()}[out.value]
 
     def factors(self):
         """(u, s, v) as float32 arrays."""

@@ -104,6 +104,18 @@ def test_from_factors_round_trip():
             assert np.isnan(b.svd_residual)
 
 
+def test_calibration_picks_a_measured_plan():
+    with Layer.from_weight(_weight(33, 21, 3), "banded:1") as layer:
+        assert layer.plan_for(8) in ("factored", "merged")
+        layer.calibrate(tokens=[1, 8, 64], seconds=0.0, use_cache=False)
+        assert layer.plan_for(8) in ("factored", "merged")
+        layer.set_plan("merged")
+        assert layer.plan_for(8) == "merged", "a fixed plan overrides the calibration"
+        layer.set_plan("small-n")
+        assert layer.plan_for(8) == "small-n"
+        _raises("SHAPE", layer.calibrate, [0], 0.0, False)
+
+
 def test_memory_query():
     with Layer.from_weight(_weight(32, 24, 7), "banded:2") as layer:
         layer.set_plan("factored")

@@ -4,6 +4,7 @@
 //! coefficients, gate and a workspace sized on the first call with a given token count, so the
 //! hot path (`forward_into`, `backward_into`) allocates nothing after that call.
 
+use crate::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
 use crate::config::{gate_value, Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::sparse::{coefficient_grads, sddmm, CoreIndex};
@@ -86,6 +87,8 @@ pub struct CpuLayer {
     svd_residual: Option<f64>,
     ws: Workspace,
     saved: Option<Saved>,
+    /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
+    plan_table: Option<PlanTable>,
 }
 
 impl CpuLayer {
@@ -125,6 +128,7 @@ impl CpuLayer {
             svd_residual: None,
             ws: Workspace::default(),
             saved: None,
+            plan_table: None,
         })
     }
 
@@ -172,14 +176,73 @@ impl CpuLayer {
     pub fn trainable_params(&self) -> usize {
         self.omega.len() + usize::from(self.config.gate)
     }
-    /// The plan that `forward` runs for `n` tokens.
+    /// The plan that `forward` runs for `n` tokens: a fixed plan as configured; `Auto` from the
+    /// measured table when the layer holds one that covers `n`, else from the FLOP model.
     pub fn plan_for(&self, n: usize) -> ExecPlan {
-        self.config.plan.resolve(&self.dims(), n)
+        calibrate::resolve(self.config.plan, self.plan_table.as_ref(), &self.dims(), n)
     }
-    /// Overrides the plan choice.
+    /// Overrides the plan choice (a fixed plan ignores any measured table).
     pub fn set_plan(&mut self, plan: Plan) {
         self.config.plan = plan;
         self.saved = None;
+    }
+    /// The measured plan table `Auto` consults, if any.
+    pub fn plan_table(&self) -> Option<&PlanTable> {
+        self.plan_table.as_ref()
+    }
+    /// Installs (or with `None` removes) a measured plan table, e.g. one loaded from a cache.
+    pub fn set_plan_table(&mut self, table: Option<PlanTable>) {
+        self.plan_table = table;
+        self.saved = None;
+    }
+    /// What a calibration of this layer is valid for: this CPU, f32, this shape and pattern.
+    pub fn calibration_key(&self) -> CalibrationKey {
+        let d = self.dims();
+        CalibrationKey {
+            backend: "cpu".into(),
+            device: crate::bench::cpu_name(),
+            dtype: "f32".into(),
+            d_out: d.d_out,
+            d_in: d.d_in,
+            r: d.r,
+            pattern: self.config.pattern.to_string(),
+        }
+    }
+
+    /// Measures the factored and merged plans (forward + backward on random inputs) at each of
+    /// `options.tokens`, or loads the table from the plan cache, and makes `Auto` use it.
+    /// Coefficients, gate and the configured plan are unchanged; the workspace grows to the
+    /// largest token count measured. On the CPU the small-n plan runs the factored code, so it
+    /// is not a separate candidate.
+    pub fn calibrate(&mut self, options: &CalibrationOptions) -> Result<&PlanTable> {
+        let key = self.calibration_key();
+        let configured = self.config.plan;
+        let (d_out, d_in) = (self.factors.d_out, self.factors.d_in);
+        let mut rng = Rng::new(0xca11_b7a7e);
+        let plans = [ExecPlan::Factored, ExecPlan::Merged];
+        let table = calibrate::calibrate(
+            &key,
+            &plans,
+            options,
+            |plan, n| {
+                self.config.plan = match plan {
+                    ExecPlan::Merged => Plan::Merged,
+                    _ => Plan::Factored,
+                };
+                let x = rng.normal_vec(n * d_in, 1.0);
+                let g = rng.normal_vec(n * d_out, 1.0);
+                let (mut y, mut dx, mut dm) = (vec![0.0; n * d_out], vec![0.0; n * d_in], vec![0.0; self.m.len()]);
+                calibrate::median_ms(options.budget, || {
+                    self.forward_into(&x, n, &mut y)?;
+                    self.backward_into(&g, n, &mut dx, &mut dm).map(|_| ())
+                })
+            },
+            |_, _| true,
+        );
+        self.config.plan = configured;
+        self.saved = None;
+        self.plan_table = Some(table?);
+        Ok(self.plan_table.as_ref().expect("set above"))
     }
     /// The coefficients M, canonical order.
     pub fn coefficients(&self) -> &[f32] {

@@ -13,6 +13,7 @@ use super::kernels::{
     apply, band_fits, epilogue_blocks, gemm, sddmm, sddmm_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
 };
 use super::{blas_err, driver_err, Gpu};
+use crate::calibrate::{self, PlanTable};
 use crate::config::{gate_value, Init, LayerConfig};
 use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
 use crate::pattern::Omega;
@@ -98,6 +99,8 @@ pub struct CudaLayer<T: Dtype> {
     sddmm_mode: SddmmMode,
     ws: Workspace<T>,
     saved: Option<Saved>,
+    /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
+    plan_table: Option<PlanTable>,
 }
 
 /// Uploads the CSR of the pattern grouped by `major` (the CPU backend's counting sort).
@@ -247,12 +250,17 @@ impl<T: Dtype> CudaLayer<T> {
                 gate_partial: None,
             },
             saved: None,
+            plan_table: None,
             blas,
             gpu,
             stream,
         })
     }
 
+    /// The device this layer lives on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
     /// The stream all work is enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
@@ -269,13 +277,28 @@ impl<T: Dtype> CudaLayer<T> {
     pub fn trainable_params(&self) -> usize {
         self.omega.len() + usize::from(self.config.gate)
     }
-    /// The plan `forward` runs for `n` tokens.
-    pub fn plan_for(&self, n: usize) -> ExecPlan {
-        self.config.plan.resolve(&self.dims, n)
+    /// The layer's configuration (pattern, init, gate, plan).
+    pub fn config(&self) -> &LayerConfig {
+        &self.config
     }
-    /// Overrides the plan choice.
+    /// The plan `forward` runs for `n` tokens: a fixed plan as configured; `Auto` from the
+    /// measured table when the layer holds one that covers `n` (see [`CudaLayer::calibrate`]),
+    /// else from the FLOP model.
+    pub fn plan_for(&self, n: usize) -> ExecPlan {
+        calibrate::resolve(self.config.plan, self.plan_table.as_ref(), &self.dims, n)
+    }
+    /// Overrides the plan choice (a fixed plan ignores any measured table).
     pub fn set_plan(&mut self, plan: Plan) {
         self.config.plan = plan;
+        self.saved = None;
+    }
+    /// The measured plan table `Auto` consults, if any.
+    pub fn plan_table(&self) -> Option<&PlanTable> {
+        self.plan_table.as_ref()
+    }
+    /// Installs (or with `None` removes) a measured plan table.
+    pub fn set_plan_table(&mut self, table: Option<PlanTable>) {
+        self.plan_table = table;
         self.saved = None;
     }
     /// Chooses the SDDMM reduction (fast by default).

@@ -7,6 +7,7 @@
 //! every entry point returns [`crate::Error::Cuda`] instead of panicking.
 
 mod bench;
+mod calibrate;
 mod device;
 mod kernels;
 mod layer;

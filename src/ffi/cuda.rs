@@ -555,6 +555,13 @@ impl CudaRecord {
     pub fn set_plan(&mut self, plan: Plan) {
         each!(&mut self.inner.layer, l => l.set_plan(plan))
     }
+    pub fn plan_for(&self, n: usize) -> crate::plan::ExecPlan {
+        each!(&self.inner.layer, l => l.plan_for(n))
+    }
+    pub fn calibrate(&mut self, options: &crate::calibrate::CalibrationOptions) -> FfiResult {
+        each!(&mut self.inner.layer, l => l.calibrate(options).map(|_| ()))?;
+        Ok(())
+    }
     pub fn gamma(&self) -> f32 {
         each!(&self.inner.layer, l => l.gamma())
     }

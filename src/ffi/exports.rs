@@ -9,7 +9,7 @@ use super::cuda;
 pub use super::registry::SvftLayer;
 use super::registry::{self, Backend, Layer};
 use super::status::{fail, guard, set_last_error, FfiResult, SvftStatus};
-use super::{SvftBackend, SvftDtype, SVFT_ABI_VERSION};
+use super::{SvftBackend, SvftDtype, SvftPlan, SVFT_ABI_VERSION};
 use crate::config::{Init, LayerConfig};
 use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
 use crate::cpu::CpuLayer;
@@ -470,6 +470,81 @@ pub unsafe extern "C" fn svft_layer_set_plan(layer: *mut SvftLayer, plan: i32) -
         let p = parse_plan(plan)?;
         registry::with(layer, |l| {
             l.set_plan(p);
+            Ok(())
+        })
+    })
+}
+
+/// Measured plan choice: times every plan (forward + backward on random inputs; FACTORED and
+/// MERGED, plus SMALL_N for n <= 64 on CUDA) at `count` token counts `tokens`, about
+/// `seconds` each, and makes AUTO follow the measurements (a fixed plan set with
+/// `svft_layer_set_plan` still wins). `tokens` may be NULL with `count` 0: 1, 4, 16, ..., 16384.
+/// With `use_cache` nonzero the table is read from, or measured once and written to, the plan
+/// cache (`SVFT_PLAN_CACHE`, default `~/.cache/svft/plans.json`) keyed by device, dtype, shape and
+/// pattern. Blocks until done (CUDA: on the layer's own stream). Coefficients and gate are unchanged.
+///
+/// # Safety
+/// `tokens` must be NULL (with `count` 0) or point to `count` readable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_calibrate(
+    layer: *mut SvftLayer,
+    tokens: *const usize,
+    count: usize,
+    seconds: f64,
+    use_cache: i32,
+) -> SvftStatus {
+    guard("svft_layer_calibrate", || {
+        let tokens = if count == 0 && tokens.is_null() {
+            crate::calibrate::DEFAULT_TOKENS.to_vec()
+        } else {
+            if count == 0 {
+                return fail(SvftStatus::InvalidArgument, "count is 0 but tokens is not NULL");
+            }
+            span("tokens", tokens.cast(), count, std::mem::size_of::<usize>())?;
+            // SAFETY: checked non-null, aligned and sized.
+            unsafe { std::slice::from_raw_parts(tokens, count) }.to_vec()
+        };
+        if tokens.contains(&0) {
+            return fail(SvftStatus::Shape, "every token count must be positive");
+        }
+        if !(seconds.is_finite() && (0.0..=60.0).contains(&seconds)) {
+            return fail(SvftStatus::InvalidArgument, format!("seconds = {seconds}: expected 0 to 60"));
+        }
+        let options = crate::calibrate::CalibrationOptions {
+            tokens,
+            budget: std::time::Duration::from_secs_f64(seconds),
+            cache: if use_cache != 0 { crate::calibrate::cache_path() } else { None },
+        };
+        registry::with(layer, |l| match &mut l.backend {
+            Backend::Cpu { layer, .. } => layer.calibrate(&options).map(|_| ()).map_err(Into::into),
+            Backend::Cuda(c) => c.calibrate(&options),
+        })
+    })
+}
+
+/// Writes the plan (an `SvftPlan`, never AUTO) that forward runs for `n` tokens.
+///
+/// # Safety
+/// `plan` must be writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_plan_for(layer: *const SvftLayer, n: usize, plan: *mut i32) -> SvftStatus {
+    guard("svft_layer_plan_for", || {
+        let out = out_ptr("plan", plan)?;
+        if n == 0 {
+            return fail(SvftStatus::Shape, "n (tokens) must be positive");
+        }
+        registry::with(layer, |l| {
+            let p = match &l.backend {
+                Backend::Cpu { layer, .. } => layer.plan_for(n),
+                Backend::Cuda(c) => c.plan_for(n),
+            };
+            let v = match p {
+                ExecPlan::Factored => SvftPlan::Factored,
+                ExecPlan::Merged => SvftPlan::Merged,
+                ExecPlan::SmallN => SvftPlan::SmallN,
+            };
+            // SAFETY: checked non-null and aligned.
+            unsafe { out.write(v as i32) };
             Ok(())
         })
     })

@@ -198,8 +198,37 @@ int main(void) {
     EXPECT(NULL_POINTER, svft_layer_svd_residual(layer, NULL));
     EXPECT(INVALID_HANDLE, svft_layer_svd_residual(forged, &res));
     EXPECT(OK, svft_layer_svd_residual(layer, &res));
-    EXPECT(INVALID_ARGUMENT, svft_layer_set_plan(layer, 3));
+    EXPECT(INVALID_ARGUMENT, svft_layer_set_plan(layer, 4));
+    EXPECT(INVALID_ARGUMENT, svft_layer_set_plan(layer, -1));
     EXPECT(INVALID_HANDLE, svft_layer_set_plan(forged, 0));
+
+    /* Measured plan choice. */
+    size_t toks[3] = {1, 9, 0};
+    int32_t chosen = -1;
+    EXPECT(NULL_POINTER, svft_layer_calibrate(layer, NULL, 2, 0.0, 0));
+    EXPECT(MISALIGNED, svft_layer_calibrate(layer, (const size_t *)((char *)toks + 1), 2, 0.0, 0));
+    EXPECT(INVALID_ARGUMENT, svft_layer_calibrate(layer, toks, 0, 0.0, 0));
+    EXPECT(SHAPE, svft_layer_calibrate(layer, toks, 3, 0.0, 0));
+    EXPECT(INVALID_ARGUMENT, svft_layer_calibrate(layer, toks, 2, -1.0, 0));
+    EXPECT(INVALID_ARGUMENT, svft_layer_calibrate(layer, toks, 2, 0.0 / 0.0, 0));
+    EXPECT(INVALID_HANDLE, svft_layer_calibrate(forged, toks, 2, 0.0, 0));
+    EXPECT(OK, svft_layer_calibrate(layer, toks, 2, 0.0, 0));
+    EXPECT(NULL_POINTER, svft_layer_plan_for(layer, 9, NULL));
+    EXPECT(MISALIGNED, svft_layer_plan_for(layer, 9, (int32_t *)((char *)big + 1)));
+    EXPECT(SHAPE, svft_layer_plan_for(layer, 0, &chosen));
+    EXPECT(INVALID_HANDLE, svft_layer_plan_for(forged, 9, &chosen));
+    EXPECT(OK, svft_layer_plan_for(layer, 9, &chosen));
+    if (chosen != SVFT_PLAN_FACTORED && chosen != SVFT_PLAN_MERGED) {
+        printf("FAIL line %d: plan_for gave %d after calibration\n", __LINE__, chosen);
+        failures++;
+    }
+    EXPECT(OK, svft_layer_set_plan(layer, SVFT_PLAN_MERGED));
+    EXPECT(OK, svft_layer_plan_for(layer, 9, &chosen));
+    if (chosen != SVFT_PLAN_MERGED) {
+        printf("FAIL line %d: a fixed plan must override the calibration, got %d\n", __LINE__, chosen);
+        failures++;
+    }
+    EXPECT(OK, svft_layer_set_plan(layer, SVFT_PLAN_AUTO));
 
     /* Forward. */
     void *stream = (void *)(uintptr_t)0x1000;
