@@ -36,7 +36,8 @@ fn cases(c: &mut Criterion) {
     for n in [16usize, 2048] {
         group.bench_function(BenchmarkId::new("svft", n), |b| {
             b.iter_custom(|iters| {
-                let ms = events_ms(&stream, iters, || ctx.svft_step(&mut layer, n, &mut dm, &mut dg)).expect("svft step");
+                let ms =
+                    events_ms(&stream, iters, || ctx.svft_step(&mut layer, n, &mut dm, &mut dg)).expect("svft step");
                 Duration::from_secs_f64(ms * 1e-3)
             })
         });

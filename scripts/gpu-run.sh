@@ -50,7 +50,7 @@ fi
 # {plain, banded:2, banded:16, random:16} in bf16 (60 rows), and the f32 subset (4096x4096 x
 # n in {1, 16, 2048} x banded:2). Each row times every fixed plan, the floor and LoRA for at
 # least --seconds each (the official order is the merged plan's time): about 0.6 s a row on an
-# H100, so about a minute for both (docs/PERF.md, "Running the grid").
+# H100, so about a minute for both (docs/PERF.md section 4).
 t0=$SECONDS
 "$here/svft" bench --backend cuda --grid llama3-8b --dtype bf16 --seconds 0.1 --json \
   --plot "$out/time-vs-n-bf16.png" > "$out/bench.jsonl" 2> "$out/bench.err" || status=1

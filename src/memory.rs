@@ -269,10 +269,8 @@ mod tests {
     /// bf16 activations, on the plan the cost model picks, for every pattern of the bench grid.
     #[test]
     fn svft_is_at_most_half_the_official_layer_on_llama_shapes() {
-        let patterns = [Pattern::Plain, Pattern::Banded { d: 2 }, Pattern::Banded { d: 16 }, Pattern::Random {
-            d: 16,
-            seed: 0,
-        }];
+        let patterns =
+            [Pattern::Plain, Pattern::Banded { d: 2 }, Pattern::Banded { d: 16 }, Pattern::Random { d: 16, seed: 0 }];
         for (o, i) in [(4096, 4096), (14336, 4096), (4096, 14336)] {
             let r = o.min(i);
             for p in patterns {

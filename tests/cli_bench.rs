@@ -54,8 +54,10 @@ fn bench_every_adapted_shape_of_a_model() {
 fn bench_grid_tiny_rows_are_complete_and_consistent() {
     let dir = temp_dir("bench-grid");
     let plot = dir.join("grid.png");
-    let out = svft_ok(&["bench", "--backend", "cpu", "--grid", "tiny", "--seconds", "0.01", "--json", "--plot", s(&plot)]);
-    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).expect("one JSON row a line")).collect();
+    let out =
+        svft_ok(&["bench", "--backend", "cpu", "--grid", "tiny", "--seconds", "0.01", "--json", "--plot", s(&plot)]);
+    let rows: Vec<serde_json::Value> =
+        out.lines().map(|l| serde_json::from_str(l).expect("one JSON row a line")).collect();
     assert_eq!(rows.len(), 2 * 3 * 2, "2 shapes x 3 n x 2 patterns");
     let num = |r: &serde_json::Value, key: &str| -> f64 {
         let x = r[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {r}"));
@@ -64,11 +66,15 @@ fn bench_grid_tiny_rows_are_complete_and_consistent() {
     };
     let mut seen = Vec::new();
     for r in &rows {
-        assert_eq!((r["grid"].as_str(), r["backend"].as_str(), r["plan_requested"].as_str()), (Some("tiny"), Some("cpu"), Some("auto")));
+        assert_eq!(
+            (r["grid"].as_str(), r["backend"].as_str(), r["plan_requested"].as_str()),
+            (Some("tiny"), Some("cpu"), Some("auto"))
+        );
         let (o, i, n) = (r["d_out"].as_u64().unwrap(), r["d_in"].as_u64().unwrap(), r["tokens"].as_u64().unwrap());
         seen.push((o, i, n, r["pattern"].as_str().unwrap().to_string()));
         let svft = num(r, "svft_fwd_bwd_ms");
-        let (floor, lora, official) = (num(r, "gemm_floor_ms"), num(r, "lora_fwd_bwd_ms"), num(r, "official_fwd_bwd_ms"));
+        let (floor, lora, official) =
+            (num(r, "gemm_floor_ms"), num(r, "lora_fwd_bwd_ms"), num(r, "official_fwd_bwd_ms"));
         let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * a.abs().max(b.abs());
         assert!(close(num(r, "ratio_to_floor"), svft / floor), "{r}");
         assert!(close(num(r, "ratio_to_lora"), svft / lora), "{r}");

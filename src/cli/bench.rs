@@ -174,7 +174,8 @@ fn plot_path(path: &Path, shapes: usize, (d_out, d_in): (usize, usize)) -> PathB
 /// LoRA r=16 and the official order (both from the first pattern's rows; LoRA does not depend
 /// on the pattern, the official order hardly: it rebuilds a dense W either way).
 fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
-    const COLORS: [[u8; 3]; 6] = [[200, 40, 40], [230, 130, 20], [150, 60, 170], [30, 150, 150], [40, 90, 210], [60, 60, 60]];
+    const COLORS: [[u8; 3]; 6] =
+        [[200, 40, 40], [230, 130, 20], [150, 60, 170], [30, 150, 150], [40, 90, 210], [60, 60, 60]];
     let mut written = Vec::new();
     for &shape in &grid.shapes {
         let of_shape: Vec<&Row> = rows.iter().filter(|r| (r.d_out, r.d_in) == shape).collect();
@@ -189,11 +190,9 @@ fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
             curves.push((format!("SVFT {p}"), pts));
         }
         let base: Vec<&&Row> = of_shape.iter().filter(|r| r.pattern == first.pattern).collect();
-        curves.push((format!("LoRA r={LORA_RANK}"), base.iter().map(|r| (r.tokens as f64, r.lora_fwd_bwd_ms)).collect()));
-        curves.push((
-            "official order".into(),
-            base.iter().map(|r| (r.tokens as f64, r.official_fwd_bwd_ms)).collect(),
-        ));
+        curves
+            .push((format!("LoRA r={LORA_RANK}"), base.iter().map(|r| (r.tokens as f64, r.lora_fwd_bwd_ms)).collect()));
+        curves.push(("official order".into(), base.iter().map(|r| (r.tokens as f64, r.official_fwd_bwd_ms)).collect()));
         let series: Vec<XySeries<'_>> = curves
             .iter()
             .zip(COLORS.iter().cycle())

@@ -15,8 +15,7 @@ use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use super::kernels::{gemm, Dtype, Mat};
 use super::{blas_err, driver_err, CudaLayer, Gpu};
 use crate::bench::{
-    bench_factors, bench_values, fixed, fixed_plans, plans_to_time, BenchCase, Grid, Row, BENCH_FACTORS_NOTE,
-    LORA_RANK,
+    bench_factors, bench_values, fixed, fixed_plans, plans_to_time, BenchCase, Grid, Row, BENCH_FACTORS_NOTE, LORA_RANK,
 };
 use crate::config::LayerConfig;
 use crate::error::{Error, Result};
@@ -329,8 +328,15 @@ pub fn run_cuda_grid<T: Dtype>(
     let copy = copy_bandwidth_gb_per_s(&stream)?;
     for &(d_out, d_in) in &grid.shapes {
         let factors = bench_factors(d_out, d_in, d_out.min(d_in), 1)?;
-        let mut ctx =
-            CudaShape::<T>::new(gpu, stream.clone(), d_out, d_in, grid.max_tokens(), Some(copy), Some(BENCH_FACTORS_NOTE))?;
+        let mut ctx = CudaShape::<T>::new(
+            gpu,
+            stream.clone(),
+            d_out,
+            d_in,
+            grid.max_tokens(),
+            Some(copy),
+            Some(BENCH_FACTORS_NOTE),
+        )?;
         for &pattern in &grid.patterns {
             let config = LayerConfig::official(pattern);
             let mut layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), &factors, &config, None)?;
