@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Build machine (no GPU needed): build the GPU test and bench binaries in release with the
+# Build machine (no GPU needed): build the GPU test binaries, the criterion CUDA bench
+# (bench-cuda) and the svft binary in release with the
 # kernels embedded, and copy them, stripped, with scripts/gpu-run.sh into gpu-bundle/
 # (git-ignored). Carry gpu-bundle/ to a GPU machine and run `gpu-bundle/gpu-run.sh` there from
 # the repository root; it needs the NVIDIA driver and CUDA libraries, not Rust.
@@ -11,7 +12,7 @@ export CUDA_HOME SVFT_REQUIRE_KERNELS=1
 bundle=gpu-bundle
 rm -rf "$bundle" && mkdir -p "$bundle"
 # Test binaries: cargo prints each executable's path as JSON; keep the GPU-facing ones.
-cargo test --release --no-run --test gpu --test ffi_cuda --test layer --message-format=json 2>/dev/null \
+cargo test --release --no-run --test gpu --test gpu_bench --test ffi_cuda --test layer --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -19,6 +20,15 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" "$bundle/test-$name"; done
+# The criterion bench of the headline CUDA cases (benches/cuda.rs), as bench-cuda.
+cargo bench --no-run --bench cuda --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["bench"]:
+        print(m["executable"])
+' | while read -r exe; do cp "$exe" "$bundle/bench-cuda"; done
 cargo build --release --bin svft
 cp target/release/svft "$bundle/svft"
 strip "$bundle"/* 2>/dev/null || true

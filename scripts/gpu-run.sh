@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU machine (NVIDIA driver, CUDA 13 libraries or PyTorch's, no Rust): run every GPU test,
-# compute-sanitizer memcheck and racecheck over the kernel tests where available, and the bench
-# grid; write a results table and logs into $OUT (or the first argument).
+# compute-sanitizer memcheck and racecheck over the kernel tests where available, the bench
+# grid (bench.jsonl, bench-table.md, memory-table.md, time-vs-n-*.png) and the criterion
+# benches when bundled; write everything into $OUT (or the first argument).
 # Usage, from the repository root: gpu-bundle/gpu-run.sh [OUTDIR]
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,6 +36,7 @@ run() { # name, command...
 
 run gpu-tests "$here/test-gpu" --test-threads=1
 run ffi-cuda-tests "$here/test-ffi_cuda" --test-threads=1
+run gpu-bench-tests "$here/test-gpu_bench" --test-threads=1
 run cpu-tests "$here/test-layer"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
@@ -44,28 +46,40 @@ else
   echo "compute-sanitizer not found: memcheck/racecheck skipped" | tee -a "$out/summary.txt"
 fi
 
-# The bench grid: Llama-3-8B shapes x tokens x patterns, bf16 (f32 for a subset).
-{
-  for shape in "4096 4096" "14336 4096" "4096 14336"; do
-    set -- $shape
-    for n in 1 16 512 2048 8192; do
-      for p in plain banded:2 banded:16 random:16; do
-        "$here/svft" bench --backend cuda --dtype bf16 --d-out "$1" --d-in "$2" --tokens "$n" --pattern "$p" --seconds 0.3 --json || status=1
-      done
-    done
-  done
-  for n in 16 2048; do
-    "$here/svft" bench --backend cuda --dtype f32 --d-out 4096 --d-in 4096 --tokens "$n" --pattern banded:2 --seconds 0.3 --json || status=1
-  done
-} > "$out/bench.jsonl" 2> "$out/bench.err"
+# The bench grid, one process per dtype: Llama-3-8B shapes x n in {1, 16, 512, 2048, 8192} x
+# {plain, banded:2, banded:16, random:16} in bf16 (60 rows), and the f32 subset (4096x4096 x
+# n in {1, 16, 2048} x banded:2). Each row times every fixed plan, the floor and LoRA for at
+# least --seconds each (the official order is the merged plan's time): about 0.6 s a row on an
+# H100, so about a minute for both (docs/PERF.md section 4).
+t0=$SECONDS
+"$here/svft" bench --backend cuda --grid llama3-8b --dtype bf16 --seconds 0.1 --json \
+  --plot "$out/time-vs-n-bf16.png" > "$out/bench.jsonl" 2> "$out/bench.err" || status=1
+"$here/svft" bench --backend cuda --grid llama3-8b-subset --dtype f32 --seconds 0.1 --json \
+  --plot "$out/time-vs-n-f32.png" >> "$out/bench.jsonl" 2>> "$out/bench.err" || status=1
+echo "bench grid: $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+# The memory table is arithmetic (svft::memory): the same on any machine.
+"$here/svft" bench --grid llama3-8b --memory --dtype bf16 > "$out/memory-table.md" || status=1
 python3 - "$out/bench.jsonl" > "$out/bench-table.md" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-print("| dtype | d_out x d_in | n | pattern | plan | SVFT ms | floor ms | LoRA ms | official ms | /floor | /LoRA | vs official |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+if rows:
+    print(f"device: {rows[0]['device']}; copy bandwidth {rows[0].get('copy_gb_per_s', float('nan')):.0f} GB/s (1 GiB D2D memcpy, read + write)")
+    print()
+print("| dtype | d_out x d_in | n | pattern | plan | SVFT ms | floor ms | LoRA ms | official ms | /floor | /LoRA | FLOP /LoRA | vs official | factored ms | merged ms | small-n ms | best | BW frac | SVFT MiB | official MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['dtype']} | {r['d_out']}x{r['d_in']} | {r['tokens']} | {r['pattern']} | {r['plan']} | {r['svft_fwd_bwd_ms']:.3f} | {r['gemm_floor_ms']:.3f} | {r['lora_fwd_bwd_ms']:.3f} | {r['official_fwd_bwd_ms']:.3f} | {r['ratio_to_floor']:.2f} | {r['ratio_to_lora']:.2f} | {r['speedup_vs_official']:.2f} |")
+    pm = r.get("plan_ms", {})
+    def ms(k):
+        return f"{pm[k]:.4f}" if k in pm else "-"
+    bw = r.get("bandwidth_fraction")
+    mem = r["memory"]
+    print(f"| {r['dtype']} | {r['d_out']}x{r['d_in']} | {r['tokens']} | {r['pattern']} | {r['plan']} | {r['svft_fwd_bwd_ms']:.4f} | {r['gemm_floor_ms']:.4f} | {r['lora_fwd_bwd_ms']:.4f} | {r['official_fwd_bwd_ms']:.4f} | {r['ratio_to_floor']:.2f} | {r['ratio_to_lora']:.2f} | {r['flop_ratio_to_lora']:.2f} | {r['speedup_vs_official']:.2f} | {ms('factored')} | {ms('merged')} | {ms('small-n')} | {r.get('best_fixed_plan', '-')} | {'-' if bw is None else f'{bw:.2f}'} | {mem['svft']['total_bytes'] / 2**20:.1f} | {mem['official']['total_bytes'] / 2**20:.1f} |")
 PY
 cat "$out/bench-table.md"
+
+# Criterion benches of the headline cases, when scripts/gpu-check.sh bundled them.
+if [ -x "$here/bench-cuda" ]; then
+  CRITERION_HOME="$out/criterion" run criterion-cuda "$here/bench-cuda" --bench
+fi
 cat "$out/summary.txt"
 exit $status

@@ -1,24 +1,27 @@
-//! `svft bench`: one shape, or every distinct adapted shape of a checkpoint, on the CPU or a
-//! CUDA device.
+//! `svft bench`: one shape, every distinct adapted shape of a checkpoint, or a named grid
+//! (`--grid`), on the CPU or a CUDA device.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use svft::bench::{cpu_name, run_cpu, BenchCase, LORA_RANK};
+use svft::bench::{cpu_name, run_cpu, run_cpu_grid, BenchCase, Grid, Row, LORA_RANK};
 use svft::checkpoint::{target_regex, Checkpoint};
+use svft::memory::mib;
+use svft::plot::{log_log_plot_png, XySeries};
 use svft::{Error, Result};
 
 use super::{progress_bar, resolve_backend, BenchArgs, Device};
 
-/// One case on the resolved device, as the JSON report.
-fn bench_one(device: &Device, case: &BenchCase, dtype: &str) -> Result<Value> {
+/// One case on the resolved device, as its row.
+fn bench_one(device: &Device, case: &BenchCase, dtype: &str) -> Result<Row> {
     match device {
-        Device::Cpu => Ok(run_cpu(case)?.to_json()),
+        Device::Cpu => run_cpu(case),
         Device::Cuda(gpu) => match dtype {
-            "f32" => svft::cuda::run_cuda::<f32>(gpu, case, dtype),
-            "bf16" => svft::cuda::run_cuda::<half::bf16>(gpu, case, dtype),
-            "f16" => svft::cuda::run_cuda::<half::f16>(gpu, case, dtype),
+            "f32" => svft::cuda::run_cuda::<f32>(gpu, case),
+            "bf16" => svft::cuda::run_cuda::<half::bf16>(gpu, case),
+            "f16" => svft::cuda::run_cuda::<half::f16>(gpu, case),
             _ => unreachable!("checked in run"),
         },
     }
@@ -26,6 +29,181 @@ fn bench_one(device: &Device, case: &BenchCase, dtype: &str) -> Result<Value> {
 
 fn f(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
+}
+
+/// Bytes per activation element of a checked `--dtype`.
+fn act_bytes(dtype: &str) -> usize {
+    if dtype == "f32" {
+        4
+    } else {
+        2
+    }
+}
+
+/// `svft bench --grid NAME`: every row of the grid in this process, JSON lines as they come
+/// or a table at the end, and the plot.
+fn run_grid(a: &BenchArgs, device: &Device, name: &str) -> Result<()> {
+    let grid = Grid::named(name)?;
+    let budget = Duration::from_secs_f64(a.seconds);
+    let pb = progress_bar(grid.len() as u64, &format!("grid {}", grid.name));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut on_row = |row: Row| -> Result<()> {
+        pb.set_message(format!("{}x{} n={} {}", row.d_out, row.d_in, row.tokens, row.pattern));
+        pb.inc(1);
+        if a.json {
+            let mut v = row.to_json();
+            v["grid"] = json!(grid.name);
+            pb.suspend(|| println!("{v}"));
+        }
+        rows.push(row);
+        Ok(())
+    };
+    match device {
+        Device::Cpu => run_cpu_grid(&grid, budget, &mut on_row)?,
+        Device::Cuda(gpu) => match a.dtype.as_str() {
+            "f32" => svft::cuda::run_cuda_grid::<f32>(gpu, &grid, budget, &mut on_row)?,
+            "bf16" => svft::cuda::run_cuda_grid::<half::bf16>(gpu, &grid, budget, &mut on_row)?,
+            "f16" => svft::cuda::run_cuda_grid::<half::f16>(gpu, &grid, budget, &mut on_row)?,
+            _ => unreachable!("checked in run"),
+        },
+    }
+    pb.finish_and_clear();
+    if !a.json {
+        print!("{}", grid_table(&grid, &rows));
+    }
+    if let Some(path) = &a.plot {
+        for written in plot_grid(&grid, &rows, path)? {
+            eprintln!("wrote {}", written.display());
+        }
+    }
+    Ok(())
+}
+
+/// The grid's rows as a text table.
+fn grid_table(grid: &Grid, rows: &[Row]) -> String {
+    let Some(first) = rows.first() else { return String::new() };
+    let mut out = format!(
+        "svft bench --grid {} ({}: {}, {}): fwd+bwd ms (medians); SVFT on the FLOP model's plan\n",
+        grid.name, first.backend, first.device, first.dtype
+    );
+    out += &format!(
+        "{:<12}{:>6} {:<18}{:<10}{:>10}{:>10}{:>10}{:>10}{:>8}{:>8}{:>9}  {:<10}{:>10}{:>10}{:>10}\n",
+        "shape",
+        "n",
+        "pattern",
+        "plan",
+        "SVFT",
+        "floor",
+        format!("LoRA{LORA_RANK}"),
+        "official",
+        "/floor",
+        "/LoRA",
+        "off/SVFT",
+        "best plan",
+        "best",
+        "SVFT MiB",
+        "off MiB"
+    );
+    for r in rows {
+        let (best, best_ms) = r.best_fixed_plan().map_or((String::new(), f64::NAN), |(p, ms)| (p.to_string(), ms));
+        out += &format!(
+            "{:<12}{:>6} {:<18}{:<10}{:>10.4}{:>10.4}{:>10.4}{:>10.4}{:>8.2}{:>8.2}{:>9.2}  {:<10}{:>10.4}{:>10.1}{:>10.1}\n",
+            format!("{}x{}", r.d_out, r.d_in),
+            r.tokens,
+            r.pattern.to_string(),
+            r.plan.to_string(),
+            r.svft_fwd_bwd_ms,
+            r.gemm_floor_ms,
+            r.lora_fwd_bwd_ms,
+            r.official_fwd_bwd_ms,
+            r.svft_fwd_bwd_ms / r.gemm_floor_ms,
+            r.svft_fwd_bwd_ms / r.lora_fwd_bwd_ms,
+            r.official_fwd_bwd_ms / r.svft_fwd_bwd_ms,
+            best,
+            best_ms,
+            mib(r.memory.svft.total()),
+            mib(r.memory.official.total()),
+        );
+    }
+    if let Some(note) = first.factors_note {
+        out += &format!("factors: {note}\n");
+    }
+    out
+}
+
+/// The grid's memory table in markdown: MiB per layer and training step.
+fn memory_table(grid: &Grid, dtype: &str) -> Result<String> {
+    let mut out = format!(
+        "| d_out x d_in | n | pattern | SVFT plan | SVFT persistent | SVFT workspace | SVFT saved | SVFT total | \
+         official total | LoRA r={LORA_RANK} total | SVFT / official | SVFT / LoRA |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for (pattern, m) in grid.memory_reports(act_bytes(dtype))? {
+        let s = m.shape;
+        out += &format!(
+            "| {}x{} | {} | {pattern} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.3} | {:.2} |\n",
+            s.d_out,
+            s.d_in,
+            s.n,
+            m.plan,
+            mib(m.svft.persistent),
+            mib(m.svft.workspace),
+            mib(m.svft.saved),
+            mib(m.svft.total()),
+            mib(m.official.total()),
+            mib(m.lora.total()),
+            m.svft_to_official(),
+            m.svft_to_lora(),
+        );
+    }
+    out += &format!("(MiB per layer and step, {dtype} activations; {})\n", svft::memory::COUNTS);
+    Ok(out)
+}
+
+/// Where the plot of one shape goes: `path` itself for a one-shape grid, else
+/// `<stem>-<d_out>x<d_in>.png` next to it.
+fn plot_path(path: &Path, shapes: usize, (d_out, d_in): (usize, usize)) -> PathBuf {
+    if shapes == 1 {
+        return path.to_path_buf();
+    }
+    let stem = path.file_stem().map_or("svft-grid".into(), |s| s.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-{d_out}x{d_in}.png"))
+}
+
+/// Time against n on log-log axes, one PNG per shape: SVFT's best fixed plan for each pattern,
+/// LoRA r=16 and the official order (both from the first pattern's rows; LoRA does not depend
+/// on the pattern, the official order hardly: it rebuilds a dense W either way).
+fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
+    const COLORS: [[u8; 3]; 6] =
+        [[200, 40, 40], [230, 130, 20], [150, 60, 170], [30, 150, 150], [40, 90, 210], [60, 60, 60]];
+    let mut written = Vec::new();
+    for &shape in &grid.shapes {
+        let of_shape: Vec<&Row> = rows.iter().filter(|r| (r.d_out, r.d_in) == shape).collect();
+        let Some(first) = of_shape.first() else { continue };
+        let mut curves: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for p in &grid.patterns {
+            let pts = of_shape
+                .iter()
+                .filter(|r| r.pattern == *p)
+                .filter_map(|r| r.best_fixed_plan().map(|b| (r.tokens as f64, b.1)))
+                .collect();
+            curves.push((format!("SVFT {p}"), pts));
+        }
+        let base: Vec<&&Row> = of_shape.iter().filter(|r| r.pattern == first.pattern).collect();
+        curves
+            .push((format!("LoRA r={LORA_RANK}"), base.iter().map(|r| (r.tokens as f64, r.lora_fwd_bwd_ms)).collect()));
+        curves.push(("official order".into(), base.iter().map(|r| (r.tokens as f64, r.official_fwd_bwd_ms)).collect()));
+        let series: Vec<XySeries<'_>> = curves
+            .iter()
+            .zip(COLORS.iter().cycle())
+            .map(|((label, pts), &color)| XySeries { label, color, points: pts })
+            .collect();
+        let out = plot_path(path, grid.shapes.len(), shape);
+        let title = format!("{}x{} {} {}: fwd+bwd ms vs tokens", shape.0, shape.1, first.dtype, first.backend);
+        log_log_plot_png(&out, &title, "tokens per step (n)", "ms", &series)?;
+        written.push(out);
+    }
+    Ok(written)
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -38,9 +216,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if !["f32", "bf16", "f16"].contains(&a.dtype.as_str()) {
         return Err(Error::InvalidArgument(format!("--dtype `{}`: expected f32, bf16 or f16", a.dtype)));
     }
+    if let (Some(name), true) = (&a.grid, a.memory) {
+        // Arithmetic only: no device needed, any dtype.
+        print!("{}", memory_table(&Grid::named(name)?, &a.dtype)?);
+        return Ok(());
+    }
     let device = resolve_backend(a.backend)?;
     if matches!(device, Device::Cpu) && a.dtype != "f32" {
         return Err(Error::InvalidArgument(format!("--dtype {}: the CPU bench runs in f32 only", a.dtype)));
+    }
+    if let Some(name) = &a.grid {
+        return run_grid(&a, &device, name);
     }
     let device_name = match &device {
         Device::Cpu => cpu_name(),
@@ -59,7 +245,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
             print!("{}", run_cpu(&case(a.d_out, a.d_in))?.to_table());
             return Ok(());
         }
-        let v = bench_one(&device, &case(a.d_out, a.d_in), &a.dtype)?;
+        let row = bench_one(&device, &case(a.d_out, a.d_in), &a.dtype)?;
+        let v = row.to_json();
         if a.json {
             println!("{v}");
         } else {
@@ -81,6 +268,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             ] {
                 println!("{label:<28}{:>12.4} ms", f(&v, key));
             }
+            let m = &row.memory;
+            println!(
+                "memory per step (MiB): SVFT {:.2}, official layer {:.2}, LoRA r={LORA_RANK} {:.2}; SVFT / official {:.3}",
+                mib(m.svft.total()),
+                mib(m.official.total()),
+                mib(m.lora.total()),
+                m.svft_to_official()
+            );
         }
         return Ok(());
     };
@@ -107,7 +302,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let mut cases = Vec::new();
     for ((d_out, d_in), names) in &shapes {
         pb.set_message(format!("{d_out}x{d_in}"));
-        let mut v = bench_one(&device, &case(*d_out, *d_in), &a.dtype)?;
+        let mut v = bench_one(&device, &case(*d_out, *d_in), &a.dtype)?.to_json();
         v["modules"] = json!(names.len());
         v["example"] = json!(names[0]);
         cases.push(v);

@@ -250,7 +250,24 @@ pub struct BenchArgs {
     /// Element type of the CUDA bench (f32, bf16, f16); the CPU bench is f32 only.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
-    /// Print one JSON object instead of a table.
+    /// Bench a whole grid in this process instead of one shape: `llama3-8b` (4096x4096,
+    /// 14336x4096, 4096x14336 x n in 1, 16, 512, 2048, 8192 x plain, banded:2, banded:16,
+    /// random:16), `llama3-8b-subset` (4096x4096 x n in 1, 16, 2048 x banded:2) or `tiny`
+    /// (384x384, 1536x384 x n in 1, 16, 256 x plain, banded:2; CPU-sized). Every row times each
+    /// fixed plan (`plan_ms`, `best_fixed_plan`); --d-out, --d-in, --tokens, --pattern and
+    /// --plan are ignored. Progress goes to stderr.
+    #[arg(long, value_name = "NAME", conflicts_with = "model")]
+    pub grid: Option<String>,
+    /// With --grid: also draw time vs n (log-log) for SVFT (best fixed plan, per pattern),
+    /// LoRA r=16 and the official order, one PNG per shape (FILE itself for a one-shape grid,
+    /// else FILE's stem + `-<d_out>x<d_in>.png`).
+    #[arg(long, value_name = "FILE.png", requires = "grid")]
+    pub plot: Option<PathBuf>,
+    /// With --grid: print the grid's memory table (markdown, MiB per layer and step, SVFT on
+    /// the plan the FLOP model picks, --dtype activations) and time nothing.
+    #[arg(long, requires = "grid")]
+    pub memory: bool,
+    /// Print JSON instead of a table (with --grid: one JSON line per row, as each is measured).
     #[arg(long)]
     pub json: bool,
 }

@@ -13,7 +13,7 @@ mod kernels;
 mod layer;
 mod svd;
 
-pub use bench::run_cuda;
+pub use bench::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
 pub use device::{device_count, kernels_embedded, Gpu};
 pub use kernels::Dtype;
 pub use layer::{CudaLayer, SddmmMode};
