@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
 use crate::baseline::{LoraLayer, OfficialLayer};
+use crate::calibrate::CalibrationOptions;
 use crate::config::LayerConfig;
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::CpuLayer;
@@ -138,6 +139,9 @@ pub struct Row {
     pub layer_bytes: Option<(usize, usize)>,
     /// How the frozen factors were made, when not by an SVD or QR (the grid's fast generator).
     pub factors_note: Option<&'static str>,
+    /// Whether `Auto` resolved from a measured plan table ([`crate::calibrate`]) rather than
+    /// the FLOP model alone.
+    pub auto_measured: bool,
 }
 
 impl Row {
@@ -200,6 +204,13 @@ impl Row {
         if let Some((p, ms)) = self.best_fixed_plan() {
             o.insert("best_fixed_plan".into(), json!(p.to_string()));
             o.insert("best_fixed_plan_ms".into(), json!(ms));
+            if self.plan_requested == Plan::Auto {
+                // Issue 4's target: auto within 5% of the best fixed plan on the grid.
+                o.insert("auto_to_best_fixed".into(), json!(self.svft_fwd_bwd_ms / ms));
+            }
+        }
+        if self.plan_requested == Plan::Auto {
+            o.insert("auto_from".into(), json!(if self.auto_measured { "calibration" } else { "flop model" }));
         }
         let optional = [
             ("plan_ms_note", self.plan_ms_note.map(|s| json!(s))),
@@ -535,6 +546,7 @@ impl CpuShape {
             copy_gb_per_s: None,
             layer_bytes: None,
             factors_note: self.factors_note,
+            auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
         })
     }
 }
@@ -549,8 +561,15 @@ pub fn run_cpu(case: &BenchCase) -> Result<Row> {
     CpuShape::new(d_out, d_in, n, None).row(&mut layer, n, case.plan, &[headline], case.budget)
 }
 
-/// Runs a grid on the CPU: factors once per shape (the fast generator), one layer per pattern,
-/// a row per token count, each handed to `on_row` as soon as it is measured.
+/// The calibration a grid runs per layer before its rows: the grid's own token counts, no
+/// cache (a bench measures afresh), a short budget per plan and token count.
+pub fn grid_calibration(grid: &Grid, budget: Duration) -> CalibrationOptions {
+    CalibrationOptions { tokens: grid.tokens.clone(), budget: budget.min(Duration::from_millis(50)), cache: None }
+}
+
+/// Runs a grid on the CPU: factors once per shape (the fast generator), one layer per pattern
+/// (calibrated at the grid's token counts, so `Auto` is the measured choice), a row per token
+/// count, each handed to `on_row` as soon as it is measured.
 pub fn run_cpu_grid(grid: &Grid, budget: Duration, on_row: &mut dyn FnMut(Row) -> Result<()>) -> Result<()> {
     for &(d_out, d_in) in &grid.shapes {
         let factors = bench_factors(d_out, d_in, d_out.min(d_in), 1)?;
@@ -558,6 +577,7 @@ pub fn run_cpu_grid(grid: &Grid, budget: Duration, on_row: &mut dyn FnMut(Row) -
         for &pattern in &grid.patterns {
             let config = LayerConfig::official(pattern);
             let mut layer = CpuLayer::new(factors.clone(), &config, None)?;
+            layer.calibrate(&grid_calibration(grid, budget))?;
             for &n in &grid.tokens {
                 on_row(ctx.row(&mut layer, n, Plan::Auto, &fixed_plans(n, false), budget)?)?;
             }

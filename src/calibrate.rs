@@ -236,7 +236,7 @@ pub fn store(path: &Path, key: &CalibrationKey, table: &PlanTable) -> Result<()>
 pub struct CalibrationOptions {
     /// Token counts to measure (default [`DEFAULT_TOKENS`]).
     pub tokens: Vec<usize>,
-    /// Time spent per plan and token count, after one warm-up call (at least 3 samples).
+    /// Time spent per plan and token count, after one warm-up call (at least 5 samples).
     pub budget: Duration,
     /// Read and write the plan cache at this path (`None`: measure, store nothing).
     pub cache: Option<PathBuf>,
@@ -248,23 +248,11 @@ impl Default for CalibrationOptions {
     }
 }
 
-/// Median milliseconds of `f` (one warm-up call, then at least 3 samples within `budget`),
-/// timed on the host; `f` must block until its work is done.
-pub fn median_ms(budget: Duration, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    let mut samples = Vec::new();
-    let start = Instant::now();
-    while samples.len() < 3 || (start.elapsed() < budget && samples.len() < 100) {
-        let t0 = Instant::now();
-        f()?;
-        samples.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    samples.sort_by(f64::total_cmp);
-    Ok(samples[samples.len() / 2])
-}
-
-/// Loads the table for `key` from the cache, or measures one with `time(plan, n)` for every
-/// candidate plan that `applies(plan, n)` at every token count, and caches it.
+/// Loads the table for `key` from the cache, or measures one and caches it. `time(plan, n)`
+/// runs one forward + backward of `plan` at `n` tokens and returns its milliseconds; at each
+/// token count every candidate plan that `applies(plan, n)` is run once to warm up, then the
+/// plans take turns (rounds of one call each, so a load change on the machine hits all of them
+/// alike) until `budget` per plan is spent and at least 5 rounds ran; each plan's median counts.
 pub fn calibrate(
     key: &CalibrationKey,
     candidates: &[ExecPlan],
@@ -284,10 +272,26 @@ pub fn calibrate(
     }
     let mut points = Vec::new();
     for &n in &options.tokens {
-        let mut ms = Vec::new();
-        for &plan in candidates.iter().filter(|&&p| applies(p, n)) {
-            ms.push((plan, time(plan, n)?));
+        let plans: Vec<ExecPlan> = candidates.iter().copied().filter(|&p| applies(p, n)).collect();
+        let mut samples: Vec<Vec<f64>> = vec![Vec::new(); plans.len()];
+        for &plan in &plans {
+            time(plan, n)?;
         }
+        let start = Instant::now();
+        let total = options.budget.saturating_mul(plans.len() as u32);
+        while samples[0].len() < 5 || (start.elapsed() < total && samples[0].len() < 200) {
+            for (s, &plan) in samples.iter_mut().zip(&plans) {
+                s.push(time(plan, n)?);
+            }
+        }
+        let ms = plans
+            .iter()
+            .zip(samples)
+            .map(|(&plan, mut s)| {
+                s.sort_by(f64::total_cmp);
+                (plan, s[s.len() / 2])
+            })
+            .collect();
         points.push(PlanPoint { n, ms });
     }
     let table = PlanTable::new(points)?;
@@ -378,16 +382,16 @@ mod tests {
         assert_eq!(a.points().len(), 2);
         assert_eq!(a.points()[1].best(), Some(ExecPlan::Merged));
         let b = calibrate(&key("banded:1"), &plans, &options, timer, all).unwrap();
-        assert_eq!(calls.get(), 8, "two tables of 2 plans x 2 token counts");
+        assert_eq!(calls.get(), 48, "two tables of 2 token counts x 2 plans x (1 warm-up + 5 rounds)");
         // Cached: no new measurements, the same table back, both entries kept.
         let again = calibrate(&key("plain"), &plans, &options, timer, all).unwrap();
-        assert_eq!((calls.get(), &again), (8, &a));
+        assert_eq!((calls.get(), &again), (48, &a));
         assert_eq!(load(&path, &key("banded:1")).unwrap().as_ref(), Some(&b));
         assert_eq!(load(&path, &key("random:3")).unwrap(), None);
         // Asking for a token count the cached table lacks measures again.
         let more = CalibrationOptions { tokens: vec![1, 16, 64], ..options.clone() };
         calibrate(&key("plain"), &plans, &more, timer, all).unwrap();
-        assert_eq!(calls.get(), 14);
+        assert_eq!(calls.get(), 48 + 36);
         // A corrupt file is a named error, not a panic or a silent reset.
         std::fs::write(&path, "{not json").unwrap();
         let err = calibrate(&key("plain"), &plans, &options, timer, all).unwrap_err().to_string();

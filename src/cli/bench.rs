@@ -83,7 +83,7 @@ fn run_grid(a: &BenchArgs, device: &Device, name: &str) -> Result<()> {
 fn grid_table(grid: &Grid, rows: &[Row]) -> String {
     let Some(first) = rows.first() else { return String::new() };
     let mut out = format!(
-        "svft bench --grid {} ({}: {}, {}): fwd+bwd ms (medians); SVFT on the FLOP model's plan\n",
+        "svft bench --grid {} ({}: {}, {}): fwd+bwd ms (medians); SVFT on auto's plan (calibrated per layer)\n",
         grid.name, first.backend, first.device, first.dtype
     );
     out += &format!(

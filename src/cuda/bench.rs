@@ -298,6 +298,7 @@ impl<T: Dtype> CudaShape<T> {
             copy_gb_per_s: self.copy_gb_per_s,
             layer_bytes: Some((layer.persistent_bytes(), layer.workspace_bytes())),
             factors_note: self.factors_note,
+            auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
         })
     }
 }
@@ -316,7 +317,8 @@ pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase) -> Result<Row> {
 }
 
 /// Runs a grid on `gpu` in dtype `T`: the copy bandwidth once, then per shape the fast
-/// factors and one [`CudaShape`], one layer per pattern, a row per token count (every fixed
+/// factors and one [`CudaShape`], one layer per pattern (calibrated at the grid's token
+/// counts, so `Auto` is the measured choice), a row per token count (every fixed
 /// plan, small-n included where it applies), each handed to `on_row` as soon as measured.
 pub fn run_cuda_grid<T: Dtype>(
     gpu: &Arc<Gpu>,
@@ -340,6 +342,7 @@ pub fn run_cuda_grid<T: Dtype>(
         for &pattern in &grid.patterns {
             let config = LayerConfig::official(pattern);
             let mut layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), &factors, &config, None)?;
+            layer.calibrate(&crate::bench::grid_calibration(grid, budget))?;
             for &n in &grid.tokens {
                 on_row(ctx.row(&mut layer, n, Plan::Auto, &fixed_plans(n, true), budget)?)?;
             }

@@ -1,5 +1,6 @@
 //! [`CudaLayer::calibrate`]: measured plan choice on the device (see [`crate::calibrate`]).
 
+use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 
 use super::{driver_err, CudaLayer, Dtype};
@@ -24,8 +25,8 @@ impl<T: Dtype> CudaLayer<T> {
     }
 
     /// Measures every plan (factored, merged, and small-n where `n <= SMALL_N_MAX`) at each of
-    /// `options.tokens`, forward + backward on random inputs, timed on the host around a stream
-    /// synchronisation (launch costs count, as they do for a caller), or loads the table from
+    /// `options.tokens`, forward + backward on random inputs, timed with CUDA events on the
+    /// layer's stream (launch gaps count, as they do for a caller), or loads the table from
     /// the plan cache; then `Auto` uses it. Coefficients, gate and the configured plan are
     /// unchanged; the workspace grows to what the largest token count needs.
     pub fn calibrate(&mut self, options: &CalibrationOptions) -> Result<&PlanTable> {
@@ -39,32 +40,43 @@ impl<T: Dtype> CudaLayer<T> {
             stream.clone_htod(&host).map_err(|e| driver_err("uploading calibration inputs", e))
         };
         let plans = [ExecPlan::Factored, ExecPlan::Merged, ExecPlan::SmallN];
+        let ctx = stream.context();
+        let event =
+            || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| driver_err("creating an event", e));
+        let (begin, end) = (event()?, event()?);
+        // Inputs and outputs for the token count being measured, made once per count.
+        let mut bufs: Option<(usize, [CudaSlice<T>; 4], [CudaSlice<f32>; 2])> = None;
         let result = calibrate::calibrate(
             &key,
             &plans,
             options,
             |plan, n| {
-                let (x, g) = (upload(n * d_in)?, upload(n * d_out)?);
-                let (mut y, mut dx) = (upload(n * d_out)?, upload(n * d_in)?);
-                let alloc =
-                    |len| stream.alloc_zeros::<f32>(len).map_err(|e| driver_err("allocating calibration outputs", e));
-                let (mut dm, mut dgamma) = (alloc(nnz)?, alloc(1)?);
+                if bufs.as_ref().is_none_or(|b| b.0 != n) {
+                    let acts = [upload(n * d_in)?, upload(n * d_out)?, upload(n * d_out)?, upload(n * d_in)?];
+                    let alloc = |len| {
+                        stream.alloc_zeros::<f32>(len).map_err(|e| driver_err("allocating calibration outputs", e))
+                    };
+                    bufs = Some((n, acts, [alloc(nnz)?, alloc(1)?]));
+                }
+                let (_, [x, g, y, dx], [dm, dgamma]) = bufs.as_mut().expect("made above");
                 self.set_plan(match plan {
                     ExecPlan::Factored => Plan::Factored,
                     ExecPlan::Merged => Plan::Merged,
                     ExecPlan::SmallN => Plan::SmallN,
                 });
-                calibrate::median_ms(options.budget, || {
-                    self.forward(&x.slice(..), n, &mut y.slice_mut(..))?;
-                    self.backward(
-                        &g.slice(..),
-                        n,
-                        &mut dx.slice_mut(..),
-                        &mut dm.slice_mut(..),
-                        &mut dgamma.slice_mut(..),
-                    )?;
-                    stream.synchronize().map_err(|e| driver_err("calibrating", e))
-                })
+                // One forward + backward between two events: device time, launch gaps included.
+                begin.record(&stream).map_err(|e| driver_err("recording an event", e))?;
+                self.forward(&x.slice(..), n, &mut y.slice_mut(..))?;
+                self.backward(
+                    &g.slice(..),
+                    n,
+                    &mut dx.slice_mut(..),
+                    &mut dm.slice_mut(..),
+                    &mut dgamma.slice_mut(..),
+                )?;
+                end.record(&stream).map_err(|e| driver_err("recording an event", e))?;
+                end.synchronize().map_err(|e| driver_err("calibrating", e))?;
+                Ok(begin.elapsed_ms(&end).map_err(|e| driver_err("reading an event", e))? as f64)
             },
             |plan, n| plan != ExecPlan::SmallN || n <= SMALL_N_MAX,
         );
