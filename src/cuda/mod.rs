@@ -15,6 +15,8 @@ mod svd;
 pub use bench::run_cuda;
 pub use device::{device_count, kernels_embedded, Gpu};
 pub use kernels::Dtype;
+// The row-major cuBLAS product, for the demo's device LoRA student.
+pub(crate) use kernels::{gemm, Mat};
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 
