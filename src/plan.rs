@@ -159,9 +159,7 @@ impl FromStr for Plan {
             "factored" => Ok(Plan::Factored),
             "merged" | "official" => Ok(Plan::Merged),
             "small-n" | "small_n" | "smalln" => Ok(Plan::SmallN),
-            _ => Err(Error::InvalidArgument(format!(
-                "unknown plan `{s}`: expected auto, factored, merged or small-n"
-            ))),
+            _ => Err(Error::InvalidArgument(format!("unknown plan `{s}`: expected auto, factored, merged or small-n"))),
         }
     }
 }
