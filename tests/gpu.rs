@@ -159,36 +159,6 @@ fn bad_device_inputs_are_errors() {
     assert!(layer.set_coefficients(&[f32::NAN; 23]).is_err());
 }
 
-#[test]
-fn probe_explains_a_missing_device() {
-    // Runs everywhere: either a device is found, or the reason names what is missing.
-    match device_count() {
-        Ok(n) => assert!(n > 0),
-        Err(e) => {
-            let msg = e.to_string();
-            assert!(msg.contains("nvcc") || msg.contains("driver") || msg.contains("device"), "{msg}");
-            println!("probe_explains_a_missing_device: no GPU here: {msg}");
-        }
-    }
-}
-
-#[test]
-fn cusolver_svd_matches_the_cpu_svd() {
-    let Some(gpu) = gpu_or_skip("cusolver_svd_matches_the_cpu_svd") else { return };
-    let stream = gpu.context().new_stream().unwrap();
-    for &(d_out, d_in) in &[(37usize, 23usize), (19, 41), (300, 300)] {
-        let w = randn(d_out * d_in, 5);
-        let dev = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, None).unwrap();
-        assert!(dev.residual < 1e-5, "{d_out}x{d_in}: residual {}", dev.residual);
-        let host = svft::svd::thin_svd(&w, d_out, d_in, None).unwrap();
-        let err = rel_err(&dev.factors.s, &wide(&host.factors.s));
-        assert!(err < 1e-5, "{d_out}x{d_in}: singular values differ by {err}");
-        let cut = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(5)).unwrap();
-        assert_eq!(cut.factors.r, 5);
-        assert!(svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(0)).is_err());
-    }
-}
-
 /// Relative difference of two losses.
 fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / a.abs().max(b.abs()).max(1e-30)
@@ -234,5 +204,35 @@ fn cuda_demo_tracks_the_cpu_demo() {
         assert!(rel(c.final_loss, g.final_loss) <= LATE_TOL, "{}: final {} vs {}", g.name, c.final_loss, g.final_loss);
         assert!(g.final_loss < g.initial_loss, "{}: {} -> {}", g.name, g.initial_loss, g.final_loss);
         assert!(g.frozen_bytes > 0 && g.saved_activation_bytes > 0 && g.ms_per_step > 0.0, "{}", g.name);
+    }
+}
+
+#[test]
+fn probe_explains_a_missing_device() {
+    // Runs everywhere: either a device is found, or the reason names what is missing.
+    match device_count() {
+        Ok(n) => assert!(n > 0),
+        Err(e) => {
+            let msg = e.to_string();
+            assert!(msg.contains("nvcc") || msg.contains("driver") || msg.contains("device"), "{msg}");
+            println!("probe_explains_a_missing_device: no GPU here: {msg}");
+        }
+    }
+}
+
+#[test]
+fn cusolver_svd_matches_the_cpu_svd() {
+    let Some(gpu) = gpu_or_skip("cusolver_svd_matches_the_cpu_svd") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    for &(d_out, d_in) in &[(37usize, 23usize), (19, 41), (300, 300)] {
+        let w = randn(d_out * d_in, 5);
+        let dev = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, None).unwrap();
+        assert!(dev.residual < 1e-5, "{d_out}x{d_in}: residual {}", dev.residual);
+        let host = svft::svd::thin_svd(&w, d_out, d_in, None).unwrap();
+        let err = rel_err(&dev.factors.s, &wide(&host.factors.s));
+        assert!(err < 1e-5, "{d_out}x{d_in}: singular values differ by {err}");
+        let cut = svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(5)).unwrap();
+        assert_eq!(cut.factors.r, 5);
+        assert!(svft::cuda::thin_svd_cuda(&stream, &w, d_out, d_in, Some(0)).is_err());
     }
 }
