@@ -38,6 +38,8 @@ run gpu-tests "$here/test-gpu" --test-threads=1
 run ffi-cuda-tests "$here/test-ffi_cuda" --test-threads=1
 run gpu-bench-tests "$here/test-gpu_bench" --test-threads=1
 run cpu-tests "$here/test-layer"
+# README's main job, trained on the device (--backend cuda: a missing device fails the run).
+run demo-cuda "$here/svft" demo --backend cuda --plot "$out/demo-cuda-loss.png"
 if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   run memcheck "$cs" --tool memcheck --error-exitcode 1 "$here/test-gpu" deterministic --test-threads=1

@@ -66,8 +66,34 @@ fn demo_from_a_model() {
     assert!(err.contains("--steps"), "{err}");
     let err = svft_err(&["demo", "--model", s(&model), "--banded", "16", "--steps", "2"]);
     assert!(err.contains("--banded"), "{err}");
-    let err = svft_err(&["demo", "--backend", "cuda", "--steps", "2"]);
-    assert!(err.contains("no CUDA training loop"), "{err}");
+}
+
+/// Whether this machine has a CUDA device the demo can train on (what `--backend auto` checks).
+fn gpu_present() -> Result<(), String> {
+    svft::cuda::device_count().and_then(|_| svft::cuda::Gpu::new(0)).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// `--backend cuda` trains on the device when one is present, and otherwise fails saying why.
+#[test]
+fn demo_backend_cuda() {
+    let args = ["demo", "--backend", "cuda", "--steps", "3", "--tokens", "8", "--json", "--no-plot"];
+    match gpu_present() {
+        Ok(()) => {
+            let v = svft_json(&args);
+            assert_eq!(v["backend"], "cuda");
+            assert_eq!(v["placement"], "layers on device, stack glue on host");
+            for r in v["results"].as_array().unwrap() {
+                assert!(r["losses"].as_array().unwrap().iter().all(|l| l.as_f64().is_some_and(f64::is_finite)));
+            }
+        }
+        Err(why) => {
+            let err = svft_err(&args);
+            assert!(err.contains("--backend cuda") && err.contains("no usable CUDA device"), "{err}");
+            // The reason the probe gave (no kernels, no driver, no device) is in the message.
+            assert!(err.contains(why.trim_start_matches("CUDA: ")), "{err} vs {why}");
+            println!("demo_backend_cuda: no GPU here, checked the error: {err}");
+        }
+    }
 }
 
 /// README's main job: a bare `svft` trains and prints the table, and leaves the plot in the
@@ -77,8 +103,17 @@ fn bare_svft_runs_the_demo() {
     let dir = temp_dir("demo-bare");
     let out = svft_in(Some(&dir), &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for needle in ["svft demo (cpu", "SVFT plain", "SVFT banded:2", "LoRA r=2", "300 steps", "loss plot"] {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // `auto`: the GPU when one is usable, else the CPU with the reason on stderr.
+    let backend = match gpu_present() {
+        Ok(()) => "svft demo (cuda, layers on device, stack glue on host",
+        Err(_) => {
+            assert!(stderr.contains("svft demo on cpu (no GPU taken: "), "{stderr}");
+            "svft demo (cpu:"
+        }
+    };
+    for needle in [backend, "SVFT plain", "SVFT banded:2", "LoRA r=2", "300 steps", "loss plot"] {
         assert!(stdout.contains(needle), "{needle}: {stdout}");
     }
     check_png(&dir.join("svft-demo-loss.png"));

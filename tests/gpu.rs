@@ -1,7 +1,8 @@
 //! The CUDA layer against the f64 reference: every pattern x plan x dtype x gate on odd shapes,
-//! n = 1 and n large, outputs poisoned first (NaN fails). Without a CUDA device (or without
-//! compiled kernels) each test prints why it skipped and passes; with SVFT_REQUIRE_GPU=1 a
-//! missing device fails instead (scripts/gpu-run.sh sets it on the GPU machine).
+//! n = 1 and n large, outputs poisoned first (NaN fails); the demo's CUDA training against its
+//! CPU training of the same seed. Without a CUDA device (or without compiled kernels) each test
+//! prints why it skipped and passes; with SVFT_REQUIRE_GPU=1 a missing device fails instead
+//! (scripts/gpu-run.sh sets it on the GPU machine).
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use common::*;
 use cudarc::driver::CudaSlice;
 use svft::cuda::{device_count, CudaLayer, Dtype, Gpu, SddmmMode};
+use svft::demo::{run_on, DemoModule, DemoOptions};
 use svft::reference::{rel_err, Reference};
 use svft::{Init, LayerConfig, Pattern, Plan};
 
@@ -155,6 +157,54 @@ fn bad_device_inputs_are_errors() {
         Err(svft::Error::NoForward(_))
     ));
     assert!(layer.set_coefficients(&[f32::NAN; 23]).is_err());
+}
+
+/// Relative difference of two losses.
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-30)
+}
+
+#[test]
+fn cuda_demo_tracks_the_cpu_demo() {
+    // A tiny stack: one square branch and one MLP branch, odd widths, ranks not multiples of 8.
+    let modules: Vec<DemoModule> = [(23, 23), (57, 23), (23, 57)]
+        .iter()
+        .enumerate()
+        .map(|(i, &(o, n))| DemoModule::normalised(format!("m{i}"), factors(o, n, o.min(n), 10 + i as u64)))
+        .collect();
+    let options = DemoOptions { steps: 40, tokens: 33, banded: 2, seed: 3, ..Default::default() };
+    // The CPU half runs everywhere, so the settings are known to train before any GPU compares.
+    let cpu = run_on(None, &modules, "test", &options, &mut |_, _, _| {}).unwrap();
+    for c in &cpu.results {
+        assert!(c.final_loss < c.initial_loss, "cpu {}: {} -> {}", c.name, c.initial_loss, c.final_loss);
+    }
+    let Some(gpu) = gpu_or_skip("cuda_demo_tracks_the_cpu_demo") else { return };
+    let dev = run_on(Some(&gpu), &modules, "test", &options, &mut |_, _, _| {}).unwrap();
+    assert_eq!((cpu.backend.as_str(), dev.backend.as_str()), ("cpu", "cuda"));
+    assert_eq!(dev.device, gpu.name());
+    assert!(dev.to_table().contains("layers on device, stack glue on host"), "{}", dev.to_table());
+    assert_eq!(cpu.results.len(), 3);
+    assert_eq!(dev.results.len(), 3);
+    // f32 on both backends, summation orders differ (faer vs cuBLAS): step 0 sees the same
+    // weights and data, and Adam's first step is lr * sign(g), so the curves agree to 1e-3
+    // early; later steps may drift a little, so 1e-2 there and on the held-out losses.
+    const EARLY_TOL: f64 = 1e-3;
+    const LATE_TOL: f64 = 1e-2;
+    for (c, g) in cpu.results.iter().zip(&dev.results) {
+        assert_eq!(c.name, g.name);
+        assert_eq!(c.trainable_params, g.trainable_params, "{}", g.name);
+        assert_eq!(g.losses.len(), options.steps, "{}", g.name);
+        assert!(g.losses.iter().chain([&g.initial_loss, &g.final_loss]).all(|l| l.is_finite()), "{}", g.name);
+        for (step, (&lc, &lg)) in c.losses.iter().zip(&g.losses).enumerate() {
+            let tol = if step < 10 { EARLY_TOL } else { LATE_TOL };
+            assert!(rel(lc, lg) <= tol, "{} step {step}: cpu {lc} cuda {lg} (tol {tol})", g.name);
+        }
+        let (i0, i1) = (c.initial_loss, g.initial_loss);
+        assert!(rel(i0, i1) <= EARLY_TOL, "{}: initial {i0} vs {i1}", g.name);
+        assert!(rel(c.final_loss, g.final_loss) <= LATE_TOL, "{}: final {} vs {}", g.name, c.final_loss, g.final_loss);
+        assert!(g.final_loss < g.initial_loss, "{}: {} -> {}", g.name, g.initial_loss, g.final_loss);
+        assert!(g.frozen_bytes > 0 && g.saved_activation_bytes > 0 && g.ms_per_step > 0.0, "{}", g.name);
+    }
 }
 
 #[test]

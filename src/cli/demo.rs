@@ -1,9 +1,12 @@
 //! `svft demo` (and a bare `svft`): SVFT and LoRA learn a hidden update; costs compared.
+//! Trains on a CUDA device when one is usable (`--backend auto`), else on the CPU.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use svft::checkpoint::{target_regex, Checkpoint};
-use svft::demo::{default_modules, plot_losses, run as run_demo, DemoModule, DemoOptions};
+use svft::cuda::{device_count, kernels_embedded, Gpu};
+use svft::demo::{default_modules, plot_losses, run_on, DemoModule, DemoOptions};
 use svft::svd::thin_svd;
 use svft::{Error, Result};
 
@@ -34,16 +37,51 @@ fn model_modules(a: &DemoArgs) -> Result<(Vec<DemoModule>, String)> {
     Ok((modules, path.display().to_string()))
 }
 
+/// Device 0 with the kernels loaded, or why not (no kernels in this build, no driver, no
+/// device, or the device failed to open).
+fn open_gpu() -> Result<Arc<Gpu>> {
+    if !kernels_embedded() {
+        return Err(Error::Cuda("this build has no CUDA kernels (nvcc was not found when it was built)".into()));
+    }
+    device_count()?;
+    Gpu::new(0)
+}
+
+/// The reason in an error of [`open_gpu`], without the `CUDA: ` of its display.
+fn reason(e: Error) -> String {
+    match e {
+        Error::Cuda(msg) => msg,
+        other => other.to_string(),
+    }
+}
+
+/// The GPU the demo trains on (`None`: the CPU), and for `auto` on the CPU the reason no GPU
+/// was taken.
+fn pick_device(backend: Backend) -> Result<(Option<Arc<Gpu>>, Option<String>)> {
+    match backend {
+        Backend::Cpu => Ok((None, None)),
+        Backend::Cuda => match open_gpu() {
+            Ok(gpu) => Ok((Some(gpu), None)),
+            Err(e) => Err(Error::Cuda(format!(
+                "svft demo --backend cuda found no usable CUDA device: {}; use --backend cpu or auto",
+                reason(e)
+            ))),
+        },
+        Backend::Auto => Ok(match open_gpu() {
+            Ok(gpu) => (Some(gpu), None),
+            Err(e) => (None, Some(reason(e))),
+        }),
+    }
+}
+
 pub fn run(a: DemoArgs) -> Result<()> {
-    // The demo's training loop runs on the CPU layer; a CUDA loop is not written yet, so `auto`
-    // means the CPU here and `cuda` says so.
-    let backend = match a.backend {
-        Backend::Cuda => {
-            return Err(Error::InvalidArgument(
-                "svft demo has no CUDA training loop yet: use --backend cpu (or auto)".into(),
-            ))
-        }
-        Backend::Auto | Backend::Cpu => "cpu",
+    let (gpu, why_cpu) = pick_device(a.backend)?;
+    let backend = match &gpu {
+        Some(gpu) => format!("cuda ({}; layers on device, stack glue on host)", gpu.name()),
+        None => match why_cpu {
+            Some(why) => format!("cpu (no GPU taken: {why})"),
+            None => "cpu".to_string(),
+        },
     };
     let t0 = Instant::now();
     let (modules, source) = model_modules(&a)?;
@@ -77,12 +115,10 @@ pub fn run(a: DemoArgs) -> Result<()> {
             pb.set_message(format!("loss {loss:.3e}"));
         }
     };
-    let report = run_demo(&modules, &source, &options, &mut progress)?;
+    let report = run_on(gpu.as_ref(), &modules, &source, &options, &mut progress)?;
     if let Some((_, pb)) = bar.take() {
         pb.finish();
     }
-    let mut report = report;
-    report.backend = backend.to_string();
     if a.json {
         println!("{}", report.to_json());
     } else {

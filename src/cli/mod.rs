@@ -18,7 +18,8 @@ mod merge;
     version,
     about = "SVFT fine-tuning layers: decompose a checkpoint, make and merge adapters, compare with LoRA",
     long_about = "SVFT fine-tuning layers. A bare `svft` runs the demo: SVFT (plain and banded) and LoRA \
-                  train on a transformer-shaped stack and the costs are compared.\n\n\
+                  train on a transformer-shaped stack (on the GPU when one is usable, else the CPU) and the \
+                  costs are compared.\n\n\
                   Real models: `svft decompose MODEL.safetensors -o F` (once), `svft init-adapter --factors F -o A` \
                   (or an adapter trained elsewhere), `svft merge --factors F --adapter A -o MERGED.safetensors`."
 )]
@@ -87,6 +88,8 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct DemoArgs {
+    /// Where the students train: auto takes a CUDA device when one is usable (f32 layers on the
+    /// device, the stack's glue and Adam on the host), else the CPU; cuda without a device is an error.
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,
     /// Take the stack's modules from this checkpoint (.safetensors, sharded index JSON, or directory).

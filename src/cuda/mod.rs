@@ -16,6 +16,8 @@ mod svd;
 pub use bench::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
 pub use device::{device_count, kernels_embedded, Gpu};
 pub use kernels::Dtype;
+// The row-major cuBLAS product, for the demo's device LoRA student.
+pub(crate) use kernels::{gemm, Mat};
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 

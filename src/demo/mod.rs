@@ -19,10 +19,21 @@
 //! B = 0) at the rank whose trainable parameter count is closest to banded SVFT's, trained with
 //! Adam on A and B. Same data, steps, schedule (cosine decay) and stack for all.
 //!
+//! **The backend.** [`run_on`] trains the students on the CPU (`CpuLayer`, the faer LoRA of
+//! [`crate::baseline`]) or on a CUDA device (`CudaLayer<f32>`, LoRA through cuBLAS; see
+//! src/demo/cuda.rs). On CUDA the layers run on the device and the stack's glue (tanh, residual
+//! adds, loss) and Adam stay on the host, each layer staging its input and output through host
+//! memory once per call; device buffers are allocated on the first step and reused. The teacher, the data and the initial weights come from the same
+//! seeded code on both backends, so a CPU and a CUDA run of one seed see the same batches and
+//! start from the same weights, and their losses agree to f32 rounding.
+//!
 //! The decomposition favours SVFT by construction (the update lives in the singular basis, and
 //! mostly near its diagonal): the demo shows the method working and what it costs, it is not
 //! a benchmark of which method generalises better.
 
+mod cuda;
+
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value};
@@ -31,6 +42,7 @@ use crate::baseline::LoraLayer;
 use crate::config::{Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::CpuLayer;
+use crate::cuda::Gpu;
 use crate::error::{Error, Result};
 use crate::pattern::{band_size, Pattern};
 use crate::rng::Rng;
@@ -177,11 +189,13 @@ pub struct MethodResult {
     pub losses: Vec<f64>,
     /// Mean wall time of one step (forward, backward, update), milliseconds.
     pub ms_per_step: f64,
-    /// Frozen weights (SVFT: U, s, V; LoRA: W0), f32 bytes.
+    /// Frozen weights (SVFT: U, s, V; LoRA: W0), f32 bytes; on CUDA the layers' persistent
+    /// device bytes less the trainable parameters (so SVFT's pattern indices count too).
     pub frozen_bytes: usize,
     /// Trainable parameters, their gradients and Adam's two moments, bytes.
     pub train_state_bytes: usize,
-    /// Activations the layers save for backward, bytes.
+    /// Activations the layers save for backward, bytes; on CUDA every other device buffer the
+    /// layers hold (workspace with the saved activations, staging buffers, gradients).
     pub saved_activation_bytes: usize,
 }
 
@@ -195,9 +209,12 @@ impl MethodResult {
 /// The whole run.
 #[derive(Debug, Clone)]
 pub struct DemoReport {
-    /// Backend the students ran on.
+    /// Backend the students ran on: `cpu` or `cuda`.
     pub backend: String,
-    /// Device description.
+    /// Where each part of a step runs, when not all on one backend (CUDA: the layers on the
+    /// device, the stack's glue and Adam on the host).
+    pub placement: Option<String>,
+    /// Device description (the CPU model, or the GPU's name).
     pub device: String,
     /// Where the modules came from.
     pub source: String,
@@ -220,10 +237,14 @@ fn mib(bytes: usize) -> f64 {
 impl DemoReport {
     /// The closing table.
     pub fn to_table(&self) -> String {
+        let backend = match &self.placement {
+            Some(p) => format!("{}, {p}", self.backend),
+            None => self.backend.clone(),
+        };
         let mut s = format!(
             "svft demo ({}: {}), {} modules from {}, residual width {}, {} tokens/step, {} steps\n\
              teacher: W0 + a hidden update in each module's singular basis (diagonal + band:2 + rank 2)\n\n",
-            self.backend,
+            backend,
             self.device,
             self.modules.len(),
             self.source,
@@ -247,7 +268,12 @@ impl DemoReport {
                 mib(r.memory_bytes())
             );
         }
-        s += "memory = frozen weights (SVFT: U, s, V; LoRA: W0) + params, grads and Adam state + saved activations, f32\n";
+        s += if self.backend == "cuda" {
+            "memory = frozen device bytes (SVFT: U, s, V and the pattern's indices; LoRA: W0) + params, grads and \
+             Adam state + device workspace and staging buffers, f32\n"
+        } else {
+            "memory = frozen weights (SVFT: U, s, V; LoRA: W0) + params, grads and Adam state + saved activations, f32\n"
+        };
         s
     }
 
@@ -255,6 +281,7 @@ impl DemoReport {
     pub fn to_json(&self) -> Value {
         json!({
             "backend": self.backend,
+            "placement": self.placement,
             "device": self.device,
             "source": self.source,
             "width": self.width,
@@ -613,6 +640,42 @@ pub fn run(
     options: &DemoOptions,
     progress: &mut dyn FnMut(&str, usize, f64),
 ) -> Result<DemoReport> {
+    run_on(None, modules, source, options, progress)
+}
+
+/// Builds one student layer for module `i`, on the CPU or on `device`'s GPU and stream.
+fn student_layer(
+    device: Option<&(Arc<Gpu>, Arc<cudarc::driver::CudaStream>)>,
+    student: Student,
+    i: usize,
+    f: &Factors,
+) -> Result<Box<dyn StackLayer>> {
+    // The same seeds on both backends: LoRA's A from 77 + i, M from Init::Zero.
+    let lora = |rl: usize| (dense_with_core(f, &vec![0.0; f.r * f.r]), rl.min(f.r), 77 + i as u64);
+    Ok(match (device, student) {
+        (None, Student::Svft(p)) => Box::new(SvftStudent::new(f.clone(), p)?),
+        (None, Student::Lora(rl)) => {
+            let (w0, rl, seed) = lora(rl);
+            Box::new(LoraStudent::new(w0, f.d_out, f.d_in, rl, seed))
+        }
+        (Some((gpu, stream)), Student::Svft(p)) => Box::new(cuda::CudaSvftStudent::new(gpu, stream, f, p)?),
+        (Some((_, stream)), Student::Lora(rl)) => {
+            let (w0, rl, seed) = lora(rl);
+            Box::new(cuda::CudaLoraStudent::new(stream, w0, f.d_out, f.d_in, rl, seed)?)
+        }
+    })
+}
+
+/// Runs the demo with the students on `gpu` (f32 layers on the device, the stack's glue and
+/// Adam on the host), or on the CPU with `None`. Data, teacher and initial weights do not
+/// depend on the backend. `progress(method, step, loss)` is called after every step.
+pub fn run_on(
+    gpu: Option<&Arc<Gpu>>,
+    modules: &[DemoModule],
+    source: &str,
+    options: &DemoOptions,
+    progress: &mut dyn FnMut(&str, usize, f64),
+) -> Result<DemoReport> {
     if options.steps == 0 || options.tokens == 0 {
         return Err(Error::InvalidArgument("--steps and --tokens must be positive".into()));
     }
@@ -662,6 +725,14 @@ pub fn run(
         debug_assert_eq!(band_size(r, options.banded), banded.size(r).unwrap_or(0));
     }
 
+    // One stream for every device layer: the host-staged glue orders the calls anyway.
+    let device = match gpu {
+        Some(gpu) => Some((
+            gpu.clone(),
+            gpu.context().new_stream().map_err(|e| crate::cuda::driver_err("creating a stream", e))?,
+        )),
+        None => None,
+    };
     let students = [
         ("SVFT plain".to_string(), Student::Svft(Pattern::Plain)),
         (format!("SVFT {banded}"), Student::Svft(banded)),
@@ -671,14 +742,7 @@ pub fn run(
     for (name, student) in students {
         let mut layers: Vec<Box<dyn StackLayer>> = Vec::new();
         for (i, m) in modules.iter().enumerate() {
-            let f = &m.factors;
-            layers.push(match student {
-                Student::Svft(p) => Box::new(SvftStudent::new(f.clone(), p)?),
-                Student::Lora(rl) => {
-                    let w0 = dense_with_core(f, &vec![0.0; f.r * f.r]);
-                    Box::new(LoraStudent::new(w0, f.d_out, f.d_in, rl.min(f.r), 77 + i as u64))
-                }
-            });
+            layers.push(student_layer(device.as_ref(), student, i, &m.factors)?);
         }
         let mut net = Net::new(layers, shapes.clone(), d, branches.clone());
         let eval_loss = |net: &mut Net| -> Result<f64> {
@@ -737,9 +801,14 @@ pub fn run(
             saved_activation_bytes: used.iter().map(|&i| net.layers[i].saved_bytes(n)).sum(),
         });
     }
+    let (backend, placement, device_name) = match gpu {
+        Some(gpu) => ("cuda", Some("layers on device, stack glue on host".to_string()), gpu.name().to_string()),
+        None => ("cpu", None, crate::bench::cpu_name()),
+    };
     Ok(DemoReport {
-        backend: "cpu".into(),
-        device: crate::bench::cpu_name(),
+        backend: backend.into(),
+        placement,
+        device: device_name,
         source: source.to_string(),
         modules: used.iter().map(|&i| (modules[i].name.clone(), shapes[i].0, shapes[i].1)).collect(),
         width: d,
@@ -795,5 +864,23 @@ mod tests {
         for r in &report.results {
             assert!(r.final_loss < 0.5 * r.initial_loss, "{}: {} -> {}", r.name, r.initial_loss, r.final_loss);
         }
+        assert_eq!((report.backend.as_str(), report.placement.as_deref()), ("cpu", None));
+        assert!(report.to_table().starts_with("svft demo (cpu: "), "{}", report.to_table());
+        assert!(report.to_json()["placement"].is_null());
+    }
+
+    /// A CUDA report names where each part ran and what its memory column counts.
+    #[test]
+    fn cuda_report_names_its_placement() {
+        let modules = vec![DemoModule::normalised("m", random_factors(6, 6, 6, 1).unwrap())];
+        let options = DemoOptions { steps: 2, tokens: 4, banded: 1, ..Default::default() };
+        let mut report = run(&modules, "test", &options, &mut |_, _, _| {}).unwrap();
+        report.backend = "cuda".into();
+        report.placement = Some("layers on device, stack glue on host".into());
+        report.device = "Some GPU".into();
+        let table = report.to_table();
+        assert!(table.starts_with("svft demo (cuda, layers on device, stack glue on host: Some GPU)"), "{table}");
+        assert!(table.contains("frozen device bytes"), "{table}");
+        assert_eq!(report.to_json()["placement"], "layers on device, stack glue on host");
     }
 }
