@@ -6,7 +6,9 @@
 //! Covered: `band_apply_{fwd,bwd}`, `coo_apply` (CSR by row for the forward form, by column for
 //! the backward form, built here from `Omega` with a stable counting sort), `{band,coo}_sddmm`
 //! in the fast (atomic) and deterministic (partial) modes, `sddmm_epilogue` and
-//! `gate_grad_reduce`, for every activation dtype (f32, bf16, f16), on odd shapes (r = 37,
+//! `gate_grad_reduce`, the fused `band_sddmm_apply_bwd_{atomic,partial}` (against f64 and bit for
+//! bit against the unfused `band_sddmm_partial` and `band_apply_bwd`, d = 0, 1, 2, 16 at r = 37,
+//! 13, 1, chunk_rows 3, 5, 16, 64), for every activation dtype (f32, bf16, f16), on odd shapes (r = 37,
 //! n = 53 tokens; the folds `U_C = U C` with n = d_out = 61 and `V_C = V C^T` with n = d_in = 37),
 //! patterns plain, banded:2, random:3 (with duplicates, checked) and topk:3 (official score),
 //! blocks of 32, 64, 128 and 256 threads, full grids (partial last blocks: 37 and 53 are not
