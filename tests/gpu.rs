@@ -141,6 +141,70 @@ fn deterministic_sddmm_is_bitwise_reproducible() {
     }
 }
 
+/// One forward + backward on fixed inputs: (dX, dM, dgamma) on the host.
+fn step<T: Dtype>(layer: &mut CudaLayer<T>, f: &svft::svd::Factors, n: usize) -> (Vec<f32>, Vec<f32>, f32) {
+    let xd = upload(layer, &randn(n * f.d_in, 11));
+    let gd = upload(layer, &randn(n * f.d_out, 12));
+    let mut yd = poisoned_dev(layer, n * f.d_out);
+    let mut dxd = poisoned_dev(layer, n * f.d_in);
+    let mut dmd: CudaSlice<f32> = layer.stream().clone_htod(&vec![f32::NAN; layer.omega().len()]).unwrap();
+    let mut dgd: CudaSlice<f32> = layer.stream().clone_htod(&[f32::NAN]).unwrap();
+    layer.forward(&xd.slice(..), n, &mut yd.slice_mut(..)).unwrap();
+    layer.backward(&gd.slice(..), n, &mut dxd.slice_mut(..), &mut dmd.slice_mut(..), &mut dgd.slice_mut(..)).unwrap();
+    let dm = layer.stream().clone_dtoh(&dmd).unwrap();
+    (download(layer, &dxd), dm, layer.stream().clone_dtoh(&dgd).unwrap()[0])
+}
+
+/// The fused band backward (`band_sddmm_apply_bwd_*`, default on) against the unfused pair on
+/// the device: both match the reference, agree with each other, and in the deterministic mode
+/// give the same dM bit for bit (same chunks, same per-entry sums). Shapes with n <= d_in (where
+/// the fused pass runs) and one with n > d_in (where it must not change anything).
+#[test]
+fn fused_backward_matches_unfused() {
+    let Some(gpu) = gpu_or_skip("fused_backward_matches_unfused") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(300, 200, 200, 4);
+    for spec in ["plain", "banded:2", "banded:16"] {
+        for mode in [SddmmMode::Fast, SddmmMode::Deterministic] {
+            for n in [1, 77, 200, 301] {
+                let config =
+                    LayerConfig { plan: Plan::Factored, gate: true, ..LayerConfig::official(spec.parse().unwrap()) };
+                let what = format!("{spec} {mode:?} n={n}");
+                let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+                layer.set_gamma(0.4).unwrap();
+                layer.set_sddmm_mode(mode);
+                assert!(layer.fused_backward() && layer.uses_band_kernels(), "{what}: fused is the default");
+                check(&mut layer, &f, None, n, F32_TOL, &format!("fused {what}"));
+                let fused = step(&mut layer, &f, n);
+                layer.set_fused_backward(false);
+                check(&mut layer, &f, None, n, F32_TOL, &format!("unfused {what}"));
+                let unfused = step(&mut layer, &f, n);
+                let e_dx = rel_err(&fused.0, &wide(&unfused.0));
+                let e_dm = rel_err(&fused.1, &wide(&unfused.1));
+                assert!(e_dx < 1e-6 && e_dm < 1e-6, "{what}: fused vs unfused dX {e_dx:e}, dM {e_dm:e}");
+                assert!((fused.2 - unfused.2).abs() <= 1e-5 * unfused.2.abs().max(1e-6), "{what}: dgamma");
+                if mode == SddmmMode::Deterministic {
+                    assert!(
+                        fused.1.iter().zip(&unfused.1).all(|(a, b)| a.to_bits() == b.to_bits())
+                            && fused.2.to_bits() == unfused.2.to_bits(),
+                        "{what}: deterministic dM/dgamma differ between fused and unfused"
+                    );
+                }
+                let same_dx = fused.0.iter().zip(&unfused.0).all(|(a, b)| a.to_bits() == b.to_bits());
+                println!("{what}: dX bitwise equal fused/unfused: {same_dx}");
+            }
+        }
+    }
+    // bf16: the fused AC is rounded once, as the unfused one.
+    let config = LayerConfig { plan: Plan::Factored, ..LayerConfig::official("banded:16".parse().unwrap()) };
+    let mut layer = CudaLayer::<half::bf16>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+    let fused = step(&mut layer, &f, 150);
+    layer.set_fused_backward(false);
+    let unfused = step(&mut layer, &f, 150);
+    let e = rel_err(&fused.0, &wide(&unfused.0));
+    assert!(e < 1e-2, "bf16 banded:16 n=150: fused vs unfused dX {e:e}");
+}
+
 #[test]
 fn bad_device_inputs_are_errors() {
     let Some(gpu) = gpu_or_skip("bad_device_inputs_are_errors") else { return };

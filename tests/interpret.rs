@@ -6,7 +6,9 @@
 //! Covered: `band_apply_{fwd,bwd}`, `coo_apply` (CSR by row for the forward form, by column for
 //! the backward form, built here from `Omega` with a stable counting sort), `{band,coo}_sddmm`
 //! in the fast (atomic) and deterministic (partial) modes, `sddmm_epilogue` and
-//! `gate_grad_reduce`, for every activation dtype (f32, bf16, f16), on odd shapes (r = 37,
+//! `gate_grad_reduce`, the fused `band_sddmm_apply_bwd_{atomic,partial}` (against f64 and bit for
+//! bit against the unfused `band_sddmm_partial` and `band_apply_bwd`, d = 0, 1, 2, 16 at r = 37,
+//! 13, 1, chunk_rows 3, 5, 16, 64), for every activation dtype (f32, bf16, f16), on odd shapes (r = 37,
 //! n = 53 tokens; the folds `U_C = U C` with n = d_out = 61 and `V_C = V C^T` with n = d_in = 37),
 //! patterns plain, banded:2, random:3 (with duplicates, checked) and topk:3 (official score),
 //! blocks of 32, 64, 128 and 256 threads, full grids (partial last blocks: 37 and 53 are not
@@ -1064,4 +1066,280 @@ fn epilogue_and_gate_reduce() {
         checks += 1;
     }
     eprintln!("epilogue/gate: {checks} checks passed");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused band SDDMM + backward apply (kernels/fused_bwd.cu), against the f64 reference and the
+// unfused pair (band_sddmm_* and band_apply_bwd_*) it replaces.
+
+#[allow(clippy::type_complexity)]
+struct FusedKernels<A> {
+    atomic: unsafe extern "C" fn(
+        Cfg,
+        *const A,
+        *const A,
+        *mut f32,
+        *mut A,
+        *const f32,
+        *const f32,
+        f32,
+        i32,
+        i32,
+        i32,
+        i32,
+    ) -> i32,
+    partial: unsafe extern "C" fn(
+        Cfg,
+        *const A,
+        *const A,
+        *mut f32,
+        *mut A,
+        *const f32,
+        *const f32,
+        f32,
+        i32,
+        i32,
+        i32,
+        i32,
+    ) -> i32,
+}
+
+macro_rules! declare_fused {
+    ($t:ty, $atomic:ident, $partial:ident) => {
+        extern "C" {
+            fn $atomic(
+                c: Cfg,
+                a: *const $t,
+                x: *const $t,
+                dc: *mut f32,
+                ac: *mut $t,
+                s: *const f32,
+                m: *const f32,
+                g: f32,
+                n: i32,
+                r: i32,
+                d: i32,
+                chunk_rows: i32,
+            ) -> i32;
+            fn $partial(
+                c: Cfg,
+                a: *const $t,
+                x: *const $t,
+                ws: *mut f32,
+                ac: *mut $t,
+                s: *const f32,
+                m: *const f32,
+                g: f32,
+                n: i32,
+                r: i32,
+                d: i32,
+                chunk_rows: i32,
+            ) -> i32;
+        }
+    };
+}
+declare_fused!(f32, svft_interp_band_sddmm_apply_bwd_atomic_f32, svft_interp_band_sddmm_apply_bwd_partial_f32);
+declare_fused!(u16, svft_interp_band_sddmm_apply_bwd_atomic_bf16, svft_interp_band_sddmm_apply_bwd_partial_bf16);
+declare_fused!(u16, svft_interp_band_sddmm_apply_bwd_atomic_f16, svft_interp_band_sddmm_apply_bwd_partial_f16);
+
+trait Fused: Act {
+    fn fused() -> FusedKernels<Self::Abi>;
+}
+impl Fused for f32 {
+    fn fused() -> FusedKernels<f32> {
+        FusedKernels {
+            atomic: svft_interp_band_sddmm_apply_bwd_atomic_f32,
+            partial: svft_interp_band_sddmm_apply_bwd_partial_f32,
+        }
+    }
+}
+impl Fused for bf16 {
+    fn fused() -> FusedKernels<u16> {
+        FusedKernels {
+            atomic: svft_interp_band_sddmm_apply_bwd_atomic_bf16,
+            partial: svft_interp_band_sddmm_apply_bwd_partial_bf16,
+        }
+    }
+}
+impl Fused for f16 {
+    fn fused() -> FusedKernels<u16> {
+        FusedKernels {
+            atomic: svft_interp_band_sddmm_apply_bwd_atomic_f16,
+            partial: svft_interp_band_sddmm_apply_bwd_partial_f16,
+        }
+    }
+}
+
+const FUSED_OFFSETS: u32 = 4; // SVFT_FUSED_OFFSETS
+fn fused_smem(block: u32, d: usize, chunk_rows: usize) -> u32 {
+    4 * chunk_rows as u32 * (2 * block + 4 * d as u32 + FUSED_OFFSETS - 1)
+}
+
+/// The band of half-width `min(d, r-1)` in canonical order (what the kernels index in closed
+/// form), as an `Omega`-free pair of coordinate lists.
+fn band_entries(r: usize, d: usize) -> (Vec<usize>, Vec<usize>) {
+    let d = d.min(r - 1);
+    let (mut rows, mut cols) = (Vec::new(), Vec::new());
+    for i in 0..r {
+        for j in i.saturating_sub(d)..=(i + d).min(r - 1) {
+            rows.push(i);
+            cols.push(j);
+        }
+    }
+    (rows, cols)
+}
+
+fn check_fused<T: Fused>() {
+    let fk = T::fused();
+    let k = T::kernels();
+    let all = T::NAME == "f32";
+    let mut checks = 0;
+    let mut skipped = 0;
+    // (r, n): the odd shape of the other tests, a rank below one warp, and rank 1 (d clamps to 0).
+    for (si, &(r, n)) in [(37usize, 53usize), (13, 9), (1, 3)].iter().enumerate() {
+        let a: Vec<T> = round(&Rng::new(500 + si as u64).normal_vec(n * r, 1.0));
+        let x: Vec<T> = round(&Rng::new(510 + si as u64).normal_vec(n * r, 1.0));
+        let (a64, x64) = (widen(&a), widen(&x));
+        let s: Vec<f32> = (0..r).map(|i| 2.0 - 1.5 * i as f32 / r as f32).collect();
+        let (ni, ri) = (n as i32, r as i32);
+        let g = sigmoid(-0.4);
+        // d = 16 exceeds r - 1 for r = 13 and r = 1: the kernels clamp it (the host passes it).
+        for d in [0usize, 1, 2, 16] {
+            let (rows, cols) = band_entries(r, d);
+            let nnz = rows.len();
+            let m = Rng::new(520 + d as u64).normal_vec(nnz, 0.5);
+            // f64 references: AC = A C and dC per chunk.
+            let mut ac_ref: Vec<f64> = (0..n * r).map(|e| s[e % r] as f64 * a64[e]).collect();
+            for kk in 0..nnz {
+                let (i, j) = (rows[kk], cols[kk]);
+                for b in 0..n {
+                    ac_ref[b * r + j] += g as f64 * a64[b * r + i] * m[kk] as f64;
+                }
+            }
+            let dc_rows = |b0: usize, b1: usize| -> Vec<f64> {
+                (0..nnz).map(|kk| (b0..b1).map(|b| a64[b * r + rows[kk]] * x64[b * r + cols[kk]]).sum()).collect()
+            };
+            let dc_ref = dc_rows(0, n);
+
+            // The unfused band_apply_bwd result (full grid, block 64): the fused AC must equal it.
+            let mut ac_unfused = vec![T::nan(); n * r];
+            let c = cfg((ceil_div(r, 64), ceil_div(n, APPLY_ROWS as usize)), 64, band_apply_smem(64, d));
+            ok(
+                unsafe {
+                    (k.band_bwd)(c, abi(&a), abi_mut(&mut ac_unfused), s.as_ptr(), m.as_ptr(), g, ni, ri, d as i32)
+                },
+                "band_apply_bwd",
+            );
+            let ac_unfused_bits: Vec<u32> = to_f32s(&ac_unfused).iter().map(|v| v.to_bits()).collect();
+
+            // First deterministic workspace seen per chunk_rows (all launch shapes must agree).
+            let mut seen: Vec<(usize, Vec<u32>)> = Vec::new();
+            for chunk_rows in [3usize, 5, 16, 64] {
+                let nchunks = n.div_ceil(chunk_rows);
+                let chunk_ref: Vec<Vec<f64>> =
+                    (0..nchunks).map(|c| dc_rows(c * chunk_rows, ((c + 1) * chunk_rows).min(n))).collect();
+                // The unfused deterministic workspace for this chunking.
+                let mut ws_unfused = vec![f32::NAN; nchunks * nnz];
+                let c = cfg((ceil_div(r, 32), nchunks as u32), 32, band_sddmm_smem(32, d, chunk_rows));
+                ok(
+                    unsafe {
+                        (k.band_partial)(
+                            c,
+                            abi(&a),
+                            abi(&x),
+                            ws_unfused.as_mut_ptr(),
+                            ni,
+                            ri,
+                            d as i32,
+                            chunk_rows as i32,
+                        )
+                    },
+                    "band_sddmm_partial",
+                );
+                for &block in &BLOCKS {
+                    if !all && block != 32 && block != 128 {
+                        continue;
+                    }
+                    let full = (ceil_div(r, block as usize), nchunks as u32);
+                    for grid in [full, (1, 2), (1, 3.min(full.1))] {
+                        let smem = fused_smem(block, d, chunk_rows);
+                        let ctx = format!(
+                            "{} r={r} n={n} d={d} block {block} grid {grid:?} chunk_rows {chunk_rows}",
+                            T::NAME
+                        );
+                        if smem > SMEM_LIMIT {
+                            skipped += 1; // not launchable on the device without opt-in either
+                            continue;
+                        }
+                        let c = cfg(grid, block, smem);
+                        let run = |atomic: bool, out: &mut [f32], ac: &mut [T]| unsafe {
+                            let f = if atomic { fk.atomic } else { fk.partial };
+                            let (op, acp) = (out.as_mut_ptr(), abi_mut(ac));
+                            let (sp, mp) = (s.as_ptr(), m.as_ptr());
+                            ok(f(c, abi(&a), abi(&x), op, acp, sp, mp, g, ni, ri, d as i32, chunk_rows as i32), &ctx);
+                        };
+                        let check_ac = |ac: &[T], mode: &str| {
+                            let e = rel_err(&to_f32s(ac), &ac_ref);
+                            assert!(e < T::TOL, "{mode} {ctx}: AC rel err {e:e}");
+                            let b: Vec<u32> = to_f32s(ac).iter().map(|v| v.to_bits()).collect();
+                            assert!(b == ac_unfused_bits, "{mode} {ctx}: AC differs from band_apply_bwd's bits");
+                        };
+
+                        // Deterministic: poisoned workspace and AC, every slot written.
+                        let mut ws = vec![f32::NAN; nchunks * nnz];
+                        let mut ac = vec![T::nan(); n * r];
+                        run(false, &mut ws, &mut ac);
+                        check_ac(&ac, "partial");
+                        for (ci, want) in chunk_ref.iter().enumerate() {
+                            let e = rel_err(&ws[ci * nnz..(ci + 1) * nnz], want);
+                            assert!(e < 1e-5, "partial {ctx}: workspace chunk {ci} rel err {e:e}");
+                        }
+                        assert!(bits(&ws) == bits(&ws_unfused), "partial {ctx}: workspace != band_sddmm_partial's");
+                        match seen.iter().find(|s| s.0 == chunk_rows) {
+                            Some((_, w0)) => assert!(*w0 == bits(&ws), "partial {ctx}: differs across launches"),
+                            None => seen.push((chunk_rows, bits(&ws))),
+                        }
+                        // Rerun: bitwise identical.
+                        let mut ws2 = vec![f32::NAN; nchunks * nnz];
+                        let mut ac2 = vec![T::nan(); n * r];
+                        run(false, &mut ws2, &mut ac2);
+                        assert!(bits(&ws2) == bits(&ws), "partial {ctx}: rerun differs");
+                        checks += 5;
+
+                        // Fast: zeroed dC, chunk partials added atomically.
+                        let mut dc = vec![0.0f32; nnz];
+                        let mut ac = vec![T::nan(); n * r];
+                        run(true, &mut dc, &mut ac);
+                        check_ac(&ac, "atomic");
+                        let e = rel_err(&dc, &dc_ref);
+                        assert!(e < 1e-5, "atomic {ctx}: dC rel err {e:e}");
+                        checks += 2;
+                    }
+                }
+            }
+            // Through the epilogue, the fused deterministic workspace gives the reference dM and
+            // gate gradient (it is the unfused workspace bit for bit, checked above).
+            let (cr, ws0) = &seen[0];
+            let ws0: Vec<f32> = ws0.iter().map(|&b| f32::from_bits(b)).collect();
+            let (dm, dgamma) = epilogue(&ws0, n.div_ceil(*cr), &m, g, 64, ceil_div(nnz, 64), 32);
+            check_grads(&format!("{} r={r} n={n} d={d} fused epilogue", T::NAME), &dm, dgamma, &dc_ref, &m, g);
+            checks += 1;
+        }
+    }
+    // Skips are only the shared-memory-limited shapes (wide blocks with d = 16 and 64-row chunks).
+    assert!(checks > 200 && skipped < checks, "fused {}: {checks} checks, {skipped} skipped", T::NAME);
+    eprintln!("fused backward {}: {checks} checks passed ({skipped} shapes over the smem limit skipped)", T::NAME);
+}
+
+#[test]
+fn fused_bwd_f32() {
+    check_fused::<f32>();
+}
+#[test]
+fn fused_bwd_bf16() {
+    check_fused::<bf16>();
+}
+#[test]
+fn fused_bwd_f16() {
+    check_fused::<f16>();
 }

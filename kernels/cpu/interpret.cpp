@@ -6,12 +6,14 @@
 #include "cuda_interpret.h"
 
 #include "../core_apply.cu"
+#include "../fused_bwd.cu"
 #include "../sddmm.cu"
 
 #include "svft_interp.h"
 
 static_assert(SVFT_INTERP_APPLY_ROWS == SVFT_APPLY_ROWS, "svft_interp.h out of date");
 static_assert(SVFT_INTERP_SDDMM_OFFSETS == SVFT_SDDMM_OFFSETS, "svft_interp.h out of date");
+static_assert(SVFT_INTERP_FUSED_OFFSETS == SVFT_FUSED_OFFSETS, "svft_interp.h out of date");
 
 namespace {
 
@@ -74,6 +76,18 @@ T* out(void* p) {
                                              int r, int nnz, int chunk_rows) {                   \
     return svft_interp::launch(to_cfg(cfg), coo_sddmm_partial_##SUFFIX, in<KT>(A), in<KT>(X),    \
                                rows, cols, order, workspace, n, r, nnz, chunk_rows);             \
+  }                                                                                              \
+  int svft_interp_band_sddmm_apply_bwd_atomic_##SUFFIX(                                          \
+      svft_launch_cfg cfg, const CT* A, const CT* X, float* dC, CT* AC, const float* s,          \
+      const float* M, float g, int n, int r, int d, int chunk_rows) {                            \
+    return svft_interp::launch(to_cfg(cfg), band_sddmm_apply_bwd_atomic_##SUFFIX, in<KT>(A),     \
+                               in<KT>(X), dC, out<KT>(AC), s, M, g, n, r, d, chunk_rows);        \
+  }                                                                                              \
+  int svft_interp_band_sddmm_apply_bwd_partial_##SUFFIX(                                         \
+      svft_launch_cfg cfg, const CT* A, const CT* X, float* workspace, CT* AC, const float* s,   \
+      const float* M, float g, int n, int r, int d, int chunk_rows) {                            \
+    return svft_interp::launch(to_cfg(cfg), band_sddmm_apply_bwd_partial_##SUFFIX, in<KT>(A),    \
+                               in<KT>(X), workspace, out<KT>(AC), s, M, g, n, r, d, chunk_rows); \
   }
 
 extern "C" {

@@ -22,8 +22,9 @@ typedef struct svft_launch_cfg {
 } svft_launch_cfg;
 
 // Compile-time constants of the kernels that the host needs to size launches
-// (SVFT_APPLY_ROWS in core_apply.cu, SVFT_SDDMM_OFFSETS in sddmm.cu).
-enum { SVFT_INTERP_APPLY_ROWS = 4, SVFT_INTERP_SDDMM_OFFSETS = 4 };
+// (SVFT_APPLY_ROWS in core_apply.cu, SVFT_SDDMM_OFFSETS in sddmm.cu, SVFT_FUSED_OFFSETS in
+// fused_bwd.cu).
+enum { SVFT_INTERP_APPLY_ROWS = 4, SVFT_INTERP_SDDMM_OFFSETS = 4, SVFT_INTERP_FUSED_OFFSETS = 4 };
 
 // Dynamic shared memory of the band kernels (d already clamped to r-1 or not: larger is fine).
 static inline uint32_t svft_band_apply_smem_bytes(uint32_t block_x, int d) {
@@ -32,6 +33,11 @@ static inline uint32_t svft_band_apply_smem_bytes(uint32_t block_x, int d) {
 static inline uint32_t svft_band_sddmm_smem_bytes(uint32_t block_x, int d, int chunk_rows) {
   return 4u * (uint32_t)chunk_rows *
          (2u * block_x + 2u * (uint32_t)d + SVFT_INTERP_SDDMM_OFFSETS - 1u);
+}
+static inline uint32_t svft_band_sddmm_apply_bwd_smem_bytes(uint32_t block_x, int d,
+                                                            int chunk_rows) {
+  return 4u * (uint32_t)chunk_rows *
+         (2u * block_x + 4u * (uint32_t)d + SVFT_INTERP_FUSED_OFFSETS - 1u);
 }
 
 
@@ -106,6 +112,26 @@ int svft_interp_coo_sddmm_partial_f16(
     svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, const int32_t* rows,
     const int32_t* cols, const int32_t* order, float* workspace, int n, int r, int nnz,
     int chunk_rows);
+
+int svft_interp_band_sddmm_apply_bwd_atomic_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, float* dC, float* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_apply_bwd_atomic_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, uint16_t* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_apply_bwd_atomic_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* dC, uint16_t* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+
+int svft_interp_band_sddmm_apply_bwd_partial_f32(
+    svft_launch_cfg cfg, const float* A, const float* X, float* workspace, float* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_apply_bwd_partial_bf16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, uint16_t* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+int svft_interp_band_sddmm_apply_bwd_partial_f16(
+    svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, uint16_t* AC,
+    const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
 
 int svft_interp_sddmm_epilogue(
     svft_launch_cfg cfg, const float* partial, int nchunks, const float* M, float g, float* dM,

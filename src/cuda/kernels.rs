@@ -15,6 +15,8 @@ pub(crate) const BLOCK: u32 = 128;
 const APPLY_ROWS: usize = 4;
 /// Diagonals per thread in the band SDDMM (`SVFT_SDDMM_OFFSETS` in sddmm.cu).
 const SDDMM_OFFSETS: usize = 4;
+/// Diagonals per thread in the fused backward (`SVFT_FUSED_OFFSETS` in fused_bwd.cu).
+const FUSED_OFFSETS: usize = 4;
 /// Dynamic shared memory available without opt-in.
 const SMEM_LIMIT: usize = 48 * 1024;
 /// Largest grid y dimension.
@@ -87,6 +89,18 @@ pub(crate) fn band_fits(d: usize) -> bool {
 pub(crate) fn band_sddmm_chunk_rows(d: usize) -> usize {
     let per_row = 4 * (2 * BLOCK as usize + 2 * d + SDDMM_OFFSETS - 1);
     (SMEM_LIMIT / per_row).clamp(1, 32)
+}
+
+/// Dynamic shared memory of the fused band SDDMM + backward apply (A and X windows per chunk row).
+fn fused_bwd_smem(d: usize) -> usize {
+    4 * band_sddmm_chunk_rows(d) * (2 * BLOCK as usize + 4 * d + FUSED_OFFSETS - 1)
+}
+
+/// Whether the fused band backward fits shared memory for half-width `d` with the unfused band
+/// SDDMM's `chunk_rows` (kept equal so both modes give the unfused chunks, and the deterministic
+/// workspace keeps its size); else the host runs the unfused pair.
+pub(crate) fn fused_bwd_fits(d: usize) -> bool {
+    band_fits(d) && fused_bwd_smem(d) <= SMEM_LIMIT
 }
 
 /// Batch rows per chunk of the COO SDDMM: at most 64 chunks, so a deterministic workspace
@@ -238,6 +252,69 @@ pub(crate) fn sddmm<T: Dtype>(
             nchunks
         }
     };
+    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate)
+}
+
+/// `AC = A C` on the band (backward form of `band_apply_bwd`) and the band SDDMM of `a` and `t`
+/// in one pass (`band_sddmm_apply_bwd_*`), then the epilogue as [`sddmm`]. Same arguments as
+/// [`sddmm`] for a band pattern, plus `ac` (`n x r`) and `s`. Requires [`fused_bwd_fits`]`(d)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sddmm_apply_bwd<T: Dtype>(
+    gpu: &Gpu,
+    stream: &std::sync::Arc<CudaStream>,
+    d: usize,
+    deterministic: bool,
+    a: &CudaView<'_, T>,
+    t: &CudaView<'_, T>,
+    ac: &mut CudaViewMut<'_, T>,
+    s: &CudaView<'_, f32>,
+    n: usize,
+    r: usize,
+    nnz: usize,
+    work: &mut CudaViewMut<'_, f32>,
+    m: &CudaView<'_, f32>,
+    g: f32,
+    dm: &mut CudaViewMut<'_, f32>,
+    gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+) -> Result<()> {
+    debug_assert!(fused_bwd_fits(d) && a.len() >= n * r && t.len() >= n * r && ac.len() >= n * r);
+    let mode = if deterministic { "partial" } else { "atomic" };
+    if !deterministic {
+        stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
+    }
+    let chunk = band_sddmm_chunk_rows(d);
+    let nchunks = ceil_div(n, chunk);
+    let name = format!("band_sddmm_apply_bwd_{mode}_{}", T::SUFFIX);
+    let f = gpu.function(&name)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(ceil_div(r, BLOCK as usize), nchunks),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: fused_bwd_smem(d) as u32,
+    };
+    let (n_i, r_i, d_i, chunk_i) = (n as i32, r as i32, d as i32, chunk as i32);
+    let mut b = stream.launch_builder(f);
+    b.arg(a).arg(t).arg(&mut *work).arg(ac).arg(s).arg(m).arg(&g).arg(&n_i).arg(&r_i).arg(&d_i).arg(&chunk_i);
+    // SAFETY: argument list and sizes as documented for band_sddmm_apply_bwd_*.
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate)
+}
+
+/// `sddmm_epilogue` over the SDDMM's output (`nchunks` partials, or the fast mode's dC) and,
+/// with `gate`, `gate_grad_reduce`.
+#[allow(clippy::too_many_arguments)]
+fn epilogue(
+    gpu: &Gpu,
+    stream: &std::sync::Arc<CudaStream>,
+    deterministic: bool,
+    nchunks: usize,
+    nnz: usize,
+    work: &mut CudaViewMut<'_, f32>,
+    m: &CudaView<'_, f32>,
+    g: f32,
+    dm: &mut CudaViewMut<'_, f32>,
+    gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+) -> Result<()> {
+    let nnz_i = nnz as i32;
     let reduced_chunks = if deterministic { nchunks as i32 } else { 1 };
     let blocks = epilogue_blocks(nnz);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };

@@ -10,7 +10,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use super::kernels::{
-    apply, band_fits, epilogue_blocks, gemm, sddmm, sddmm_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
+    apply, band_fits, epilogue_blocks, fused_bwd_fits, gemm, sddmm, sddmm_apply_bwd, sddmm_workspace_len, CoreArgs,
+    Dtype, Mat, SddmmPattern,
 };
 use super::{blas_err, driver_err, Gpu};
 use crate::calibrate::{self, PlanTable};
@@ -97,6 +98,8 @@ pub struct CudaLayer<T: Dtype> {
     by_row: DeviceCsr,
     by_col: DeviceCsr,
     sddmm_mode: SddmmMode,
+    /// Band SDDMM and `A C` in one pass in the factored backward (see [`CudaLayer::set_fused_backward`]).
+    fused_backward: bool,
     ws: Workspace<T>,
     saved: Option<Saved>,
     /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
@@ -235,6 +238,7 @@ impl<T: Dtype> CudaLayer<T> {
             omega,
             config: *config,
             sddmm_mode: SddmmMode::Fast,
+            fused_backward: true,
             ws: Workspace {
                 t: None,
                 core_act: None,
@@ -304,6 +308,17 @@ impl<T: Dtype> CudaLayer<T> {
     /// Chooses the SDDMM reduction (fast by default).
     pub fn set_sddmm_mode(&mut self, mode: SddmmMode) {
         self.sddmm_mode = mode;
+    }
+    /// Fuses the band SDDMM and the backward core apply `A C` into one kernel
+    /// (`band_sddmm_apply_bwd_*`, on by default) where the factored backward forms `A C` on the
+    /// activations (`n <= d_in`) and the fused kernel fits shared memory; off runs the two
+    /// kernels separately (same results; the deterministic mode is bitwise the same).
+    pub fn set_fused_backward(&mut self, on: bool) {
+        self.fused_backward = on;
+    }
+    /// Whether the fused backward is enabled (see [`CudaLayer::set_fused_backward`]).
+    pub fn fused_backward(&self) -> bool {
+        self.fused_backward
     }
     /// Whether the band stencil kernels are in use (else the CSR kernels).
     pub fn uses_band_kernels(&self) -> bool {
@@ -515,6 +530,8 @@ impl<T: Dtype> CudaLayer<T> {
         let gpu = &self.gpu;
         let blas = &self.blas;
         let gate = self.config.gate;
+        // The fused pass needs the band kernels and `A C` on the activations (n <= d_in).
+        let fused_band = self.band.filter(|&d| self.fused_backward && n <= d_in && fused_bwd_fits(d));
         let sddmm_rows = match saved.plan {
             ExecPlan::Factored | ExecPlan::SmallN => n,
             ExecPlan::Merged => d_out,
@@ -537,37 +554,53 @@ impl<T: Dtype> CudaLayer<T> {
                 )?;
                 let mut gp = gate_partial.slice_mut(..);
                 let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
-                sddmm(
-                    gpu,
-                    &stream,
-                    pv.sddmm(),
-                    deterministic,
-                    &a.slice(..n * r),
-                    &t,
-                    n,
-                    r,
-                    nnz,
-                    &mut work.slice_mut(..),
-                    &m,
-                    g,
-                    dm,
-                    gate_bufs,
-                )?;
-                if n <= d_in {
-                    let ac = grow(&stream, &mut ws.core_act, n * r)?;
-                    apply(
+                let a_v = a.slice(..n * r);
+                let mut wv = work.slice_mut(..);
+                match fused_band {
+                    Some(d) => {
+                        let ac = grow(&stream, &mut ws.core_act, n * r)?;
+                        let mut acv = ac.slice_mut(..n * r);
+                        sddmm_apply_bwd(
+                            gpu,
+                            &stream,
+                            d,
+                            deterministic,
+                            &a_v,
+                            &t,
+                            &mut acv,
+                            &s,
+                            n,
+                            r,
+                            nnz,
+                            &mut wv,
+                            &m,
+                            g,
+                            dm,
+                            gate_bufs,
+                        )?;
+                    }
+                    None => sddmm(
                         gpu,
                         &stream,
-                        false,
-                        pv.bwd(),
-                        &a.slice(..n * r),
-                        &mut ac.slice_mut(..n * r),
-                        &s,
-                        &m,
-                        g,
+                        pv.sddmm(),
+                        deterministic,
+                        &a_v,
+                        &t,
                         n,
                         r,
-                    )?;
+                        nnz,
+                        &mut wv,
+                        &m,
+                        g,
+                        dm,
+                        gate_bufs,
+                    )?,
+                }
+                if n <= d_in {
+                    let ac = grow(&stream, &mut ws.core_act, n * r)?;
+                    if fused_band.is_none() {
+                        apply(gpu, &stream, false, pv.bwd(), &a_v, &mut ac.slice_mut(..n * r), &s, &m, g, n, r)?;
+                    }
                     gemm(
                         blas,
                         dx,

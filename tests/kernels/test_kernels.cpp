@@ -76,6 +76,8 @@ struct F32 {
   static constexpr auto band_partial = svft_interp_band_sddmm_partial_f32;
   static constexpr auto coo_atomic = svft_interp_coo_sddmm_atomic_f32;
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_f32;
+  static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_f32;
+  static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_f32;
 };
 struct BF16 {
   using E = uint16_t;
@@ -95,6 +97,8 @@ struct BF16 {
   static constexpr auto band_partial = svft_interp_band_sddmm_partial_bf16;
   static constexpr auto coo_atomic = svft_interp_coo_sddmm_atomic_bf16;
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_bf16;
+  static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_bf16;
+  static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_bf16;
 };
 struct F16 {
   using E = uint16_t;
@@ -114,6 +118,8 @@ struct F16 {
   static constexpr auto band_partial = svft_interp_band_sddmm_partial_f16;
   static constexpr auto coo_atomic = svft_interp_coo_sddmm_atomic_f16;
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_f16;
+  static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_f16;
+  static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_f16;
 };
 
 // Reference round-to-nearest-even conversions, to check the CUDA headers' host paths.
@@ -403,6 +409,83 @@ void test_case(const Pattern& p, int n, const std::vector<Launch>& launches,
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Fused band SDDMM + backward apply (fused_bwd.cu): against f64, and bit for bit against the
+// unfused band_sddmm_partial (workspace) and band_apply_bwd (AC) it replaces; AC and the
+// workspace poisoned with NaN; fast mode's dC to 1e-5.
+template <typename D>
+void test_fused(const Pattern& p, int n, const std::vector<Launch>& launches,
+                const std::vector<int>& chunk_sizes, uint64_t seed) {
+  using E = typename D::E;
+  const int r = p.r, nnz = p.nnz();
+  const std::string tag = std::string(D::name) + " fused " + p.name + " r=" + std::to_string(r) +
+                          " n=" + std::to_string(n);
+  Rng rng(seed);
+  std::vector<E> X(n * r), A(n * r);
+  for (auto& v : X) v = D::enc(rng.uniform());
+  for (auto& v : A) v = D::enc(rng.uniform());
+  std::vector<float> s(r), M(nnz);
+  for (int i = 0; i < r; ++i) s[i] = 0.5f + 1.25f * i / r;
+  for (auto& v : M) v = rng.uniform();
+  const float g = 0.61f;
+  const std::vector<double> Xd = dec<D>(X), Ad = dec<D>(A);
+  std::vector<double> ref_ac(n * r), ref_dc(nnz, 0.0);
+  for (int b = 0; b < n; ++b)
+    for (int i = 0; i < r; ++i) ref_ac[b * r + i] = s[i] * Ad[b * r + i];
+  for (int k = 0; k < nnz; ++k)
+    for (int b = 0; b < n; ++b) {
+      ref_ac[b * r + p.cols[k]] += g * Ad[b * r + p.rows[k]] * M[k];
+      ref_dc[k] += Ad[b * r + p.rows[k]] * Xd[b * r + p.cols[k]];
+    }
+
+  // The unfused AC (block 32, full grid).
+  std::vector<E> AC_unfused(n * r, D::nan());
+  int rc = D::apply_bwd(cfg(cdiv(r, 32), cdiv(n, SVFT_INTERP_APPLY_ROWS), 32,
+                            svft_band_apply_smem_bytes(32, p.d)),
+                        A.data(), AC_unfused.data(), s.data(), M.data(), g, n, r, p.d);
+  check(rc == 0, tag + " unfused apply launch");
+
+  for (int chunk : chunk_sizes) {
+    const int nchunks = (int)cdiv(n, chunk);
+    std::vector<float> ws_unfused((size_t)nchunks * nnz, NAN);
+    rc = D::band_partial(cfg(cdiv(r, 32), nchunks, 32, svft_band_sddmm_smem_bytes(32, p.d, chunk)),
+                         A.data(), X.data(), ws_unfused.data(), n, r, p.d, chunk);
+    check(rc == 0, tag + " unfused sddmm launch");
+    for (const Launch& L : launches) {
+      const std::string ct = tag + " block=" + std::to_string(L.block) +
+                             (L.small_grid ? " grid=1x2" : "") + " chunk=" + std::to_string(chunk);
+      const uint32_t smem = svft_band_sddmm_apply_bwd_smem_bytes(L.block, p.d, chunk);
+      if (smem > 48 * 1024) continue;  // not launchable without opt-in on the device either
+      const auto c = cfg(L.small_grid ? 1 : cdiv(r, L.block), L.small_grid ? 2 : nchunks, L.block, smem);
+
+      std::vector<float> ws((size_t)nchunks * nnz, NAN);
+      std::vector<E> AC(n * r, D::nan());
+      rc = D::fused_partial(c, A.data(), X.data(), ws.data(), AC.data(), s.data(), M.data(), g, n,
+                            r, p.d, chunk);
+      const double e_ac = rel_err(dec<D>(AC), ref_ac);
+      std::vector<double> dc(nnz, 0.0);
+      for (int ci = 0; ci < nchunks; ++ci)
+        for (int k = 0; k < nnz; ++k) dc[k] += ws[(size_t)ci * nnz + k];
+      const double e_dc = rel_err(dc, ref_dc);
+      check(rc == 0 && e_ac < D::tol_out && e_dc < 1e-5,
+            ct + " fused partial err AC=" + std::to_string(e_ac) + " dC=" + std::to_string(e_dc));
+      check(std::memcmp(ws.data(), ws_unfused.data(), ws.size() * sizeof(float)) == 0,
+            ct + " fused workspace bitwise = band_sddmm_partial");
+      check(std::memcmp(AC.data(), AC_unfused.data(), AC.size() * sizeof(E)) == 0,
+            ct + " fused AC bitwise = band_apply_bwd");
+
+      std::vector<float> dC(nnz, 0.f);
+      std::vector<E> AC2(n * r, D::nan());
+      rc = D::fused_atomic(c, A.data(), X.data(), dC.data(), AC2.data(), s.data(), M.data(), g, n,
+                           r, p.d, chunk);
+      const double e_dc2 = rel_err(dec_f32(dC), ref_dc);
+      check(rc == 0 && e_dc2 < 1e-5 &&
+                std::memcmp(AC2.data(), AC_unfused.data(), AC2.size() * sizeof(E)) == 0,
+            ct + " fused atomic err dC=" + std::to_string(e_dc2));
+    }
+  }
+}
+
 void test_band_index() {
   // The closed form used by the kernels, checked against enumeration via the full-band apply:
   // here, just the size formula for many shapes (the kernels' index math is exercised by every
@@ -439,6 +522,15 @@ void run_dtype(bool quick) {
     if (sh.r > 5 && !quick) pats.push_back(make_band(sh.r, 5));
     if (sh.r > 1 && !quick) pats.push_back(make_band(sh.r, sh.r - 1));  // the full r x r core
     for (const Pattern& p : pats) test_case<D>(p, sh.n, launches, chunks, ++seed);
+    // The fused backward over d = 0, 1, 2, 16 (clamped to r-1 inside the kernel when larger;
+    // the pattern is the clamped band) and chunkings that leave a partial 4-row group.
+    for (int d : {0, 1, 2, 16}) {
+      if (quick && d == 1) continue;
+      Pattern p = make_band(sh.r, std::min(d, sh.r - 1));
+      p.d = d;
+      test_fused<D>(p, sh.n, launches, quick ? std::vector<int>{3, 16} : std::vector<int>{3, 5, 16, 64},
+                    ++seed);
+    }
   }
 }
 
