@@ -139,6 +139,9 @@ pub struct Row {
     pub layer_bytes: Option<(usize, usize)>,
     /// How the frozen factors were made, when not by an SVD or QR (the grid's fast generator).
     pub factors_note: Option<&'static str>,
+    /// CUDA, band patterns, factored headline with n <= d_in: the same step with the fused
+    /// backward (SDDMM + core apply in one pass) turned off, to keep the faster one default.
+    pub unfused_bwd_ms: Option<f64>,
     /// Whether `Auto` resolved from a measured plan table ([`crate::calibrate`]) rather than
     /// the FLOP model alone.
     pub auto_measured: bool,
@@ -221,6 +224,8 @@ impl Row {
             ("persistent_bytes", self.layer_bytes.map(|b| json!(b.0))),
             ("workspace_bytes", self.layer_bytes.map(|b| json!(b.1))),
             ("factors", self.factors_note.map(|s| json!(s))),
+            ("svft_unfused_bwd_ms", self.unfused_bwd_ms.map(|t| json!(t))),
+            ("fused_speedup", self.unfused_bwd_ms.map(|t| json!(t / self.svft_fwd_bwd_ms))),
         ];
         for (key, value) in optional {
             if let Some(value) = value {
@@ -546,6 +551,7 @@ impl CpuShape {
             copy_gb_per_s: None,
             layer_bytes: None,
             factors_note: self.factors_note,
+            unfused_bwd_ms: None,
             auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
         })
     }

@@ -269,6 +269,19 @@ impl<T: Dtype> CudaShape<T> {
             }
         };
         layer.set_plan(requested);
+        // The fused backward only runs for band patterns on the factored order at n <= d_in.
+        let unfused = if layer.uses_band_kernels()
+            && layer.fused_backward()
+            && headline == ExecPlan::Factored
+            && n <= dims.d_in
+        {
+            layer.set_fused_backward(false);
+            let t = time_ms(&stream, budget_ms, || self.svft_step(layer, n, &mut dm, &mut dg));
+            layer.set_fused_backward(true);
+            Some(t?)
+        } else {
+            None
+        };
         let floor = time_ms(&stream, budget_ms, || self.floor_step(layer, headline, n))?;
         let lora = time_ms(&stream, budget_ms, || self.lora_step(n))?;
         let svft_ms = plan_ms.iter().find(|p| p.0 == headline).map_or(f64::NAN, |p| p.1);
@@ -298,6 +311,7 @@ impl<T: Dtype> CudaShape<T> {
             copy_gb_per_s: self.copy_gb_per_s,
             layer_bytes: Some((layer.persistent_bytes(), layer.workspace_bytes())),
             factors_note: self.factors_note,
+            unfused_bwd_ms: unfused,
             auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
         })
     }
