@@ -15,6 +15,7 @@ mod svd;
 pub use bench::run_cuda;
 pub use device::{device_count, kernels_embedded, Gpu};
 pub use kernels::Dtype;
+pub(crate) use kernels::smalln_workspace_len;
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 
