@@ -171,8 +171,7 @@ declare_dtype!(
 macro_rules! declare_skinny {
     ($t:ty, $nn:ident, $reduce:ident, $nt:ident) => {
         extern "C" {
-            fn $nn(c: Cfg, x: *const $t, b: *const $t, partial: *mut f32, n: i32, k: i32, cc: i32, splits: i32)
-                -> i32;
+            fn $nn(c: Cfg, x: *const $t, b: *const $t, partial: *mut f32, n: i32, k: i32, cc: i32, splits: i32) -> i32;
             fn $reduce(c: Cfg, partial: *const f32, y: *mut $t, splits: i32, count: i32) -> i32;
             fn $nt(c: Cfg, x: *const $t, b: *const $t, y: *mut $t, n: i32, k: i32, m: i32) -> i32;
         }

@@ -338,7 +338,7 @@ pub(crate) fn smalln_workspace_len(d_out: usize, d_in: usize, r: usize, n: usize
 
 /// Checks that a skinny product's operands hold their sizes and that its index space fits i32.
 fn skinny_check(what: &str, sizes: &[(&str, usize, usize)], dims: [usize; 3]) -> Result<()> {
-    if dims.iter().any(|&d| d == 0) {
+    if dims.contains(&0) {
         return Err(Error::InvalidArgument(format!("{what}: empty product {dims:?}")));
     }
     let fits = |a: usize, b: usize| a.checked_mul(b).is_some_and(|p| p <= i32::MAX as usize);
@@ -423,8 +423,11 @@ pub(crate) fn skinny_nt<T: Dtype>(
     k: usize,
     m: usize,
 ) -> Result<()> {
-    let sizes =
-        [("in", x.len(), n.saturating_mul(k)), ("B", b.len(), m.saturating_mul(k)), ("out", out.len(), n.saturating_mul(m))];
+    let sizes = [
+        ("in", x.len(), n.saturating_mul(k)),
+        ("B", b.len(), m.saturating_mul(k)),
+        ("out", out.len(), n.saturating_mul(m)),
+    ];
     skinny_check("skinny_nt", &sizes, [n, k, m])?;
     let (n_i, k_i, m_i) = (n as i32, k as i32, m as i32);
     let name = format!("skinny_nt_{}", T::SUFFIX);

@@ -14,8 +14,8 @@ mod svd;
 
 pub use bench::run_cuda;
 pub use device::{device_count, kernels_embedded, Gpu};
-pub use kernels::Dtype;
 pub(crate) use kernels::smalln_workspace_len;
+pub use kernels::Dtype;
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 
