@@ -198,7 +198,7 @@ int main(void) {
     EXPECT(NULL_POINTER, svft_layer_svd_residual(layer, NULL));
     EXPECT(INVALID_HANDLE, svft_layer_svd_residual(forged, &res));
     EXPECT(OK, svft_layer_svd_residual(layer, &res));
-    EXPECT(INVALID_ARGUMENT, svft_layer_set_plan(layer, 3));
+    EXPECT(INVALID_ARGUMENT, svft_layer_set_plan(layer, 4));
     EXPECT(INVALID_HANDLE, svft_layer_set_plan(forged, 0));
 
     /* Forward. */
