@@ -92,14 +92,16 @@ fn every_case<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
             if pattern.omega(&f).is_err() {
                 continue;
             }
-            for plan in [Plan::Factored, Plan::Merged] {
+            for plan in [Plan::Factored, Plan::Merged, Plan::SmallN] {
+                // SmallN: token counts around its 16-token chunks, and beyond its intended range.
+                let ns: &[usize] = if plan == Plan::SmallN { &[1, 5, 16, 17, 40, 300] } else { &[1, 30, 300, 2049] };
                 for gate in [false, true] {
                     let config = LayerConfig { pattern, init: Init::Official, gate, plan, seed: 2 };
                     let bias = gate.then(|| randn(d_out, 3));
                     let mut layer =
                         CudaLayer::<T>::new(gpu.clone(), stream.clone(), &f, &config, bias.as_deref()).unwrap();
                     let what = format!("{dtype} {d_out}x{d_in} r={r} {spec} {plan} gate={gate}");
-                    for n in [1, 30, 300, 2049] {
+                    for &n in ns {
                         check(&mut layer, &f, bias.as_deref(), n, tol, &what);
                     }
                 }
@@ -203,6 +205,29 @@ fn fused_backward_matches_unfused() {
     let unfused = step(&mut layer, &f, 150);
     let e = rel_err(&fused.0, &wide(&unfused.0));
     assert!(e < 1e-2, "bf16 banded:16 n=150: fused vs unfused dX {e:e}");
+}
+
+#[test]
+fn small_n_is_bitwise_reproducible_and_allocates_once() {
+    let Some(gpu) = gpu_or_skip("small_n_is_bitwise_reproducible_and_allocates_once") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    // Shapes large enough for several splits and staging tiles of the skinny kernels.
+    let f = factors(700, 500, 300, 3);
+    for spec in ["banded:16", "random:8:seed=1"] {
+        let config = LayerConfig { plan: Plan::SmallN, ..LayerConfig::official(spec.parse().unwrap()) };
+        let mut layer = CudaLayer::<half::bf16>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+        layer.set_sddmm_mode(SddmmMode::Deterministic);
+        for n in [1, 16, 40] {
+            let a = check(&mut layer, &f, None, n, 1e-2, spec);
+            let held = layer.workspace_bytes();
+            let b = check(&mut layer, &f, None, n, 1e-2, spec);
+            assert_eq!(layer.workspace_bytes(), held, "{spec} n={n}: the second step grew the workspace");
+            assert!(
+                a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{spec} n={n}: small-n dM differs run to run"
+            );
+        }
+    }
 }
 
 #[test]

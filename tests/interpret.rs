@@ -170,6 +170,19 @@ declare_dtype!(
     svft_interp_coo_sddmm_partial_f16
 );
 
+macro_rules! declare_skinny {
+    ($t:ty, $nn:ident, $reduce:ident, $nt:ident) => {
+        extern "C" {
+            fn $nn(c: Cfg, x: *const $t, b: *const $t, partial: *mut f32, n: i32, k: i32, cc: i32, splits: i32) -> i32;
+            fn $reduce(c: Cfg, partial: *const f32, y: *mut $t, splits: i32, count: i32) -> i32;
+            fn $nt(c: Cfg, x: *const $t, b: *const $t, y: *mut $t, n: i32, k: i32, m: i32) -> i32;
+        }
+    };
+}
+declare_skinny!(f32, svft_interp_skinny_nn_f32, svft_interp_skinny_reduce_f32, svft_interp_skinny_nt_f32);
+declare_skinny!(u16, svft_interp_skinny_nn_bf16, svft_interp_skinny_reduce_bf16, svft_interp_skinny_nt_bf16);
+declare_skinny!(u16, svft_interp_skinny_nn_f16, svft_interp_skinny_reduce_f16, svft_interp_skinny_nt_f16);
+
 extern "C" {
     fn svft_interp_sddmm_epilogue(
         c: Cfg,
@@ -254,6 +267,9 @@ struct Kernels<A> {
         i32,
         i32,
     ) -> i32,
+    skinny_nn: unsafe extern "C" fn(Cfg, *const A, *const A, *mut f32, i32, i32, i32, i32) -> i32,
+    skinny_reduce: unsafe extern "C" fn(Cfg, *const f32, *mut A, i32, i32) -> i32,
+    skinny_nt: unsafe extern "C" fn(Cfg, *const A, *const A, *mut A, i32, i32, i32) -> i32,
 }
 
 impl Act for f32 {
@@ -278,13 +294,17 @@ impl Act for f32 {
             band_partial: svft_interp_band_sddmm_partial_f32,
             coo_atomic: svft_interp_coo_sddmm_atomic_f32,
             coo_partial: svft_interp_coo_sddmm_partial_f32,
+            skinny_nn: svft_interp_skinny_nn_f32,
+            skinny_reduce: svft_interp_skinny_reduce_f32,
+            skinny_nt: svft_interp_skinny_nt_f32,
         }
     }
 }
 
 macro_rules! half_act {
     ($t:ty, $name:literal, $band_fwd:ident, $band_bwd:ident, $coo_apply:ident, $band_atomic:ident,
-     $band_partial:ident, $coo_atomic:ident, $coo_partial:ident) => {
+     $band_partial:ident, $coo_atomic:ident, $coo_partial:ident, $skinny_nn:ident, $skinny_reduce:ident,
+     $skinny_nt:ident) => {
         impl Act for $t {
             type Abi = u16;
             const NAME: &'static str = $name;
@@ -307,6 +327,9 @@ macro_rules! half_act {
                     band_partial: $band_partial,
                     coo_atomic: $coo_atomic,
                     coo_partial: $coo_partial,
+                    skinny_nn: $skinny_nn,
+                    skinny_reduce: $skinny_reduce,
+                    skinny_nt: $skinny_nt,
                 }
             }
         }
@@ -322,7 +345,10 @@ half_act!(
     svft_interp_band_sddmm_atomic_bf16,
     svft_interp_band_sddmm_partial_bf16,
     svft_interp_coo_sddmm_atomic_bf16,
-    svft_interp_coo_sddmm_partial_bf16
+    svft_interp_coo_sddmm_partial_bf16,
+    svft_interp_skinny_nn_bf16,
+    svft_interp_skinny_reduce_bf16,
+    svft_interp_skinny_nt_bf16
 );
 half_act!(
     f16,
@@ -333,7 +359,10 @@ half_act!(
     svft_interp_band_sddmm_atomic_f16,
     svft_interp_band_sddmm_partial_f16,
     svft_interp_coo_sddmm_atomic_f16,
-    svft_interp_coo_sddmm_partial_f16
+    svft_interp_coo_sddmm_partial_f16,
+    svft_interp_skinny_nn_f16,
+    svft_interp_skinny_reduce_f16,
+    svft_interp_skinny_nt_f16
 );
 
 /// Pointer to the ABI element type (identity for f32, the u16 bit pattern for bf16/f16).
@@ -1342,4 +1371,223 @@ fn fused_bwd_bf16() {
 #[test]
 fn fused_bwd_f16() {
     check_fused::<f16>();
+}
+
+// Skinny products of the small-n plan (skinny_gemm.cu): the kernels alone, then the plan's whole
+// forward and backward sequence as src/cuda/layer.rs enqueues it, against the f64 layer.
+
+const SKINNY_TOKENS: usize = 16; // SVFT_SKINNY_TOKENS
+const SKINNY_NN_KT: u32 = 128; // SVFT_SKINNY_NN_KT
+const SKINNY_NT_KT: u32 = 256; // SVFT_SKINNY_NT_KT
+const SKINNY_NT_ROWS: u32 = 2; // SVFT_SKINNY_NT_ROWS
+const SMALL_NS: [usize; 5] = [1, 5, 16, 17, 40];
+
+/// Staged-tile row stride for `n` tokens (svft_skinny_stride in svft_interp.h).
+fn skinny_stride(n: usize) -> u32 {
+    let nt = n.clamp(1, SKINNY_TOKENS).next_power_of_two() as u32;
+    if nt <= 4 {
+        nt
+    } else {
+        nt + 4
+    }
+}
+
+/// `out[n x c] = x[n x k] b[k x c]` through skinny_nn + skinny_reduce; `grid` None = full
+/// coverage, else (gx, gy, gz). The partials and the output are poisoned first.
+#[allow(clippy::too_many_arguments)]
+fn run_nn<T: Act>(
+    x: &[T],
+    b: &[T],
+    n: usize,
+    k: usize,
+    c: usize,
+    splits: usize,
+    block: u32,
+    grid: Option<[u32; 3]>,
+) -> Vec<T> {
+    let kern = T::kernels();
+    let grid = grid.unwrap_or([ceil_div(c, block as usize), splits as u32, ceil_div(n, SKINNY_TOKENS)]);
+    let cfg_nn = Cfg { grid, block: [block, 1, 1], shared_mem_bytes: 4 * SKINNY_NN_KT * skinny_stride(n) };
+    let mut partial = vec![f32::NAN; splits * n * c];
+    let mut y = vec![T::nan(); n * c];
+    let (ni, ki, ci, si) = (n as i32, k as i32, c as i32, splits as i32);
+    unsafe {
+        ok((kern.skinny_nn)(cfg_nn, abi(x), abi(b), partial.as_mut_ptr(), ni, ki, ci, si), "skinny_nn");
+        let cfg_r = cfg((grid[0].min(2), 1), block, 0); // undersized on purpose: grid-stride
+        ok((kern.skinny_reduce)(cfg_r, partial.as_ptr(), abi_mut(&mut y), si, ni * ci), "skinny_reduce");
+    }
+    y
+}
+
+/// `out[n x m] = x[n x k] b[m x k]^T` through skinny_nt; `grid` None = full coverage.
+fn run_nt<T: Act>(x: &[T], b: &[T], n: usize, k: usize, m: usize, block: u32, grid: Option<(u32, u32)>) -> Vec<T> {
+    let kern = T::kernels();
+    let rows = SKINNY_NT_ROWS * (block / 32);
+    let grid = grid.unwrap_or((ceil_div(m, rows as usize), ceil_div(n, SKINNY_TOKENS)));
+    let c = cfg(grid, block, 4 * SKINNY_NT_KT * skinny_stride(n));
+    let mut y = vec![T::nan(); n * m];
+    unsafe {
+        ok((kern.skinny_nt)(c, abi(x), abi(b), abi_mut(&mut y), n as i32, k as i32, m as i32), "skinny_nt");
+    }
+    y
+}
+
+/// `x[n x k] b[k x c]` in f64.
+fn matmul_ref(x: &[f64], b: &[f64], n: usize, k: usize, c: usize) -> Vec<f64> {
+    let mut y = vec![0.0; n * c];
+    for i in 0..n {
+        for kk in 0..k {
+            let xv = x[i * k + kk];
+            for j in 0..c {
+                y[i * c + j] += xv * b[kk * c + j];
+            }
+        }
+    }
+    y
+}
+
+fn transpose<T: Copy>(b: &[T], rows: usize, cols: usize) -> Vec<T> {
+    (0..cols * rows).map(|e| b[(e % rows) * cols + e / rows]).collect()
+}
+
+fn check_skinny<T: Act>() {
+    let mut checks = 0;
+    // k = 300 spans three nn tiles and two nt tiles; k = 61, c = 37 are multiples of nothing.
+    // (Interpret mode is slow: tests/kernels/test_kernels.cpp runs a larger matrix.)
+    for &(k, c, ns) in &[(61usize, 37usize, &SMALL_NS[..]), (300, 29, &[1, 17][..])] {
+        for &n in ns {
+            let x: Vec<T> = round(&Rng::new(n as u64 + 7 * k as u64).normal_vec(n * k, 1.0));
+            let b: Vec<T> = round(&Rng::new(c as u64 + 3).normal_vec(k * c, 1.0));
+            let want = matmul_ref(&widen(&x), &widen(&b), n, k, c);
+            let ctx = format!("{} n={n} k={k} c={c}", T::NAME);
+            // Split counts: one, one that does not divide k (full and undersized grids: the
+            // bits depend on the split count only), and more than k (empty splits).
+            let launches: [(usize, u32, Option<[u32; 3]>); 4] =
+                [(1, 128, None), (7, 64, None), (7, 32, Some([1, 2, 1])), (k + 3, 128, None)];
+            let mut seven: Option<Vec<f32>> = None;
+            for (splits, block, grid) in launches {
+                let y = to_f32s(&run_nn(&x, &b, n, k, c, splits, block, grid));
+                let e = rel_err(&y, &want);
+                assert!(e < T::TOL, "{ctx} nn splits={splits} block={block} grid={grid:?}: rel err {e:e}");
+                if splits == 7 {
+                    match &seven {
+                        None => seven = Some(y),
+                        Some(y0) => assert!(bits(y0) == bits(&y), "{ctx} nn splits=7: bits depend on the grid"),
+                    }
+                }
+                checks += 1;
+            }
+            let bt = transpose(&b, k, c); // c x k: the nt form of the same product
+            let y0 = to_f32s(&run_nt(&x, &bt, n, k, c, 128, None));
+            let y1 = to_f32s(&run_nt(&x, &bt, n, k, c, 64, Some((2, 1))));
+            for (y, what) in [(&y0, "full grid"), (&y1, "grid 2x1")] {
+                let e = rel_err(y, &want);
+                assert!(e < T::TOL, "{ctx} nt {what}: rel err {e:e}");
+            }
+            assert!(bits(&y0) == bits(&y1), "{ctx} nt: bits depend on the launch shape");
+            checks += 2;
+        }
+    }
+    eprintln!("skinny {}: {checks} checks passed", T::NAME);
+}
+
+#[test]
+fn skinny_f32() {
+    check_skinny::<f32>();
+}
+#[test]
+fn skinny_bf16() {
+    check_skinny::<bf16>();
+}
+#[test]
+fn skinny_f16() {
+    check_skinny::<f16>();
+}
+
+/// The small-n plan's step as `CudaLayer` runs it (T = X V, S = T C^T, Y = S U^T; A = G U,
+/// A C, dX = (A C) V^T; the SDDMM is the factored plan's, checked above), with every
+/// intermediate stored in T, against the f64 layer of SVFT.md section 2 on the same rounded
+/// inputs: d_out = 61 != d_in = 37, r = 37, banded:2 (n around the 16-token chunks) and
+/// random:3 (CSR; n = 1, 17), the n = 17 step run twice (bitwise identical).
+fn check_small_n_step<T: Act>() {
+    let (f, pats) = setup();
+    let kern = T::kernels();
+    let (d_out, d_in, r) = (f.d_out, f.d_in, f.r);
+    let (u, v): (Vec<T>, Vec<T>) = (round(&f.u), round(&f.v));
+    let mut fr = f.clone();
+    fr.u = to_f32s(&u);
+    fr.v = to_f32s(&v);
+    let g = sigmoid(0.3);
+    for (pat, ns) in [(&pats[1], &SMALL_NS[..]), (&pats[2], &[1, 17][..])] {
+        let m = Rng::new(77).normal_vec(pat.nnz(), 0.2);
+        let refl = Reference::new(&fr, &pat.omega, &m, 0.3, true, None);
+        let core = |x: &[T], n: usize, forward: bool| -> Vec<T> {
+            let mut y = vec![T::nan(); n * r];
+            let gy = ceil_div(n, APPLY_ROWS as usize);
+            let rc = unsafe {
+                match pat.band {
+                    Some(d) => {
+                        let kf = if forward { kern.band_fwd } else { kern.band_bwd };
+                        let c = cfg((ceil_div(r, 128), gy), 128, band_apply_smem(128, d));
+                        kf(c, abi(x), abi_mut(&mut y), f.s.as_ptr(), m.as_ptr(), g, n as i32, r as i32, d as i32)
+                    }
+                    None => {
+                        let csr = if forward { &pat.by_row } else { &pat.by_col };
+                        (kern.coo_apply)(
+                            cfg((ceil_div(r, 128), gy), 128, 0),
+                            abi(x),
+                            abi_mut(&mut y),
+                            f.s.as_ptr(),
+                            m.as_ptr(),
+                            csr.ptr.as_ptr(),
+                            csr.idx.as_ptr(),
+                            csr.perm.as_ptr(),
+                            g,
+                            n as i32,
+                            r as i32,
+                        )
+                    }
+                }
+            };
+            ok(rc, "core apply");
+            y
+        };
+        for &n in ns {
+            let x: Vec<T> = round(&Rng::new(900 + n as u64).normal_vec(n * d_in, 1.0));
+            let gout: Vec<T> = round(&Rng::new(950 + n as u64).normal_vec(n * d_out, 1.0));
+            let step = || {
+                let t = run_nn(&x, &v, n, d_in, r, 3, 128, None);
+                let y = run_nt(&core(&t, n, true), &u, n, r, d_out, 128, None);
+                let a = run_nn(&gout, &u, n, d_out, r, 2, 128, None);
+                let dx = run_nt(&core(&a, n, false), &v, n, r, d_in, 128, None);
+                (to_f32s(&y), to_f32s(&dx))
+            };
+            let (y, dx) = step();
+            let ctx = format!("{} small-n step {} n={n}", T::NAME, pat.name);
+            let (xw, gw) = (widen(&x), widen(&gout));
+            let ey = rel_err(&y, &refl.forward(&xw, n));
+            let edx = rel_err(&dx, &refl.backward(&xw, &gw, n).0);
+            // f32: the 1e-5 of SVFT.md; bf16/f16: T, S, A and A C are each rounded once (the
+            // layer tolerance of tests/gpu.rs).
+            let tol = if T::TOL < 1e-3 { 1e-5 } else { 1e-2 };
+            assert!(ey < tol && edx < tol, "{ctx}: rel err Y {ey:e}, dX {edx:e} (tol {tol})");
+            if n == 17 {
+                let (y2, dx2) = step();
+                assert!(bits(&y) == bits(&y2) && bits(&dx) == bits(&dx2), "{ctx}: rerun differs");
+            }
+        }
+    }
+}
+
+#[test]
+fn small_n_step_f32() {
+    check_small_n_step::<f32>();
+}
+#[test]
+fn small_n_step_bf16() {
+    check_small_n_step::<bf16>();
+}
+#[test]
+fn small_n_step_f16() {
+    check_small_n_step::<f16>();
 }

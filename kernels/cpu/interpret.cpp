@@ -8,12 +8,17 @@
 #include "../core_apply.cu"
 #include "../fused_bwd.cu"
 #include "../sddmm.cu"
+#include "../skinny_gemm.cu"
 
 #include "svft_interp.h"
 
 static_assert(SVFT_INTERP_APPLY_ROWS == SVFT_APPLY_ROWS, "svft_interp.h out of date");
 static_assert(SVFT_INTERP_SDDMM_OFFSETS == SVFT_SDDMM_OFFSETS, "svft_interp.h out of date");
 static_assert(SVFT_INTERP_FUSED_OFFSETS == SVFT_FUSED_OFFSETS, "svft_interp.h out of date");
+static_assert(SVFT_INTERP_SKINNY_TOKENS == SVFT_SKINNY_TOKENS, "svft_interp.h out of date");
+static_assert(SVFT_INTERP_SKINNY_NN_KT == SVFT_SKINNY_NN_KT, "svft_interp.h out of date");
+static_assert(SVFT_INTERP_SKINNY_NT_KT == SVFT_SKINNY_NT_KT, "svft_interp.h out of date");
+static_assert(SVFT_INTERP_SKINNY_NT_ROWS == SVFT_SKINNY_NT_ROWS, "svft_interp.h out of date");
 
 namespace {
 
@@ -88,6 +93,21 @@ T* out(void* p) {
       const float* M, float g, int n, int r, int d, int chunk_rows) {                            \
     return svft_interp::launch(to_cfg(cfg), band_sddmm_apply_bwd_partial_##SUFFIX, in<KT>(A),    \
                                in<KT>(X), workspace, out<KT>(AC), s, M, g, n, r, d, chunk_rows); \
+  }                                                                                              \
+  int svft_interp_skinny_nn_##SUFFIX(svft_launch_cfg cfg, const CT* X, const CT* B,              \
+                                     float* partial, int n, int k, int c, int splits) {          \
+    return svft_interp::launch(to_cfg(cfg), skinny_nn_##SUFFIX, in<KT>(X), in<KT>(B), partial,   \
+                               n, k, c, splits);                                                 \
+  }                                                                                              \
+  int svft_interp_skinny_reduce_##SUFFIX(svft_launch_cfg cfg, const float* partial, CT* Y,       \
+                                         int splits, int count) {                                \
+    return svft_interp::launch(to_cfg(cfg), skinny_reduce_##SUFFIX, partial, out<KT>(Y), splits, \
+                               count);                                                           \
+  }                                                                                              \
+  int svft_interp_skinny_nt_##SUFFIX(svft_launch_cfg cfg, const CT* X, const CT* B, CT* Y,       \
+                                     int n, int k, int m) {                                      \
+    return svft_interp::launch(to_cfg(cfg), skinny_nt_##SUFFIX, in<KT>(X), in<KT>(B), out<KT>(Y), \
+                               n, k, m);                                                         \
   }
 
 extern "C" {

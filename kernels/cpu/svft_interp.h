@@ -23,8 +23,16 @@ typedef struct svft_launch_cfg {
 
 // Compile-time constants of the kernels that the host needs to size launches
 // (SVFT_APPLY_ROWS in core_apply.cu, SVFT_SDDMM_OFFSETS in sddmm.cu, SVFT_FUSED_OFFSETS in
-// fused_bwd.cu).
-enum { SVFT_INTERP_APPLY_ROWS = 4, SVFT_INTERP_SDDMM_OFFSETS = 4, SVFT_INTERP_FUSED_OFFSETS = 4 };
+// fused_bwd.cu, SVFT_SKINNY_* in skinny_gemm.cu).
+enum {
+  SVFT_INTERP_APPLY_ROWS = 4,
+  SVFT_INTERP_SDDMM_OFFSETS = 4,
+  SVFT_INTERP_FUSED_OFFSETS = 4,
+  SVFT_INTERP_SKINNY_TOKENS = 16,
+  SVFT_INTERP_SKINNY_NN_KT = 128,
+  SVFT_INTERP_SKINNY_NT_KT = 256,
+  SVFT_INTERP_SKINNY_NT_ROWS = 2
+};
 
 // Dynamic shared memory of the band kernels (d already clamped to r-1 or not: larger is fine).
 static inline uint32_t svft_band_apply_smem_bytes(uint32_t block_x, int d) {
@@ -40,6 +48,19 @@ static inline uint32_t svft_band_sddmm_apply_bwd_smem_bytes(uint32_t block_x, in
          (2u * block_x + 4u * (uint32_t)d + SVFT_INTERP_FUSED_OFFSETS - 1u);
 }
 
+// Dynamic shared memory of the skinny kernels for n tokens: the staged tile of the largest token
+// chunk, min(n, 16) rounded up to 1, 2, 4, 8 or 16 tokens (row stride NT, or NT + 4 from 8 up).
+static inline uint32_t svft_skinny_stride(int n) {
+  const int t = n >= SVFT_INTERP_SKINNY_TOKENS ? SVFT_INTERP_SKINNY_TOKENS : (n < 1 ? 1 : n);
+  const uint32_t nt = t <= 1 ? 1u : t <= 2 ? 2u : t <= 4 ? 4u : t <= 8 ? 8u : 16u;
+  return nt <= 4u ? nt : nt + 4u;
+}
+static inline uint32_t svft_skinny_nn_smem_bytes(int n) {
+  return 4u * SVFT_INTERP_SKINNY_NN_KT * svft_skinny_stride(n);
+}
+static inline uint32_t svft_skinny_nt_smem_bytes(int n) {
+  return 4u * SVFT_INTERP_SKINNY_NT_KT * svft_skinny_stride(n);
+}
 
 int svft_interp_band_apply_fwd_f32(
     svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, float g, int n,
@@ -132,6 +153,30 @@ int svft_interp_band_sddmm_apply_bwd_partial_bf16(
 int svft_interp_band_sddmm_apply_bwd_partial_f16(
     svft_launch_cfg cfg, const uint16_t* A, const uint16_t* X, float* workspace, uint16_t* AC,
     const float* s, const float* M, float g, int n, int r, int d, int chunk_rows);
+
+int svft_interp_skinny_nn_f32(
+    svft_launch_cfg cfg, const float* X, const float* B, float* partial, int n, int k, int c,
+    int splits);
+int svft_interp_skinny_nn_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, const uint16_t* B, float* partial, int n, int k, int c,
+    int splits);
+int svft_interp_skinny_nn_f16(
+    svft_launch_cfg cfg, const uint16_t* X, const uint16_t* B, float* partial, int n, int k, int c,
+    int splits);
+
+int svft_interp_skinny_reduce_f32(
+    svft_launch_cfg cfg, const float* partial, float* Y, int splits, int count);
+int svft_interp_skinny_reduce_bf16(
+    svft_launch_cfg cfg, const float* partial, uint16_t* Y, int splits, int count);
+int svft_interp_skinny_reduce_f16(
+    svft_launch_cfg cfg, const float* partial, uint16_t* Y, int splits, int count);
+
+int svft_interp_skinny_nt_f32(
+    svft_launch_cfg cfg, const float* X, const float* B, float* Y, int n, int k, int m);
+int svft_interp_skinny_nt_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, const uint16_t* B, uint16_t* Y, int n, int k, int m);
+int svft_interp_skinny_nt_f16(
+    svft_launch_cfg cfg, const uint16_t* X, const uint16_t* B, uint16_t* Y, int n, int k, int m);
 
 int svft_interp_sddmm_epilogue(
     svft_launch_cfg cfg, const float* partial, int nchunks, const float* M, float g, float* dM,

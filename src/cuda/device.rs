@@ -16,7 +16,7 @@ const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("SVFT_FATBIN")));
 const FATBIN: Option<&[u8]> = None;
 
 /// Every kernel the fatbin must provide (per-dtype kernels without their suffix).
-pub(crate) const KERNELS_PER_DTYPE: [&str; 7] = [
+pub(crate) const KERNELS_PER_DTYPE: [&str; 10] = [
     "band_apply_fwd",
     "band_apply_bwd",
     "coo_apply",
@@ -24,6 +24,9 @@ pub(crate) const KERNELS_PER_DTYPE: [&str; 7] = [
     "band_sddmm_partial",
     "coo_sddmm_atomic",
     "coo_sddmm_partial",
+    "skinny_nn",
+    "skinny_reduce",
+    "skinny_nt",
 ];
 /// Kernels that exist once (f32 only).
 pub(crate) const KERNELS_F32: [&str; 2] = ["sddmm_epilogue", "gate_grad_reduce"];

@@ -7,7 +7,7 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
 use super::{blas_err, driver_err, Gpu};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Threads per block of every kernel.
 pub(crate) const BLOCK: u32 = 128;
@@ -19,8 +19,23 @@ const SDDMM_OFFSETS: usize = 4;
 const FUSED_OFFSETS: usize = 4;
 /// Dynamic shared memory available without opt-in.
 const SMEM_LIMIT: usize = 48 * 1024;
-/// Largest grid y dimension.
+/// Largest grid y (and z) dimension.
 const GRID_Y_MAX: usize = 65_535;
+/// Tokens per chunk of the skinny kernels (`SVFT_SKINNY_TOKENS` in skinny_gemm.cu).
+const SKINNY_TOKENS: usize = 16;
+/// Rows of B per staging tile of `skinny_nn` (`SVFT_SKINNY_NN_KT`).
+const SKINNY_NN_KT: usize = 128;
+/// Columns of B per staging tile of `skinny_nt` (`SVFT_SKINNY_NT_KT`).
+const SKINNY_NT_KT: usize = 256;
+/// Rows of B per warp in `skinny_nt` (`SVFT_SKINNY_NT_ROWS`).
+const SKINNY_NT_ROWS: usize = 2;
+/// Blocks the split-K product aims for: at 128 threads, about 8 resident blocks per SM of a
+/// 132-SM card, so that enough loads of B are in flight to stream it at full bandwidth. Fixed
+/// (not read from the device) so the split count, hence the bits of the result and the
+/// workspace size, do not depend on the card.
+const SKINNY_TARGET_BLOCKS: usize = 1024;
+/// Most splits of one split-K product.
+const SKINNY_MAX_SPLITS: usize = 256;
 
 /// Activation dtypes: f32, bf16, f16. s, M, gamma and all gradients of M stay f32.
 pub trait Dtype:
@@ -362,6 +377,149 @@ fn epilogue(
 /// Blocks of the epilogue for `nnz` coefficients (and floats of its gate partials).
 pub(crate) fn epilogue_blocks(nnz: usize) -> usize {
     ceil_div(nnz, 256).clamp(1, 1024)
+}
+
+/// Row stride (floats) of the skinny kernels' staged tile for `n` tokens: `min(n, 16)` rounded up
+/// to 1, 2, 4, 8 or 16 tokens, plus 4 from 8 up (`skinny_stride` in skinny_gemm.cu).
+fn skinny_stride(n: usize) -> usize {
+    let nt = n.clamp(1, SKINNY_TOKENS).next_power_of_two();
+    if nt <= 4 {
+        nt
+    } else {
+        nt + 4
+    }
+}
+
+/// Split count of `skinny_nn` for `out[n x c] = in[n x k] B[k x c]` with `elem`-byte B: enough
+/// blocks to fill the card ([`SKINNY_TARGET_BLOCKS`]), but the f32 partials (written and read
+/// once, `8 n c` bytes per split) at most a quarter of B's `k c elem` bytes, and no more splits
+/// than staging tiles of k.
+pub(crate) fn skinny_splits(n: usize, k: usize, c: usize, elem: usize) -> usize {
+    let blocks = ceil_div(c, BLOCK as usize) * ceil_div(n, SKINNY_TOKENS);
+    let want = ceil_div(SKINNY_TARGET_BLOCKS, blocks.max(1));
+    let traffic_cap = (k * elem / (32 * n.max(1))).max(1);
+    let tile_cap = ceil_div(k, SKINNY_NN_KT).max(1);
+    want.min(traffic_cap).min(tile_cap).clamp(1, SKINNY_MAX_SPLITS)
+}
+
+/// f32 workspace of `skinny_nn` for these sizes: `splits x n x c` partial sums.
+pub(crate) fn skinny_workspace_len(n: usize, k: usize, c: usize, elem: usize) -> usize {
+    skinny_splits(n, k, c, elem).saturating_mul(n).saturating_mul(c)
+}
+
+/// f32 workspace of the small-n plan for `n` tokens: the larger of its two split-K products,
+/// `T = X V` (k = d_in) and `A = G U` (k = d_out), both with c = r.
+pub(crate) fn smalln_workspace_len(d_out: usize, d_in: usize, r: usize, n: usize, elem: usize) -> usize {
+    skinny_workspace_len(n, d_in, r, elem).max(skinny_workspace_len(n, d_out, r, elem))
+}
+
+/// Checks that a skinny product's operands hold their sizes and that its index space fits i32.
+fn skinny_check(what: &str, sizes: &[(&str, usize, usize)], dims: [usize; 3]) -> Result<()> {
+    if dims.contains(&0) {
+        return Err(Error::InvalidArgument(format!("{what}: empty product {dims:?}")));
+    }
+    let fits = |a: usize, b: usize| a.checked_mul(b).is_some_and(|p| p <= i32::MAX as usize);
+    if !(fits(dims[0], dims[1]) && fits(dims[1], dims[2]) && fits(dims[0], dims[2])) {
+        return Err(Error::InvalidArgument(format!("{what}: sizes {dims:?} are too large for the kernels")));
+    }
+    for &(name, have, need) in sizes {
+        if have < need {
+            return Err(Error::InvalidArgument(format!("{what}: {name} holds {have} elements, needs {need}")));
+        }
+    }
+    Ok(())
+}
+
+/// `out[n x c] = x[n x k] b[k x c]` (row-major) with `skinny_nn` (split-K, f32 partials in
+/// `work`, at least [`skinny_workspace_len`] floats) and `skinny_reduce` (fixed-order sum, one
+/// rounding to `T`): reads `b` once per 16 tokens, bitwise reproducible.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn skinny_nn<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    x: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    out: &mut CudaViewMut<'_, T>,
+    work: &mut CudaViewMut<'_, f32>,
+    n: usize,
+    k: usize,
+    c: usize,
+) -> Result<()> {
+    let splits = skinny_splits(n, k, c, std::mem::size_of::<T>());
+    skinny_check(
+        "skinny_nn",
+        &[
+            ("in", x.len(), n.saturating_mul(k)),
+            ("B", b.len(), k.saturating_mul(c)),
+            ("out", out.len(), n.saturating_mul(c)),
+            ("workspace", work.len(), splits.saturating_mul(n).saturating_mul(c)),
+        ],
+        [n, k, c],
+    )?;
+    let (n_i, k_i, c_i, splits_i, count_i) = (n as i32, k as i32, c as i32, splits as i32, (n * c) as i32);
+    let name = format!("skinny_nn_{}", T::SUFFIX);
+    let f = gpu.function(&name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (
+            ceil_div(c, BLOCK as usize) as u32,
+            splits as u32,
+            ceil_div(n, SKINNY_TOKENS).min(GRID_Y_MAX) as u32,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: (4 * SKINNY_NN_KT * skinny_stride(n)) as u32,
+    };
+    let mut l = stream.launch_builder(f);
+    l.arg(x).arg(b).arg(&mut *work).arg(&n_i).arg(&k_i).arg(&c_i).arg(&splits_i);
+    // SAFETY: argument list and buffer sizes checked above, as documented for skinny_nn_*.
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+
+    let name = format!("skinny_reduce_{}", T::SUFFIX);
+    let f = gpu.function(&name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (ceil_div(n * c, BLOCK as usize).clamp(1, 4096) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut l = stream.launch_builder(f);
+    l.arg(&mut *work).arg(out).arg(&splits_i).arg(&count_i);
+    // SAFETY: `work` holds splits * n * c floats, `out` n * c elements (checked above).
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    Ok(())
+}
+
+/// `out[n x m] = x[n x k] b[m x k]^T` (row-major; contracts over b's contiguous dimension) with
+/// `skinny_nt`: a warp per two rows of `b`, bitwise reproducible, no workspace.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn skinny_nt<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    x: &CudaView<'_, T>,
+    b: &CudaView<'_, T>,
+    out: &mut CudaViewMut<'_, T>,
+    n: usize,
+    k: usize,
+    m: usize,
+) -> Result<()> {
+    let sizes = [
+        ("in", x.len(), n.saturating_mul(k)),
+        ("B", b.len(), m.saturating_mul(k)),
+        ("out", out.len(), n.saturating_mul(m)),
+    ];
+    skinny_check("skinny_nt", &sizes, [n, k, m])?;
+    let (n_i, k_i, m_i) = (n as i32, k as i32, m as i32);
+    let name = format!("skinny_nt_{}", T::SUFFIX);
+    let f = gpu.function(&name)?;
+    let rows_per_block = SKINNY_NT_ROWS * (BLOCK as usize / 32);
+    let cfg = LaunchConfig {
+        grid_dim: grid(ceil_div(m, rows_per_block), ceil_div(n, SKINNY_TOKENS)),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: (4 * SKINNY_NT_KT * skinny_stride(n)) as u32,
+    };
+    let mut l = stream.launch_builder(f);
+    l.arg(x).arg(b).arg(out).arg(&n_i).arg(&k_i).arg(&m_i);
+    // SAFETY: argument list and buffer sizes checked above, as documented for skinny_nt_*.
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    Ok(())
 }
 
 /// One operand of a row-major product: `rows x cols` over `data`, used transposed or not.

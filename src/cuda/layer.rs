@@ -10,8 +10,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use super::kernels::{
-    apply, band_fits, epilogue_blocks, fused_bwd_fits, gemm, sddmm, sddmm_apply_bwd, sddmm_workspace_len, CoreArgs,
-    Dtype, Mat, SddmmPattern,
+    apply, band_fits, epilogue_blocks, fused_bwd_fits, gemm, sddmm, sddmm_apply_bwd, sddmm_workspace_len, skinny_nn,
+    skinny_nt, smalln_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
 };
 use super::{blas_err, driver_err, Gpu};
 use crate::calibrate::{self, PlanTable};
@@ -56,6 +56,8 @@ struct Workspace<T: Dtype> {
     ones: Option<CudaSlice<T>>,
     sddmm: Option<CudaSlice<f32>>,
     gate_partial: Option<CudaSlice<f32>>,
+    /// Split-K partial sums of the small-n plan's `T = X V` and `A = G U`.
+    skinny: Option<CudaSlice<f32>>,
 }
 
 /// Grows `slot` to at least `len` elements (allocating only then) and returns it.
@@ -252,6 +254,7 @@ impl<T: Dtype> CudaLayer<T> {
                 ones: None,
                 sddmm: None,
                 gate_partial: None,
+                skinny: None,
             },
             saved: None,
             plan_table: None,
@@ -390,6 +393,7 @@ impl<T: Dtype> CudaLayer<T> {
             + t(&w.ones)
             + f(&w.sddmm)
             + f(&w.gate_partial)
+            + f(&w.skinny)
     }
 
     /// `Y = X W^T (+ bias)`: `x` is `n x d_in`, `y` is `n x d_out`, both on this layer's device.
@@ -415,15 +419,24 @@ impl<T: Dtype> CudaLayer<T> {
         let blas = &self.blas;
         match plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
+                // SmallN: the same order with the dense products in the skinny kernels (they
+                // stream U and V once per 16 tokens), and C always on the activations.
+                let small = plan == ExecPlan::SmallN;
                 let t = grow(&stream, &mut ws.t, n * r)?;
-                gemm(
-                    blas,
-                    &mut t.slice_mut(..n * r),
-                    Mat { data: x, rows: n, cols: d_in, trans: false },
-                    Mat { data: &v, rows: d_in, cols: r, trans: false },
-                    false,
-                )?;
-                if n <= d_out {
+                if small {
+                    let elem = std::mem::size_of::<T>();
+                    let work = grow(&stream, &mut ws.skinny, smalln_workspace_len(d_out, d_in, r, n, elem))?;
+                    skinny_nn(gpu, &stream, x, &v, &mut t.slice_mut(..n * r), &mut work.slice_mut(..), n, d_in, r)?;
+                } else {
+                    gemm(
+                        blas,
+                        &mut t.slice_mut(..n * r),
+                        Mat { data: x, rows: n, cols: d_in, trans: false },
+                        Mat { data: &v, rows: d_in, cols: r, trans: false },
+                        false,
+                    )?;
+                }
+                if small || n <= d_out {
                     let s_act = grow(&stream, &mut ws.core_act, n * r)?;
                     apply(
                         gpu,
@@ -438,13 +451,17 @@ impl<T: Dtype> CudaLayer<T> {
                         n,
                         r,
                     )?;
-                    gemm(
-                        blas,
-                        y,
-                        Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false },
-                        Mat { data: &u, rows: d_out, cols: r, trans: true },
-                        false,
-                    )?;
+                    if small {
+                        skinny_nt(gpu, &stream, &s_act.slice(..n * r), &u, y, n, r, d_out)?;
+                    } else {
+                        gemm(
+                            blas,
+                            y,
+                            Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false },
+                            Mat { data: &u, rows: d_out, cols: r, trans: true },
+                            false,
+                        )?;
+                    }
                 } else {
                     let uc = grow(&stream, &mut ws.uc, d_out * r)?;
                     apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
@@ -530,8 +547,11 @@ impl<T: Dtype> CudaLayer<T> {
         let gpu = &self.gpu;
         let blas = &self.blas;
         let gate = self.config.gate;
-        // The fused pass needs the band kernels and `A C` on the activations (n <= d_in).
-        let fused_band = self.band.filter(|&d| self.fused_backward && n <= d_in && fused_bwd_fits(d));
+        // Where the backward core goes: on the activations (`A C`, n x r) when that is smaller
+        // than folding it into V, and always on the small-n path (its kernels take V as is).
+        let core_on_acts = saved.plan == ExecPlan::SmallN || n <= d_in;
+        // The fused pass needs the band kernels and `A C` on the activations.
+        let fused_band = self.band.filter(|&d| self.fused_backward && core_on_acts && fused_bwd_fits(d));
         let sddmm_rows = match saved.plan {
             ExecPlan::Factored | ExecPlan::SmallN => n,
             ExecPlan::Merged => d_out,
@@ -543,15 +563,22 @@ impl<T: Dtype> CudaLayer<T> {
         }
         match saved.plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
+                let small = saved.plan == ExecPlan::SmallN;
                 let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
                 let a = grow(&stream, &mut ws.a, n * r)?;
-                gemm(
-                    blas,
-                    &mut a.slice_mut(..n * r),
-                    Mat { data: g_out, rows: n, cols: d_out, trans: false },
-                    Mat { data: &u, rows: d_out, cols: r, trans: false },
-                    false,
-                )?;
+                if small {
+                    let elem = std::mem::size_of::<T>();
+                    let skw = grow(&stream, &mut ws.skinny, smalln_workspace_len(d_out, d_in, r, n, elem))?;
+                    skinny_nn(gpu, &stream, g_out, &u, &mut a.slice_mut(..n * r), &mut skw.slice_mut(..), n, d_out, r)?;
+                } else {
+                    gemm(
+                        blas,
+                        &mut a.slice_mut(..n * r),
+                        Mat { data: g_out, rows: n, cols: d_out, trans: false },
+                        Mat { data: &u, rows: d_out, cols: r, trans: false },
+                        false,
+                    )?;
+                }
                 let mut gp = gate_partial.slice_mut(..);
                 let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
                 let a_v = a.slice(..n * r);
@@ -596,18 +623,22 @@ impl<T: Dtype> CudaLayer<T> {
                         gate_bufs,
                     )?,
                 }
-                if n <= d_in {
+                if core_on_acts {
                     let ac = grow(&stream, &mut ws.core_act, n * r)?;
                     if fused_band.is_none() {
                         apply(gpu, &stream, false, pv.bwd(), &a_v, &mut ac.slice_mut(..n * r), &s, &m, g, n, r)?;
                     }
-                    gemm(
-                        blas,
-                        dx,
-                        Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false },
-                        Mat { data: &v, rows: d_in, cols: r, trans: true },
-                        false,
-                    )?;
+                    if small {
+                        skinny_nt(gpu, &stream, &ac.slice(..n * r), &v, dx, n, r, d_in)?;
+                    } else {
+                        gemm(
+                            blas,
+                            dx,
+                            Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false },
+                            Mat { data: &v, rows: d_in, cols: r, trans: true },
+                            false,
+                        )?;
+                    }
                 } else {
                     let vc = grow(&stream, &mut ws.vc, d_in * r)?;
                     apply(gpu, &stream, true, pv.fwd(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;

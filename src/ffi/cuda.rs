@@ -748,8 +748,13 @@ impl CudaRecord {
         let plan = each!(&self.inner.layer, l => l.plan_for(n));
         let ones = if self.inner.has_bias { n } else { 0 };
         let f32s = k.saturating_add(k.div_ceil(256).clamp(1, 1024)); // SDDMM dC, gate partials
-        let (elems, saved) = match plan {
-            ExecPlan::Factored | ExecPlan::SmallN => {
+        let (elems, saved, skinny) = match plan {
+            ExecPlan::SmallN => {
+                // T, A, and S / A C (the core always on the activations); the split-K partials.
+                let e = m(3, m(n, r)).saturating_add(ones);
+                (e, m(n, r), crate::cuda::smalln_workspace_len(o, i, r, n, elem))
+            }
+            ExecPlan::Factored => {
                 let mut e = m(2, m(n, r)).saturating_add(ones); // T, A
                 if n <= o || n <= i {
                     e = e.saturating_add(m(n, r)); // S, A C
@@ -760,15 +765,15 @@ impl CudaRecord {
                 if n > i {
                     e = e.saturating_add(m(i, r)); // V_C
                 }
-                (e, m(n, r))
+                (e, m(n, r), 0)
             }
             ExecPlan::Merged => {
                 // U_C, Q, W, P, X
                 let e = m(2, m(o, r)).saturating_add(m(2, m(o, i))).saturating_add(m(n, i)).saturating_add(ones);
-                (e, m(n, i).saturating_add(m(o, i)))
+                (e, m(n, i).saturating_add(m(o, i)), 0)
             }
         };
-        (m(elem, elems).saturating_add(m(4, f32s)), m(elem, saved))
+        (m(elem, elems).saturating_add(m(4, f32s.saturating_add(skinny))), m(elem, saved))
     }
 
     /// Device bytes held between steps.

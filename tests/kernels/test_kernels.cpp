@@ -78,6 +78,9 @@ struct F32 {
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_f32;
   static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_f32;
   static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_f32;
+  static constexpr auto skinny_nn = svft_interp_skinny_nn_f32;
+  static constexpr auto skinny_reduce = svft_interp_skinny_reduce_f32;
+  static constexpr auto skinny_nt = svft_interp_skinny_nt_f32;
 };
 struct BF16 {
   using E = uint16_t;
@@ -99,6 +102,9 @@ struct BF16 {
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_bf16;
   static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_bf16;
   static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_bf16;
+  static constexpr auto skinny_nn = svft_interp_skinny_nn_bf16;
+  static constexpr auto skinny_reduce = svft_interp_skinny_reduce_bf16;
+  static constexpr auto skinny_nt = svft_interp_skinny_nt_bf16;
 };
 struct F16 {
   using E = uint16_t;
@@ -120,6 +126,9 @@ struct F16 {
   static constexpr auto coo_partial = svft_interp_coo_sddmm_partial_f16;
   static constexpr auto fused_atomic = svft_interp_band_sddmm_apply_bwd_atomic_f16;
   static constexpr auto fused_partial = svft_interp_band_sddmm_apply_bwd_partial_f16;
+  static constexpr auto skinny_nn = svft_interp_skinny_nn_f16;
+  static constexpr auto skinny_reduce = svft_interp_skinny_reduce_f16;
+  static constexpr auto skinny_nt = svft_interp_skinny_nt_f16;
 };
 
 // Reference round-to-nearest-even conversions, to check the CUDA headers' host paths.
@@ -504,6 +513,105 @@ void test_launch_errors() {
         "block > 1024 rejected");
 }
 
+// ---------------------------------------------------------------------------------------------
+// Skinny products of the small-n plan: nn (split-K + reduce) and nt, against f64. Odd sizes
+// (k = 61 and c = 37 are multiples of no tile, split or block), token counts around the chunk of
+// 16, splits that do not divide k (63 > k: empty splits), full and undersized grids, outputs
+// poisoned; bitwise identical across launch shapes (block and grid) for a fixed split count.
+template <typename D>
+void test_skinny(bool quick) {
+  using E = typename D::E;
+  // (k, c, token counts, splits): the first shape gets every token count and split; the others
+  // (c > k, k over two staging tiles, 1 x 1) fewer, to keep interpret mode fast.
+  struct Shape {
+    int k, c;
+    std::vector<int> ns, splits;
+  };
+  // (Built by push_back: GCC 12 warns on brace-initialised vectors of this struct in a ternary.)
+  std::vector<Shape> shapes;
+  std::vector<uint32_t> blocks;
+  if (quick) {
+    shapes.push_back(Shape{61, 37, {1, 17}, {1, 3}});
+    blocks = {64};
+  } else {
+    shapes.push_back(Shape{61, 37, {1, 5, 16, 17, 40}, {1, 3, 7, 63}});
+    shapes.push_back(Shape{37, 61, {1, 17}, {2}});
+    shapes.push_back(Shape{300, 5, {1, 17}, {1, 3}});
+    shapes.push_back(Shape{1, 1, {1, 17}, {1, 3}});
+    blocks = {32, 128};
+  }
+  uint64_t seed = 500;
+  for (const Shape& sh : shapes) {
+    for (int n : sh.ns) {
+      const int k = sh.k, c = sh.c;
+      const std::string tag = std::string(D::name) + " skinny n=" + std::to_string(n) +
+                              " k=" + std::to_string(k) + " c=" + std::to_string(c);
+      Rng rng(++seed);
+      // nn: out = X B, X n x k, B k x c. nt: out = X Bt^T with Bt c x k (the same product).
+      std::vector<E> X((size_t)n * k), B((size_t)k * c), Bt((size_t)c * k);
+      for (auto& v : X) v = D::enc(rng.uniform());
+      for (auto& v : B) v = D::enc(rng.uniform());
+      for (int kk = 0; kk < k; ++kk)
+        for (int j = 0; j < c; ++j) Bt[(size_t)j * k + kk] = B[(size_t)kk * c + j];
+      const std::vector<double> Xd = dec<D>(X), Bd = dec<D>(B);
+      std::vector<double> ref((size_t)n * c, 0.0);
+      for (int b = 0; b < n; ++b)
+        for (int kk = 0; kk < k; ++kk)
+          for (int j = 0; j < c; ++j) ref[(size_t)b * c + j] += Xd[(size_t)b * k + kk] * Bd[(size_t)kk * c + j];
+
+      // ---- nn + reduce
+      for (int splits : sh.splits) {
+        std::vector<E> first;
+        for (uint32_t block : blocks) {
+          for (int small : {0, 1}) {
+            const uint32_t gx = small ? 1 : cdiv(c, block), gy = small ? 2 : (uint32_t)splits,
+                           gz = small ? 1 : cdiv(n, SVFT_INTERP_SKINNY_TOKENS);
+            const svft_launch_cfg lc{gx, gy, gz, block, 1, 1, svft_skinny_nn_smem_bytes(n)};
+            std::vector<float> ws((size_t)splits * n * c, NAN);
+            std::vector<E> Y((size_t)n * c, D::nan());
+            int rc = D::skinny_nn(lc, X.data(), B.data(), ws.data(), n, k, c, splits);
+            rc |= D::skinny_reduce(cfg(small ? 1 : cdiv((long)n * c, block), 1, block, 0), ws.data(),
+                                   Y.data(), splits, n * c);
+            const double err = rel_err(dec<D>(Y), ref);
+            const std::string lt = tag + " nn splits=" + std::to_string(splits) + " block=" +
+                                   std::to_string(block) + (small ? " grid=1x2x1" : "");
+            check(rc == 0 && err < D::tol_out, lt + " err=" + std::to_string(err));
+            if (first.empty()) {
+              first = Y;
+            } else {
+              check(std::memcmp(first.data(), Y.data(), Y.size() * sizeof(E)) == 0,
+                    lt + " bitwise identical to the first launch shape");
+            }
+          }
+        }
+      }
+
+      // ---- nt
+      {
+        std::vector<E> first;
+        for (uint32_t block : blocks) {
+          for (int small : {0, 1}) {
+            const uint32_t rows = SVFT_INTERP_SKINNY_NT_ROWS * (block / 32);
+            const uint32_t gx = small ? 1 : cdiv(c, rows), gy = small ? 1 : cdiv(n, SVFT_INTERP_SKINNY_TOKENS);
+            const svft_launch_cfg lc{gx, gy, 1, block, 1, 1, svft_skinny_nt_smem_bytes(n)};
+            std::vector<E> Y((size_t)n * c, D::nan());
+            const int rc = D::skinny_nt(lc, X.data(), Bt.data(), Y.data(), n, k, c);
+            const double err = rel_err(dec<D>(Y), ref);
+            const std::string lt = tag + " nt block=" + std::to_string(block) + (small ? " grid=1x1" : "");
+            check(rc == 0 && err < D::tol_out, lt + " err=" + std::to_string(err));
+            if (first.empty()) {
+              first = Y;
+            } else {
+              check(std::memcmp(first.data(), Y.data(), Y.size() * sizeof(E)) == 0,
+                    lt + " bitwise identical to the first launch shape");
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 template <typename D>
 void run_dtype(bool quick) {
   std::vector<Launch> launches = {{32, false}, {64, false}, {96, false}, {32, true}};
@@ -532,6 +640,7 @@ void run_dtype(bool quick) {
                     ++seed);
     }
   }
+  test_skinny<D>(quick);
 }
 
 }  // namespace
