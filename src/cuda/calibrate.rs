@@ -9,6 +9,9 @@ use crate::error::Result;
 use crate::plan::{ExecPlan, Plan, SMALL_N_MAX};
 use crate::rng::Rng;
 
+/// A token count's calibration buffers: n, then X, G, Y, dX (in `T`) and dM, dgamma (f32).
+type Buffers<T> = (usize, [CudaSlice<T>; 4], [CudaSlice<f32>; 2]);
+
 impl<T: Dtype> CudaLayer<T> {
     /// What a calibration of this layer is valid for: this GPU, dtype, shape and pattern.
     pub fn calibration_key(&self) -> CalibrationKey {
@@ -45,7 +48,7 @@ impl<T: Dtype> CudaLayer<T> {
             || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| driver_err("creating an event", e));
         let (begin, end) = (event()?, event()?);
         // Inputs and outputs for the token count being measured, made once per count.
-        let mut bufs: Option<(usize, [CudaSlice<T>; 4], [CudaSlice<f32>; 2])> = None;
+        let mut bufs: Option<Buffers<T>> = None;
         let result = calibrate::calibrate(
             &key,
             &plans,
