@@ -67,15 +67,17 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 if rows:
     print(f"device: {rows[0]['device']}; copy bandwidth {rows[0].get('copy_gb_per_s', float('nan')):.0f} GB/s (1 GiB D2D memcpy, read + write)")
     print()
-print("| dtype | d_out x d_in | n | pattern | plan | SVFT ms | floor ms | LoRA ms | official ms | /floor | /LoRA | FLOP /LoRA | vs official | factored ms | merged ms | small-n ms | best | BW frac | SVFT MiB | official MiB |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+print("| dtype | d_out x d_in | n | pattern | plan | SVFT ms | floor ms | LoRA ms | official ms | /floor | /LoRA | FLOP /LoRA | vs official | factored ms | merged ms | small-n ms | best | auto/best | fused x | BW frac | SVFT MiB | official MiB |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     pm = r.get("plan_ms", {})
     def ms(k):
         return f"{pm[k]:.4f}" if k in pm else "-"
     bw = r.get("bandwidth_fraction")
+    ab, fx = r.get("auto_to_best_fixed"), r.get("fused_speedup")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     mem = r["memory"]
-    print(f"| {r['dtype']} | {r['d_out']}x{r['d_in']} | {r['tokens']} | {r['pattern']} | {r['plan']} | {r['svft_fwd_bwd_ms']:.4f} | {r['gemm_floor_ms']:.4f} | {r['lora_fwd_bwd_ms']:.4f} | {r['official_fwd_bwd_ms']:.4f} | {r['ratio_to_floor']:.2f} | {r['ratio_to_lora']:.2f} | {r['flop_ratio_to_lora']:.2f} | {r['speedup_vs_official']:.2f} | {ms('factored')} | {ms('merged')} | {ms('small-n')} | {r.get('best_fixed_plan', '-')} | {'-' if bw is None else f'{bw:.2f}'} | {mem['svft']['total_bytes'] / 2**20:.1f} | {mem['official']['total_bytes'] / 2**20:.1f} |")
+    print(f"| {r['dtype']} | {r['d_out']}x{r['d_in']} | {r['tokens']} | {r['pattern']} | {r['plan']} | {r['svft_fwd_bwd_ms']:.4f} | {r['gemm_floor_ms']:.4f} | {r['lora_fwd_bwd_ms']:.4f} | {r['official_fwd_bwd_ms']:.4f} | {r['ratio_to_floor']:.2f} | {r['ratio_to_lora']:.2f} | {r['flop_ratio_to_lora']:.2f} | {r['speedup_vs_official']:.2f} | {ms('factored')} | {ms('merged')} | {ms('small-n')} | {r.get('best_fixed_plan', '-')} | {fmt(ab)} | {fmt(fx)} | {'-' if bw is None else f'{bw:.2f}'} | {mem['svft']['total_bytes'] / 2**20:.1f} | {mem['official']['total_bytes'] / 2**20:.1f} |")
 PY
 cat "$out/bench-table.md"
 
