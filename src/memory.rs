@@ -99,7 +99,13 @@ pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
     let indices = sum(&[mul(&[2, k]), mul(&[2, sum(&[r, 1, mul(&[2, k])])])]);
     let persistent = sum(&[mul(&[act, sum(&[o, i]), r]), mul(&[4, sum(&[r, k, 1, indices])])]);
     let sddmm = mul(&[4, sum(&[k, gate_partials(k)])]);
-    let (workspace_elems, saved_elems) = if plan.is_factored() {
+    let mut f32_scratch = 0;
+    let (workspace_elems, saved_elems) = if plan == ExecPlan::SmallN {
+        // The skinny kernels take U and V as they are: the core always goes on the activations
+        // (one n x r buffer), and the split-K products keep f32 partial sums.
+        f32_scratch = crate::cuda::smalln_workspace_len(o, i, r, n, act);
+        (mul(&[2, n, r]), mul(&[n, r]))
+    } else if plan.is_factored() {
         let core_on_acts = if n <= o || n <= i { mul(&[n, r]) } else { 0 };
         let uc = if n > o { mul(&[o, r]) } else { 0 };
         let vc = if n > i { mul(&[i, r]) } else { 0 };
@@ -109,7 +115,7 @@ pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
     };
     Bytes {
         persistent,
-        workspace: sum(&[mul(&[act, workspace_elems]), sddmm]),
+        workspace: sum(&[mul(&[act, workspace_elems]), sddmm, mul(&[4, f32_scratch])]),
         saved: mul(&[act, saved_elems]),
         grads: mul(&[4, sum(&[k, 1])]),
     }
@@ -231,7 +237,11 @@ mod tests {
         assert_eq!(factored.saved, 2 * 2); // T, 1x2 bf16
         assert_eq!(factored.grads, 4 * 3); // dM, dgamma
         assert_eq!(factored.total(), 112 + 20 + 4 + 12);
-        assert_eq!(svft(&s, ExecPlan::SmallN), factored);
+        // Small-n: the same buffers here (the core is on the activations at n = 1 anyway) plus
+        // the split-K partials, one split of 1 x 2 floats.
+        let small = svft(&s, ExecPlan::SmallN);
+        assert_eq!(crate::cuda::smalln_workspace_len(3, 2, 2, 1, 2), 2);
+        assert_eq!((small.workspace, small.saved), (factored.workspace + 8, factored.saved));
         let merged = svft(&s, ExecPlan::Merged);
         // U_C, Q (3x2 each) and P (3x2): 18 bf16 = 36 B, + 12 B SDDMM.
         assert_eq!(merged.workspace, 36 + 12);

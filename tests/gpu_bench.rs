@@ -65,7 +65,7 @@ fn memory_model_matches_the_cuda_layer() {
     for (d_out, d_in, pattern) in [(96, 64, "banded:2"), (64, 96, "random:3"), (80, 80, "plain")] {
         let factors = bench_factors(d_out, d_in, d_out.min(d_in), 1).unwrap();
         let mut ctx = CudaShape::<f32>::new(&gpu, stream.clone(), d_out, d_in, 200, None, None).unwrap();
-        for plan in [Plan::Factored, Plan::Merged] {
+        for plan in [Plan::Factored, Plan::Merged, Plan::SmallN] {
             for n in [7, 200] {
                 let config = LayerConfig { plan, ..LayerConfig::official(pattern.parse().unwrap()) };
                 let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &factors, &config, None).unwrap();
