@@ -57,15 +57,6 @@ impl Default for BenchCase {
     }
 }
 
-/// The plan a fixed [`ExecPlan`] is asked for with.
-pub fn fixed(plan: ExecPlan) -> Plan {
-    match plan {
-        ExecPlan::Factored => Plan::Factored,
-        ExecPlan::Merged => Plan::Merged,
-        ExecPlan::SmallN => Plan::SmallN,
-    }
-}
-
 /// The fixed plans a grid row times at `n` tokens: factored and merged always, small-n at
 /// `n <= SMALL_N_MAX` where the backend has its own small-n code (CUDA; the CPU backend runs
 /// small-n as its factored code, so timing it again would only repeat the factored figure).
@@ -490,7 +481,7 @@ impl CpuShape {
         let mut failure = None;
         let ms = interleaved_medians_indexed_ms(budget, k + 3, |i| {
             if i < k {
-                layer.set_plan(fixed(timed[i]));
+                layer.set_plan(timed[i].into());
                 let step = layer.forward_into(x, n, &mut y).and_then(|_| layer.backward_into(gy, n, &mut dx, &mut dm));
                 if let Err(e) = step {
                     failure.get_or_insert(e);
@@ -552,7 +543,7 @@ impl CpuShape {
             layer_bytes: None,
             factors_note: self.factors_note,
             unfused_bwd_ms: None,
-            auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
+            auto_measured: crate::calibrate::measured(requested, layer.plan_table(), &dims, n),
         })
     }
 }

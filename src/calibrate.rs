@@ -310,6 +310,12 @@ pub fn resolve(plan: Plan, table: Option<&PlanTable>, dims: &Dims, n: usize) -> 
     }
 }
 
+/// Whether [`resolve`] takes `plan` for `n` tokens from the measured table (else it is fixed,
+/// or the FLOP model's choice).
+pub fn measured(plan: Plan, table: Option<&PlanTable>, dims: &Dims, n: usize) -> bool {
+    plan == Plan::Auto && table.is_some_and(|t| t.choose(dims, n).is_some())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

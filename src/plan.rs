@@ -43,6 +43,17 @@ pub enum ExecPlan {
     SmallN,
 }
 
+impl From<ExecPlan> for Plan {
+    /// The fixed plan that always runs `p`.
+    fn from(p: ExecPlan) -> Plan {
+        match p {
+            ExecPlan::Factored => Plan::Factored,
+            ExecPlan::Merged => Plan::Merged,
+            ExecPlan::SmallN => Plan::SmallN,
+        }
+    }
+}
+
 impl ExecPlan {
     /// Whether this plan keeps the factored order (saves T, never forms W): Factored and SmallN.
     pub fn is_factored(self) -> bool {

@@ -57,10 +57,7 @@ fn calibration_changes_no_result() {
     assert_eq!(calibrated.config().plan, Plan::Auto, "the configured plan is restored");
     let n = 40;
     let mut fresh = layer();
-    fresh.set_plan(match calibrated.plan_for(n) {
-        ExecPlan::Merged => Plan::Merged,
-        _ => Plan::Factored,
-    });
+    fresh.set_plan(calibrated.plan_for(n).into());
     let x = randn(n * 61, 1);
     let g = randn(n * 97, 2);
     let (y1, y2) = (calibrated.forward(&x, n).unwrap(), fresh.forward(&x, n).unwrap());

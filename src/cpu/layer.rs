@@ -228,10 +228,7 @@ impl CpuLayer {
             &plans,
             options,
             |plan, n| {
-                self.config.plan = match plan {
-                    ExecPlan::Merged => Plan::Merged,
-                    _ => Plan::Factored,
-                };
+                self.config.plan = plan.into();
                 if bufs.as_ref().is_none_or(|b| b.0 != n) {
                     let (x, g) = (rng.normal_vec(n * d_in, 1.0), rng.normal_vec(n * d_out, 1.0));
                     bufs = Some((n, [x, g, vec![0.0; n * d_out], vec![0.0; n * d_in], vec![0.0; nnz]]));

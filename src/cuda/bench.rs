@@ -15,7 +15,7 @@ use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 use super::kernels::{gemm, Dtype, Mat};
 use super::{blas_err, driver_err, CudaLayer, Gpu};
 use crate::bench::{
-    bench_factors, bench_values, fixed, fixed_plans, plans_to_time, BenchCase, Grid, Row, BENCH_FACTORS_NOTE, LORA_RANK,
+    bench_factors, bench_values, fixed_plans, plans_to_time, BenchCase, Grid, Row, BENCH_FACTORS_NOTE, LORA_RANK,
 };
 use crate::config::LayerConfig;
 use crate::error::{Error, Result};
@@ -258,7 +258,7 @@ impl<T: Dtype> CudaShape<T> {
         let mut dg = zeros::<f32>(&stream, 1)?;
         let mut plan_ms = Vec::new();
         for &p in &timed {
-            layer.set_plan(fixed(p));
+            layer.set_plan(p.into());
             plan_ms.push((p, time_ms(&stream, budget_ms, || self.svft_step(layer, n, &mut dm, &mut dg))?));
         }
         let official = match plan_ms.iter().find(|p| p.0 == ExecPlan::Merged) {
@@ -312,7 +312,7 @@ impl<T: Dtype> CudaShape<T> {
             layer_bytes: Some((layer.persistent_bytes(), layer.workspace_bytes())),
             factors_note: self.factors_note,
             unfused_bwd_ms: unfused,
-            auto_measured: requested == Plan::Auto && layer.plan_table().is_some_and(|t| t.choose(&dims, n).is_some()),
+            auto_measured: crate::calibrate::measured(requested, layer.plan_table(), &dims, n),
         })
     }
 }

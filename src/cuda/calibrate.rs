@@ -6,7 +6,7 @@ use cudarc::driver::CudaSlice;
 use super::{driver_err, CudaLayer, Dtype};
 use crate::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
 use crate::error::Result;
-use crate::plan::{ExecPlan, Plan, SMALL_N_MAX};
+use crate::plan::{ExecPlan, SMALL_N_MAX};
 use crate::rng::Rng;
 
 /// A token count's calibration buffers: n, then X, G, Y, dX (in `T`) and dM, dgamma (f32).
@@ -62,11 +62,7 @@ impl<T: Dtype> CudaLayer<T> {
                     bufs = Some((n, acts, [alloc(nnz)?, alloc(1)?]));
                 }
                 let (_, [x, g, y, dx], [dm, dgamma]) = bufs.as_mut().expect("made above");
-                self.set_plan(match plan {
-                    ExecPlan::Factored => Plan::Factored,
-                    ExecPlan::Merged => Plan::Merged,
-                    ExecPlan::SmallN => Plan::SmallN,
-                });
+                self.set_plan(plan.into());
                 // One forward + backward between two events: device time, launch gaps included.
                 begin.record(&stream).map_err(|e| driver_err("recording an event", e))?;
                 self.forward(&x.slice(..), n, &mut y.slice_mut(..))?;
