@@ -80,21 +80,29 @@ fn gate_partials(nnz: usize) -> usize {
     nnz.div_ceil(256).clamp(1, 1024)
 }
 
-/// SVFT as the CUDA layer (`CudaLayer`) holds it, for one plan, fast SDDMM mode, no bias.
+/// SVFT as the CUDA layer (`CudaLayer`) holds it, for one plan, fast SDDMM mode, no bias, at
+/// the default token chunk ([`crate::cuda::default_token_chunk`]); see [`svft_chunked`].
+pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
+    svft_chunked(s, plan, crate::cuda::default_token_chunk(s.r))
+}
+
+/// SVFT as the CUDA layer holds it with a token chunk of `chunk` tokens
+/// (`CudaLayer::set_token_chunk`); `c = min(n, chunk)` below.
 ///
 /// - persistent: U (`d_out x r`) and V (`d_in x r`) in the activation dtype; s (`r`), M
 ///   (`|Omega|`) and the gate gamma in f32; the pattern as i32 indices: row and column of every
 ///   coefficient plus two CSRs (by row and by column: `r + 1` pointers, `|Omega|` indices and
 ///   `|Omega|` permutation entries each).
-/// - factored (and small-n, which runs the factored order until its own kernels land): saves
-///   T = X V (`n x r`); scratch A = G U (`n x r`), the core applied to T and then to A (one
-///   `n x r` buffer, when `n <= d_out` or `n <= d_in`), the folded `U_C` (`d_out x r`, when
-///   `n > d_out`) or `V_C` (`d_in x r`, when `n > d_in`), and the SDDMM's f32 dC plus gate
-///   partials.
+/// - factored: saves T = X V (`n x r`, whole); scratch A = G U (`c x r`), the core applied to
+///   T and then to A (one `c x r` buffer, when `c <= d_out` or `c <= d_in`), the folded `U_C`
+///   (`d_out x r`, when `c > d_out`) or `V_C` (`d_in x r`, when `c > d_in`) in one shared
+///   buffer, and the SDDMM's f32 dC plus gate partials.
+/// - small-n: the factored buffers with `c = n` and the core always on the activations, plus
+///   the split-K f32 partial sums.
 /// - merged: saves W (`d_out x d_in`) and a copy of X (`n x d_in`); scratch `U_C` and
 ///   `Q = P V` (`d_out x r` each), `P = G^T X` (`d_out x d_in`), the SDDMM's f32 buffers.
 /// - grads: dM and dgamma in f32.
-pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
+pub fn svft_chunked(s: &Shape, plan: ExecPlan, chunk: usize) -> Bytes {
     let Shape { d_out: o, d_in: i, r, nnz: k, n, act } = *s;
     let indices = sum(&[mul(&[2, k]), mul(&[2, sum(&[r, 1, mul(&[2, k])])])]);
     let persistent = sum(&[mul(&[act, sum(&[o, i]), r]), mul(&[4, sum(&[r, k, 1, indices])])]);
@@ -106,10 +114,11 @@ pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
         f32_scratch = crate::cuda::smalln_workspace_len(o, i, r, n, act);
         (mul(&[2, n, r]), mul(&[n, r]))
     } else if plan.is_factored() {
-        let core_on_acts = if n <= o || n <= i { mul(&[n, r]) } else { 0 };
-        let uc = if n > o { mul(&[o, r]) } else { 0 };
-        let vc = if n > i { mul(&[i, r]) } else { 0 };
-        (sum(&[mul(&[n, r]), core_on_acts, uc, vc]), mul(&[n, r]))
+        let c = n.min(chunk.max(1));
+        let core_on_acts = if c <= o || c <= i { mul(&[c, r]) } else { 0 };
+        let uc = if c > o { mul(&[o, r]) } else { 0 };
+        let vc = if c > i { mul(&[i, r]) } else { 0 };
+        (sum(&[mul(&[c, r]), core_on_acts, uc.max(vc)]), mul(&[n, r]))
     } else {
         (sum(&[mul(&[2, o, r]), mul(&[o, i])]), sum(&[mul(&[o, i]), mul(&[n, i])]))
     };
@@ -263,7 +272,8 @@ mod tests {
         assert_eq!(rep.to_json()["svft"]["total_bytes"], 148);
     }
 
-    /// Large n folds the core into the factors instead of applying it to the activations.
+    /// Large n folds the core into the factors instead of applying it to the activations;
+    /// U_C and V_C share one buffer (forward and backward never need both).
     #[test]
     fn factored_folds_beyond_d() {
         let s = Shape { d_out: 8, d_in: 4, r: 4, nnz: 4, n: 6, act: 4 };
@@ -272,7 +282,28 @@ mod tests {
         assert_eq!(b.workspace, 4 * (24 + 24 + 16) + 4 * (4 + 1));
         let s = Shape { n: 9, ..s };
         let b = svft(&s, ExecPlan::Factored);
-        assert_eq!(b.workspace, 4 * (36 + 32 + 16) + 4 * (4 + 1));
+        assert_eq!(b.workspace, 4 * (36 + 32) + 4 * (4 + 1)); // A, then U_C or V_C
+    }
+
+    /// A token chunk caps the scratch at `chunk x r` and leaves T whole; chunks small enough
+    /// put the core back on the activations instead of folding it.
+    #[test]
+    fn token_chunks_cap_the_scratch() {
+        let s = Shape { d_out: 8, d_in: 4, r: 4, nnz: 4, n: 9, act: 4 };
+        let b = svft_chunked(&s, ExecPlan::Factored, 3);
+        assert_eq!(b.workspace, 4 * (12 + 12) + 4 * (4 + 1)); // A_c, S_c / A_c C (3x4 each)
+        assert_eq!(b.saved, 4 * 36); // T, 9x4
+                                     // A chunk of 6 still exceeds d_in: A_c (6x4), S_c (6 <= d_out), V_C (4x4).
+        let b = svft_chunked(&s, ExecPlan::Factored, 6);
+        assert_eq!(b.workspace, 4 * (24 + 24 + 16) + 4 * (4 + 1));
+        // A chunk at least n is no chunking; the default chunk at r = 4 is far above n.
+        assert_eq!(svft_chunked(&s, ExecPlan::Factored, 9), svft(&s, ExecPlan::Factored));
+        assert_eq!(crate::cuda::default_token_chunk(4096), 2048);
+        assert_eq!(crate::cuda::default_token_chunk(1024), 8192);
+        assert_eq!(crate::cuda::default_token_chunk(8192), 2048);
+        // Small-n and merged do not chunk.
+        assert_eq!(svft_chunked(&s, ExecPlan::SmallN, 3), svft(&s, ExecPlan::SmallN));
+        assert_eq!(svft_chunked(&s, ExecPlan::Merged, 3), svft(&s, ExecPlan::Merged));
     }
 
     /// Issue 4's target: SVFT at most half the official layer's bytes on the Llama-3-8B shapes,
@@ -285,7 +316,7 @@ mod tests {
             let r = o.min(i);
             for p in patterns {
                 let nnz = p.size(r).unwrap();
-                for n in [1, 2048] {
+                for n in [1, 16, 512, 2048, 8192] {
                     let plan = Dims { d_out: o, d_in: i, r, nnz }.cheaper(n);
                     let rep = Report::new(Shape { d_out: o, d_in: i, r, nnz, n, act: 2 }, plan, 16);
                     let ratio = rep.svft_to_official();

@@ -207,6 +207,56 @@ fn fused_backward_matches_unfused() {
     assert!(e < 1e-2, "bf16 banded:16 n=150: fused vs unfused dX {e:e}");
 }
 
+/// The factored plan in token chunks (`set_token_chunk`) against the reference and against
+/// the whole batch in one pass: chunks that keep the core on the activations (fused band,
+/// unfused band, CSR), a chunk larger than d_in (V C^T folded, still chunked), a last chunk of
+/// one token; the deterministic mode bitwise reproducible per chunk size; the scratch shrinks.
+#[test]
+fn token_chunks_match_one_pass() {
+    let Some(gpu) = gpu_or_skip("token_chunks_match_one_pass") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(300, 200, 200, 4);
+    for spec in ["plain", "banded:2", "banded:40", "random:8:seed=1"] {
+        for mode in [SddmmMode::Fast, SddmmMode::Deterministic] {
+            for (chunk, n) in [(37, 100), (37, 301), (250, 301), (100, 201)] {
+                let config =
+                    LayerConfig { plan: Plan::Factored, gate: true, ..LayerConfig::official(spec.parse().unwrap()) };
+                let what = format!("{spec} {mode:?} chunk={chunk} n={n}");
+                let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+                layer.set_gamma(0.4).unwrap();
+                layer.set_sddmm_mode(mode);
+                let whole = step(&mut layer, &f, n);
+                let whole_bytes = layer.workspace_bytes();
+                let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+                layer.set_gamma(0.4).unwrap();
+                layer.set_sddmm_mode(mode);
+                layer.set_token_chunk(Some(chunk)).unwrap();
+                assert_eq!(layer.token_chunk(), chunk);
+                let a = check(&mut layer, &f, None, n, F32_TOL, &what);
+                assert!(layer.workspace_bytes() < whole_bytes, "{what}: chunks did not shrink the scratch");
+                let b = check(&mut layer, &f, None, n, F32_TOL, &what);
+                if mode == SddmmMode::Deterministic {
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: dM not reproducible");
+                }
+                let chunked = step(&mut layer, &f, n);
+                let e_dx = rel_err(&chunked.0, &wide(&whole.0));
+                let e_dm = rel_err(&chunked.1, &wide(&whole.1));
+                assert!(e_dx < 1e-6 && e_dm < 1e-5, "{what}: chunked vs whole dX {e_dx:e}, dM {e_dm:e}");
+                assert!((chunked.2 - whole.2).abs() <= 1e-4 * whole.2.abs().max(1e-6), "{what}: dgamma");
+            }
+        }
+    }
+    // bf16, and the chunk size checked at the door.
+    let config = LayerConfig { plan: Plan::Factored, ..LayerConfig::official("banded:16".parse().unwrap()) };
+    let mut layer = CudaLayer::<half::bf16>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+    assert!(layer.set_token_chunk(Some(0)).is_err());
+    assert_eq!(layer.token_chunk(), svft::cuda::default_token_chunk(200));
+    layer.set_token_chunk(Some(64)).unwrap();
+    check(&mut layer, &f, None, 257, 1e-2, "bf16 banded:16 chunk=64");
+    layer.set_token_chunk(None).unwrap();
+    check(&mut layer, &f, None, 257, 1e-2, "bf16 banded:16 default chunk");
+}
+
 #[test]
 fn small_n_is_bitwise_reproducible_and_allocates_once() {
     let Some(gpu) = gpu_or_skip("small_n_is_bitwise_reproducible_and_allocates_once") else { return };

@@ -66,16 +66,21 @@ fn memory_model_matches_the_cuda_layer() {
         let factors = bench_factors(d_out, d_in, d_out.min(d_in), 1).unwrap();
         let mut ctx = CudaShape::<f32>::new(&gpu, stream.clone(), d_out, d_in, 200, None, None).unwrap();
         for plan in [Plan::Factored, Plan::Merged, Plan::SmallN] {
-            for n in [7, 200] {
+            // Token chunks of 50 (below every d), 90 (above some), and the default (above n).
+            for (n, chunk) in [(7, None), (200, None), (200, Some(50)), (200, Some(90))] {
                 let config = LayerConfig { plan, ..LayerConfig::official(pattern.parse().unwrap()) };
                 let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &factors, &config, None).unwrap();
+                layer.set_token_chunk(chunk).unwrap();
                 let k = layer.omega().len();
                 let mut dm = stream.alloc_zeros::<f32>(k).unwrap();
                 let mut dg = stream.alloc_zeros::<f32>(1).unwrap();
                 ctx.svft_step(&mut layer, n, &mut dm, &mut dg).unwrap();
                 let shape = Shape { d_out, d_in, r: d_out.min(d_in), nnz: k, n, act: 4 };
-                let model = memory::svft(&shape, layer.plan_for(n));
-                let what = format!("{d_out}x{d_in} {pattern} {plan} n={n}");
+                let model = memory::svft_chunked(&shape, layer.plan_for(n), layer.token_chunk());
+                if chunk.is_none() {
+                    assert_eq!(model, memory::svft(&shape, layer.plan_for(n)));
+                }
+                let what = format!("{d_out}x{d_in} {pattern} {plan} n={n} chunk={chunk:?}");
                 assert_eq!(layer.workspace_bytes(), model.workspace + model.saved, "{what}");
                 assert_eq!(layer.persistent_bytes() + 4, model.persistent, "{what}");
             }

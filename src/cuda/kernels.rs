@@ -198,8 +198,9 @@ pub(crate) fn sddmm_workspace_len(band: Option<usize>, deterministic: bool, n: u
 }
 
 /// `dC` over Omega from `a` and `t` (`n x r`), then the epilogue: `dm = g dC` and, with
-/// `gate`, `dgamma = g (1-g) sum M dC`. `work` holds [`sddmm_workspace_len`] floats,
-/// `gate_partial` one float per epilogue block ([`EPILOGUE_BLOCKS`]).
+/// `gate`, `dgamma = g (1-g) sum M dC` (`accumulate`: `dm +=`, `dgamma +=`, for a batch taken
+/// in token chunks). `work` holds [`sddmm_workspace_len`] floats, `gate_partial` one float per
+/// epilogue block ([`epilogue_blocks`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sddmm<T: Dtype>(
     gpu: &Gpu,
@@ -216,6 +217,7 @@ pub(crate) fn sddmm<T: Dtype>(
     g: f32,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+    accumulate: bool,
 ) -> Result<()> {
     let (n_i, r_i, nnz_i) = (n as i32, r as i32, nnz as i32);
     let mode = if deterministic { "partial" } else { "atomic" };
@@ -267,7 +269,7 @@ pub(crate) fn sddmm<T: Dtype>(
             nchunks
         }
     };
-    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate)
+    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate, accumulate)
 }
 
 /// `AC = A C` on the band (backward form of `band_apply_bwd`) and the band SDDMM of `a` and `t`
@@ -291,6 +293,7 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     g: f32,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+    accumulate: bool,
 ) -> Result<()> {
     debug_assert!(fused_bwd_fits(d) && a.len() >= n * r && t.len() >= n * r && ac.len() >= n * r);
     let mode = if deterministic { "partial" } else { "atomic" };
@@ -311,11 +314,11 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     b.arg(a).arg(t).arg(&mut *work).arg(ac).arg(s).arg(m).arg(&g).arg(&n_i).arg(&r_i).arg(&d_i).arg(&chunk_i);
     // SAFETY: argument list and sizes as documented for band_sddmm_apply_bwd_*.
     unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
-    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate)
+    epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate, accumulate)
 }
 
 /// `sddmm_epilogue` over the SDDMM's output (`nchunks` partials, or the fast mode's dC) and,
-/// with `gate`, `gate_grad_reduce`.
+/// with `gate`, `gate_grad_reduce`; both add to `dm` and `dgamma` with `accumulate`.
 #[allow(clippy::too_many_arguments)]
 fn epilogue(
     gpu: &Gpu,
@@ -328,13 +331,14 @@ fn epilogue(
     g: f32,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
+    accumulate: bool,
 ) -> Result<()> {
     let nnz_i = nnz as i32;
     let reduced_chunks = if deterministic { nchunks as i32 } else { 1 };
     let blocks = epilogue_blocks(nnz);
     let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let f = gpu.function("sddmm_epilogue")?;
-    let accumulate = 0i32;
+    let accumulate = i32::from(accumulate);
     let null = 0u64;
     match gate {
         Some((gate_partial, dgamma)) => {

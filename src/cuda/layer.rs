@@ -2,7 +2,9 @@
 //!
 //! Same math, plans and checks as [`crate::cpu::CpuLayer`]. Forward and backward only enqueue
 //! work on the stream (no host synchronisation) and allocate nothing after the first call with
-//! a given token count: the workspace grows once and is reused.
+//! a given token count: the workspace grows once and is reused. The factored plan keeps
+//! `T = X V` whole and runs the rest in chunks of [`CudaLayer::token_chunk`] tokens, so its
+//! scratch stops growing with `n` (see [`default_token_chunk`]).
 
 use std::sync::Arc;
 
@@ -33,6 +35,20 @@ pub enum SddmmMode {
     Deterministic,
 }
 
+/// Elements of one token chunk of the factored plan's scratch (`tokens x r`) at the default
+/// chunk size: 8 Mi, 16 MiB in bf16, so each chunk's GEMM still has hundreds of output tiles
+/// (several waves on a 132-SM GPU) while a long batch's scratch stops growing with `n`.
+const SCRATCH_CHUNK_ELEMS: usize = 1 << 23;
+/// Fewest tokens of a default chunk (for very wide layers).
+const SCRATCH_CHUNK_MIN_TOKENS: usize = 2048;
+
+/// Tokens per chunk of the factored plan's `n x r` scratch for rank `r` by default:
+/// `max(2^23 / r, 2048)` (2048 at r = 4096, 8192 at r = 1024). At most that many tokens of
+/// `S = T C^T`, `A = G U` and `A C` are held at once; see [`CudaLayer::set_token_chunk`].
+pub fn default_token_chunk(r: usize) -> usize {
+    (SCRATCH_CHUNK_ELEMS / r.max(1)).max(SCRATCH_CHUNK_MIN_TOKENS)
+}
+
 /// A CSR over the pattern on the device.
 #[derive(Debug)]
 struct DeviceCsr {
@@ -47,8 +63,9 @@ struct Workspace<T: Dtype> {
     t: Option<CudaSlice<T>>,
     core_act: Option<CudaSlice<T>>,
     a: Option<CudaSlice<T>>,
-    uc: Option<CudaSlice<T>>,
-    vc: Option<CudaSlice<T>>,
+    /// The core folded into a factor: `U C` (forward, merged forward) or `V C^T` (backward);
+    /// never both live in one step, so they share one buffer.
+    fold: Option<CudaSlice<T>>,
     w: Option<CudaSlice<T>>,
     x: Option<CudaSlice<T>>,
     p: Option<CudaSlice<T>>,
@@ -102,6 +119,8 @@ pub struct CudaLayer<T: Dtype> {
     sddmm_mode: SddmmMode,
     /// Band SDDMM and `A C` in one pass in the factored backward (see [`CudaLayer::set_fused_backward`]).
     fused_backward: bool,
+    /// Tokens per chunk of the factored plan's `n x r` scratch (`None`: [`default_token_chunk`]).
+    token_chunk: Option<usize>,
     ws: Workspace<T>,
     saved: Option<Saved>,
     /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
@@ -241,12 +260,12 @@ impl<T: Dtype> CudaLayer<T> {
             config: *config,
             sddmm_mode: SddmmMode::Fast,
             fused_backward: true,
+            token_chunk: None,
             ws: Workspace {
                 t: None,
                 core_act: None,
                 a: None,
-                uc: None,
-                vc: None,
+                fold: None,
                 w: None,
                 x: None,
                 p: None,
@@ -323,6 +342,22 @@ impl<T: Dtype> CudaLayer<T> {
     pub fn fused_backward(&self) -> bool {
         self.fused_backward
     }
+    /// Sets how many tokens the factored plan processes at a time after `T = X V`: its scratch
+    /// (`S = T C^T`, `A = G U`, `A C`) then holds `tokens x r` elements instead of `n x r`, while
+    /// T itself stays whole (backward needs all of it). `None` restores the default,
+    /// [`default_token_chunk`]. Results do not depend on it beyond float summation order (dM
+    /// is summed chunk by chunk); the deterministic mode stays reproducible for a given value.
+    pub fn set_token_chunk(&mut self, tokens: Option<usize>) -> Result<()> {
+        if tokens == Some(0) {
+            return Err(Error::InvalidArgument("the token chunk must be at least 1 token".into()));
+        }
+        self.token_chunk = tokens;
+        Ok(())
+    }
+    /// Tokens per chunk of the factored plan's scratch (see [`CudaLayer::set_token_chunk`]).
+    pub fn token_chunk(&self) -> usize {
+        self.token_chunk.unwrap_or_else(|| default_token_chunk(self.dims.r))
+    }
     /// Whether the band stencil kernels are in use (else the CSR kernels).
     pub fn uses_band_kernels(&self) -> bool {
         self.band.is_some()
@@ -384,8 +419,7 @@ impl<T: Dtype> CudaLayer<T> {
         t(&w.t)
             + t(&w.core_act)
             + t(&w.a)
-            + t(&w.uc)
-            + t(&w.vc)
+            + t(&w.fold)
             + t(&w.w)
             + t(&w.x)
             + t(&w.p)
@@ -408,6 +442,7 @@ impl<T: Dtype> CudaLayer<T> {
         self.saved = None;
         let g = self.gate_value();
         let plan = self.plan_for(n);
+        let token_chunk = self.token_chunk();
         let stream = self.stream.clone();
         let u = self.u.slice(..);
         let v = self.v.slice(..);
@@ -436,46 +471,44 @@ impl<T: Dtype> CudaLayer<T> {
                         false,
                     )?;
                 }
-                if small || n <= d_out {
-                    let s_act = grow(&stream, &mut ws.core_act, n * r)?;
-                    apply(
-                        gpu,
-                        &stream,
-                        true,
-                        pv.fwd(),
-                        &t.slice(..n * r),
-                        &mut s_act.slice_mut(..n * r),
-                        &s,
-                        &m,
-                        g,
-                        n,
-                        r,
-                    )?;
-                    if small {
-                        skinny_nt(gpu, &stream, &s_act.slice(..n * r), &u, y, n, r, d_out)?;
-                    } else {
-                        gemm(
-                            blas,
-                            y,
-                            Mat { data: &s_act.slice(..n * r), rows: n, cols: r, trans: false },
-                            Mat { data: &u, rows: d_out, cols: r, trans: true },
-                            false,
-                        )?;
+                let t = t.slice(..n * r);
+                let chunk = if small { n } else { token_chunk.min(n) };
+                if small || chunk <= d_out {
+                    // C on the activations, `chunk` tokens at a time: S_c = T_c C^T, Y_c = S_c U^T.
+                    let s_act = grow(&stream, &mut ws.core_act, chunk * r)?;
+                    for t0 in (0..n).step_by(chunk) {
+                        let c = chunk.min(n - t0);
+                        let t_c = t.slice(t0 * r..(t0 + c) * r);
+                        apply(gpu, &stream, true, pv.fwd(), &t_c, &mut s_act.slice_mut(..c * r), &s, &m, g, c, r)?;
+                        let s_c = s_act.slice(..c * r);
+                        let mut y_c = y.slice_mut(t0 * d_out..(t0 + c) * d_out);
+                        if small {
+                            skinny_nt(gpu, &stream, &s_c, &u, &mut y_c, c, r, d_out)?;
+                        } else {
+                            gemm(
+                                blas,
+                                &mut y_c,
+                                Mat { data: &s_c, rows: c, cols: r, trans: false },
+                                Mat { data: &u, rows: d_out, cols: r, trans: true },
+                                false,
+                            )?;
+                        }
                     }
                 } else {
-                    let uc = grow(&stream, &mut ws.uc, d_out * r)?;
+                    // A chunk outnumbers d_out: fold C into U once, Y = T (U C)^T, no n x r scratch.
+                    let uc = grow(&stream, &mut ws.fold, d_out * r)?;
                     apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                     gemm(
                         blas,
                         y,
-                        Mat { data: &t.slice(..n * r), rows: n, cols: r, trans: false },
+                        Mat { data: &t, rows: n, cols: r, trans: false },
                         Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: true },
                         false,
                     )?;
                 }
             }
             ExecPlan::Merged => {
-                let uc = grow(&stream, &mut ws.uc, d_out * r)?;
+                let uc = grow(&stream, &mut ws.fold, d_out * r)?;
                 apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                 let w = grow(&stream, &mut ws.w, d_out * d_in)?;
                 gemm(
@@ -536,6 +569,7 @@ impl<T: Dtype> CudaLayer<T> {
         check_len("dM (|Omega|)", &vec![(); dm.len()], nnz)?;
         check_len("dgamma", &vec![(); dgamma.len()], 1)?;
         let g = self.gate_value();
+        let token_chunk = self.token_chunk();
         let stream = self.stream.clone();
         let deterministic = self.sddmm_mode == SddmmMode::Deterministic;
         let u = self.u.slice(..);
@@ -547,13 +581,15 @@ impl<T: Dtype> CudaLayer<T> {
         let gpu = &self.gpu;
         let blas = &self.blas;
         let gate = self.config.gate;
-        // Where the backward core goes: on the activations (`A C`, n x r) when that is smaller
-        // than folding it into V, and always on the small-n path (its kernels take V as is).
-        let core_on_acts = saved.plan == ExecPlan::SmallN || n <= d_in;
+        // Tokens per pass (the small-n path takes the batch whole), and where the backward core
+        // goes: on the activations (`A C`, chunk x r) when that is smaller than folding it into
+        // V, and always on the small-n path (its kernels take V as is).
+        let chunk = if saved.plan == ExecPlan::SmallN { n } else { token_chunk.min(n) };
+        let core_on_acts = saved.plan == ExecPlan::SmallN || chunk <= d_in;
         // The fused pass needs the band kernels and `A C` on the activations.
         let fused_band = self.band.filter(|&d| self.fused_backward && core_on_acts && fused_bwd_fits(d));
         let sddmm_rows = match saved.plan {
-            ExecPlan::Factored | ExecPlan::SmallN => n,
+            ExecPlan::Factored | ExecPlan::SmallN => chunk,
             ExecPlan::Merged => d_out,
         };
         let work = grow(&stream, &mut ws.sddmm, sddmm_workspace_len(self.band, deterministic, sddmm_rows, nnz))?;
@@ -565,38 +601,62 @@ impl<T: Dtype> CudaLayer<T> {
             ExecPlan::Factored | ExecPlan::SmallN => {
                 let small = saved.plan == ExecPlan::SmallN;
                 let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
-                let a = grow(&stream, &mut ws.a, n * r)?;
-                if small {
-                    let elem = std::mem::size_of::<T>();
-                    let skw = grow(&stream, &mut ws.skinny, smalln_workspace_len(d_out, d_in, r, n, elem))?;
-                    skinny_nn(gpu, &stream, g_out, &u, &mut a.slice_mut(..n * r), &mut skw.slice_mut(..), n, d_out, r)?;
+                let a = grow(&stream, &mut ws.a, chunk * r)?;
+                let vc = if core_on_acts {
+                    None
                 } else {
-                    gemm(
-                        blas,
-                        &mut a.slice_mut(..n * r),
-                        Mat { data: g_out, rows: n, cols: d_out, trans: false },
-                        Mat { data: &u, rows: d_out, cols: r, trans: false },
-                        false,
-                    )?;
-                }
-                let mut gp = gate_partial.slice_mut(..);
-                let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
-                let a_v = a.slice(..n * r);
-                let mut wv = work.slice_mut(..);
-                match fused_band {
-                    Some(d) => {
-                        let ac = grow(&stream, &mut ws.core_act, n * r)?;
-                        let mut acv = ac.slice_mut(..n * r);
-                        sddmm_apply_bwd(
+                    // A chunk outnumbers d_in: fold C^T into V once, dX_c = A_c (V C^T)^T.
+                    let vc = grow(&stream, &mut ws.fold, d_in * r)?;
+                    apply(gpu, &stream, true, pv.fwd(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
+                    Some(vc.slice(..d_in * r))
+                };
+                let mut ac = if core_on_acts { Some(grow(&stream, &mut ws.core_act, chunk * r)?) } else { None };
+                // One pass per chunk of tokens: A_c = G_c U, dM (+)= SDDMM(A_c, T_c), dX_c from
+                // A_c C. The first chunk writes dM and dgamma, the others add to them.
+                for (i, t0) in (0..n).step_by(chunk).enumerate() {
+                    let c = chunk.min(n - t0);
+                    let accumulate = i > 0;
+                    let g_c = g_out.slice(t0 * d_out..(t0 + c) * d_out);
+                    let t_c = t.slice(t0 * r..(t0 + c) * r);
+                    let mut dx_c = dx.slice_mut(t0 * d_in..(t0 + c) * d_in);
+                    if small {
+                        let elem = std::mem::size_of::<T>();
+                        let skw = grow(&stream, &mut ws.skinny, smalln_workspace_len(d_out, d_in, r, n, elem))?;
+                        skinny_nn(
+                            gpu,
+                            &stream,
+                            &g_c,
+                            &u,
+                            &mut a.slice_mut(..c * r),
+                            &mut skw.slice_mut(..),
+                            c,
+                            d_out,
+                            r,
+                        )?;
+                    } else {
+                        gemm(
+                            blas,
+                            &mut a.slice_mut(..c * r),
+                            Mat { data: &g_c, rows: c, cols: d_out, trans: false },
+                            Mat { data: &u, rows: d_out, cols: r, trans: false },
+                            false,
+                        )?;
+                    }
+                    let mut gp = gate_partial.slice_mut(..);
+                    let gate_bufs = gate.then_some((&mut gp, &mut *dgamma));
+                    let a_c = a.slice(..c * r);
+                    let mut wv = work.slice_mut(..);
+                    match (fused_band, ac.as_mut()) {
+                        (Some(d), Some(ac)) => sddmm_apply_bwd(
                             gpu,
                             &stream,
                             d,
                             deterministic,
-                            &a_v,
-                            &t,
-                            &mut acv,
+                            &a_c,
+                            &t_c,
+                            &mut ac.slice_mut(..c * r),
                             &s,
-                            n,
+                            c,
                             r,
                             nnz,
                             &mut wv,
@@ -604,51 +664,65 @@ impl<T: Dtype> CudaLayer<T> {
                             g,
                             dm,
                             gate_bufs,
-                        )?;
+                            accumulate,
+                        )?,
+                        _ => sddmm(
+                            gpu,
+                            &stream,
+                            pv.sddmm(),
+                            deterministic,
+                            &a_c,
+                            &t_c,
+                            c,
+                            r,
+                            nnz,
+                            &mut wv,
+                            &m,
+                            g,
+                            dm,
+                            gate_bufs,
+                            accumulate,
+                        )?,
                     }
-                    None => sddmm(
-                        gpu,
-                        &stream,
-                        pv.sddmm(),
-                        deterministic,
-                        &a_v,
-                        &t,
-                        n,
-                        r,
-                        nnz,
-                        &mut wv,
-                        &m,
-                        g,
-                        dm,
-                        gate_bufs,
-                    )?,
-                }
-                if core_on_acts {
-                    let ac = grow(&stream, &mut ws.core_act, n * r)?;
-                    if fused_band.is_none() {
-                        apply(gpu, &stream, false, pv.bwd(), &a_v, &mut ac.slice_mut(..n * r), &s, &m, g, n, r)?;
-                    }
-                    if small {
-                        skinny_nt(gpu, &stream, &ac.slice(..n * r), &v, dx, n, r, d_in)?;
-                    } else {
-                        gemm(
+                    match (ac.as_mut(), &vc) {
+                        (Some(ac), _) => {
+                            if fused_band.is_none() {
+                                apply(
+                                    gpu,
+                                    &stream,
+                                    false,
+                                    pv.bwd(),
+                                    &a_c,
+                                    &mut ac.slice_mut(..c * r),
+                                    &s,
+                                    &m,
+                                    g,
+                                    c,
+                                    r,
+                                )?;
+                            }
+                            let ac_c = ac.slice(..c * r);
+                            if small {
+                                skinny_nt(gpu, &stream, &ac_c, &v, &mut dx_c, c, r, d_in)?;
+                            } else {
+                                gemm(
+                                    blas,
+                                    &mut dx_c,
+                                    Mat { data: &ac_c, rows: c, cols: r, trans: false },
+                                    Mat { data: &v, rows: d_in, cols: r, trans: true },
+                                    false,
+                                )?;
+                            }
+                        }
+                        (None, Some(vc)) => gemm(
                             blas,
-                            dx,
-                            Mat { data: &ac.slice(..n * r), rows: n, cols: r, trans: false },
-                            Mat { data: &v, rows: d_in, cols: r, trans: true },
+                            &mut dx_c,
+                            Mat { data: &a_c, rows: c, cols: r, trans: false },
+                            Mat { data: vc, rows: d_in, cols: r, trans: true },
                             false,
-                        )?;
+                        )?,
+                        (None, None) => unreachable!("the core goes on the activations or into V"),
                     }
-                } else {
-                    let vc = grow(&stream, &mut ws.vc, d_in * r)?;
-                    apply(gpu, &stream, true, pv.fwd(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
-                    gemm(
-                        blas,
-                        dx,
-                        Mat { data: &a.slice(..n * r), rows: n, cols: r, trans: false },
-                        Mat { data: &vc.slice(..d_in * r), rows: d_in, cols: r, trans: true },
-                        false,
-                    )?;
                 }
             }
             ExecPlan::Merged => {
@@ -694,6 +768,7 @@ impl<T: Dtype> CudaLayer<T> {
                     g,
                     dm,
                     gate_bufs,
+                    false,
                 )?;
             }
         }

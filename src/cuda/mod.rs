@@ -19,7 +19,7 @@ pub(crate) use kernels::smalln_workspace_len;
 pub use kernels::Dtype;
 // The row-major cuBLAS product, for the demo's device LoRA student.
 pub(crate) use kernels::{gemm, Mat};
-pub use layer::{CudaLayer, SddmmMode};
+pub use layer::{default_token_chunk, CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 
 use crate::error::Error;

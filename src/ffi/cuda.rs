@@ -31,7 +31,7 @@ use crate::config::LayerConfig;
 use crate::cuda::{blas_err, device_count, driver_err, CudaLayer, Dtype, Gpu};
 use crate::error::Error;
 use crate::pattern::Omega;
-use crate::plan::{Dims, ExecPlan, Plan};
+use crate::plan::{Dims, Plan};
 use crate::svd::{thin_svd, Factors};
 
 /// The number of CUDA devices, or `CUDA_UNAVAILABLE` with the device probe's reason.
@@ -738,42 +738,17 @@ impl CudaRecord {
         each!(&self.inner.layer, l => read(l))
     }
 
-    /// Device bytes for `n` tokens: (workspace, saved), mirroring `CudaLayer`'s buffers
-    /// (fast SDDMM); saturates instead of overflowing.
+    /// Device bytes for `n` tokens: (every workspace buffer, the saved activations among them),
+    /// from [`crate::memory::svft_chunked`] (fast SDDMM) plus the bias's column of ones;
+    /// saturates instead of overflowing.
     pub fn workspace_model(&self, n: usize) -> (usize, usize) {
         let d = self.dims();
-        let (o, i, r, k) = (d.d_out, d.d_in, d.r, d.nnz);
-        let elem = self.inner.layer.dtype().size();
-        let m = |a: usize, b: usize| a.saturating_mul(b);
-        let plan = each!(&self.inner.layer, l => l.plan_for(n));
-        let ones = if self.inner.has_bias { n } else { 0 };
-        let f32s = k.saturating_add(k.div_ceil(256).clamp(1, 1024)); // SDDMM dC, gate partials
-        let (elems, saved, skinny) = match plan {
-            ExecPlan::SmallN => {
-                // T, A, and S / A C (the core always on the activations); the split-K partials.
-                let e = m(3, m(n, r)).saturating_add(ones);
-                (e, m(n, r), crate::cuda::smalln_workspace_len(o, i, r, n, elem))
-            }
-            ExecPlan::Factored => {
-                let mut e = m(2, m(n, r)).saturating_add(ones); // T, A
-                if n <= o || n <= i {
-                    e = e.saturating_add(m(n, r)); // S, A C
-                }
-                if n > o {
-                    e = e.saturating_add(m(o, r)); // U_C
-                }
-                if n > i {
-                    e = e.saturating_add(m(i, r)); // V_C
-                }
-                (e, m(n, r), 0)
-            }
-            ExecPlan::Merged => {
-                // U_C, Q, W, P, X
-                let e = m(2, m(o, r)).saturating_add(m(2, m(o, i))).saturating_add(m(n, i)).saturating_add(ones);
-                (e, m(n, i).saturating_add(m(o, i)), 0)
-            }
-        };
-        (m(elem, elems).saturating_add(m(4, f32s.saturating_add(skinny))), m(elem, saved))
+        let act = self.inner.layer.dtype().size();
+        let shape = crate::memory::Shape { d_out: d.d_out, d_in: d.d_in, r: d.r, nnz: d.nnz, n, act };
+        let (plan, chunk) = each!(&self.inner.layer, l => (l.plan_for(n), l.token_chunk()));
+        let b = crate::memory::svft_chunked(&shape, plan, chunk);
+        let ones = if self.inner.has_bias { n.saturating_mul(act) } else { 0 };
+        (b.workspace.saturating_add(b.saved).saturating_add(ones), b.saved)
     }
 
     /// Device bytes held between steps.
