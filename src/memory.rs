@@ -94,9 +94,10 @@ pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
 ///   coefficient plus two CSRs (by row and by column: `r + 1` pointers, `|Omega|` indices and
 ///   `|Omega|` permutation entries each).
 /// - factored: saves T = X V (`n x r`, whole); scratch A = G U (`c x r`), the core applied to
-///   T and then to A (one `c x r` buffer, when `c <= d_out` or `c <= d_in`), the folded `U_C`
-///   (`d_out x r`, when `c > d_out`) or `V_C` (`d_in x r`, when `c > d_in`) in one shared
-///   buffer, and the SDDMM's f32 dC plus gate partials.
+///   T and then to A (one `c x r` buffer, when `n <= d_out` or `n <= d_in`), the folded `U_C`
+///   (`d_out x r`, when `n > d_out`) or `V_C` (`d_in x r`, when `n > d_in`) in one shared
+///   buffer, and the SDDMM's f32 dC plus gate partials. (Where the core goes follows n, so
+///   chunking moves the same bytes; it only caps the scratch.)
 /// - small-n: the factored buffers with `c = n` and the core always on the activations, plus
 ///   the split-K f32 partial sums.
 /// - merged: saves W (`d_out x d_in`) and a copy of X (`n x d_in`); scratch `U_C` and
@@ -115,9 +116,9 @@ pub fn svft_chunked(s: &Shape, plan: ExecPlan, chunk: usize) -> Bytes {
         (mul(&[2, n, r]), mul(&[n, r]))
     } else if plan.is_factored() {
         let c = n.min(chunk.max(1));
-        let core_on_acts = if c <= o || c <= i { mul(&[c, r]) } else { 0 };
-        let uc = if c > o { mul(&[o, r]) } else { 0 };
-        let vc = if c > i { mul(&[i, r]) } else { 0 };
+        let core_on_acts = if n <= o || n <= i { mul(&[c, r]) } else { 0 };
+        let uc = if n > o { mul(&[o, r]) } else { 0 };
+        let vc = if n > i { mul(&[i, r]) } else { 0 };
         (sum(&[mul(&[c, r]), core_on_acts, uc.max(vc)]), mul(&[n, r]))
     } else {
         (sum(&[mul(&[2, o, r]), mul(&[o, i])]), sum(&[mul(&[o, i]), mul(&[n, i])]))
@@ -285,17 +286,18 @@ mod tests {
         assert_eq!(b.workspace, 4 * (36 + 32) + 4 * (4 + 1)); // A, then U_C or V_C
     }
 
-    /// A token chunk caps the scratch at `chunk x r` and leaves T whole; chunks small enough
-    /// put the core back on the activations instead of folding it.
+    /// A token chunk caps the scratch at `chunk x r` and leaves T whole; where the core goes
+    /// (activations or folded) still follows n.
     #[test]
     fn token_chunks_cap_the_scratch() {
         let s = Shape { d_out: 8, d_in: 4, r: 4, nnz: 4, n: 9, act: 4 };
+        // n > d_out and d_in: both folds (one shared 8x4 buffer), A_c (3x4).
         let b = svft_chunked(&s, ExecPlan::Factored, 3);
-        assert_eq!(b.workspace, 4 * (12 + 12) + 4 * (4 + 1)); // A_c, S_c / A_c C (3x4 each)
+        assert_eq!(b.workspace, 4 * (12 + 32) + 4 * (4 + 1));
         assert_eq!(b.saved, 4 * 36); // T, 9x4
-                                     // A chunk of 6 still exceeds d_in: A_c (6x4), S_c (6 <= d_out), V_C (4x4).
-        let b = svft_chunked(&s, ExecPlan::Factored, 6);
-        assert_eq!(b.workspace, 4 * (24 + 24 + 16) + 4 * (4 + 1));
+                                     // n = 6 <= d_out: S_c on the activations (2x4); n > d_in: V_C (4x4); A_c (2x4).
+        let b6 = svft_chunked(&Shape { n: 6, ..s }, ExecPlan::Factored, 2);
+        assert_eq!(b6.workspace, 4 * (8 + 8 + 16) + 4 * (4 + 1));
         // A chunk at least n is no chunking; the default chunk at r = 4 is far above n.
         assert_eq!(svft_chunked(&s, ExecPlan::Factored, 9), svft(&s, ExecPlan::Factored));
         assert_eq!(crate::cuda::default_token_chunk(4096), 2048);

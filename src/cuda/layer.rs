@@ -473,8 +473,9 @@ impl<T: Dtype> CudaLayer<T> {
                 }
                 let t = t.slice(..n * r);
                 let chunk = if small { n } else { token_chunk.min(n) };
-                if small || chunk <= d_out {
-                    // C on the activations, `chunk` tokens at a time: S_c = T_c C^T, Y_c = S_c U^T.
+                if small || n <= d_out {
+                    // C on the activations (fewer elements than U when n <= d_out), `chunk`
+                    // tokens at a time: S_c = T_c C^T, Y_c = S_c U^T.
                     let s_act = grow(&stream, &mut ws.core_act, chunk * r)?;
                     for t0 in (0..n).step_by(chunk) {
                         let c = chunk.min(n - t0);
@@ -495,7 +496,7 @@ impl<T: Dtype> CudaLayer<T> {
                         }
                     }
                 } else {
-                    // A chunk outnumbers d_out: fold C into U once, Y = T (U C)^T, no n x r scratch.
+                    // n > d_out: fold C into U once, Y = T (U C)^T, no n x r scratch at all.
                     let uc = grow(&stream, &mut ws.fold, d_out * r)?;
                     apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                     gemm(
@@ -582,10 +583,11 @@ impl<T: Dtype> CudaLayer<T> {
         let blas = &self.blas;
         let gate = self.config.gate;
         // Tokens per pass (the small-n path takes the batch whole), and where the backward core
-        // goes: on the activations (`A C`, chunk x r) when that is smaller than folding it into
-        // V, and always on the small-n path (its kernels take V as is).
+        // goes: on the activations (`A C`) when the batch has fewer elements than V (n <= d_in),
+        // else folded into V once; always on the activations on the small-n path (its kernels
+        // take V as is). The choice follows n, not the chunk, so chunking moves no extra bytes.
         let chunk = if saved.plan == ExecPlan::SmallN { n } else { token_chunk.min(n) };
-        let core_on_acts = saved.plan == ExecPlan::SmallN || chunk <= d_in;
+        let core_on_acts = saved.plan == ExecPlan::SmallN || n <= d_in;
         // The fused pass needs the band kernels and `A C` on the activations.
         let fused_band = self.band.filter(|&d| self.fused_backward && core_on_acts && fused_bwd_fits(d));
         let sddmm_rows = match saved.plan {
@@ -605,7 +607,7 @@ impl<T: Dtype> CudaLayer<T> {
                 let vc = if core_on_acts {
                     None
                 } else {
-                    // A chunk outnumbers d_in: fold C^T into V once, dX_c = A_c (V C^T)^T.
+                    // n > d_in: fold C^T into V once, dX_c = A_c (V C^T)^T.
                     let vc = grow(&stream, &mut ws.fold, d_in * r)?;
                     apply(gpu, &stream, true, pv.fwd(), &v, &mut vc.slice_mut(..d_in * r), &s, &m, g, d_in, r)?;
                     Some(vc.slice(..d_in * r))
