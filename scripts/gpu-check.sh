@@ -35,3 +35,13 @@ strip "$bundle"/* 2>/dev/null || true
 cp scripts/gpu-run.sh "$bundle/"
 ls -la "$bundle"
 du -sh "$bundle"
+# Rehearse gpu-run.sh here (tests skip without a GPU, tiny grids on the CPU), so a script error
+# cannot cost device time.
+rehearsal="$(mktemp -d)"
+SVFT_GPU_RUN_REHEARSE=1 "$bundle/gpu-run.sh" "$rehearsal" > "$rehearsal.log" 2>&1 || true
+ls "$rehearsal"
+for f in summary.txt bench-table.md bench.jsonl memory-table.md logs.tar.gz; do
+  [ -s "$rehearsal/$f" ] || { echo "gpu-run.sh rehearsal did not write $f (see $rehearsal.log)"; exit 1; }
+done
+grep -q "grid-bf16: ok" "$rehearsal/summary.txt" || { cat "$rehearsal/summary.txt"; exit 1; }
+echo "gpu-run.sh rehearsal: ok ($(grep -c '^|' "$rehearsal/bench-table.md") table lines)"
