@@ -365,6 +365,26 @@ SvftStatus svft_layer_get_coefficients(const struct SvftLayer *layer, float *m, 
 // `m` must be NULL or valid for `len` floats.
 SvftStatus svft_layer_set_coefficients(struct SvftLayer *layer, const float *m, size_t len);
 
+// Replaces M and, unless `gamma` is NULL, gamma, from memory of the layer's own kind: host
+// memory for a CPU layer (then `stream` must be NULL; values checked finite, as
+// `svft_layer_set_coefficients` / `svft_layer_set_gamma`), device memory of the layer's
+// device for a CUDA layer. On CUDA the copies (and the gate value's computation) run on the
+// layer's stream after the work already on `stream` (a CUstream of the layer's context, NULL
+// for the legacy default stream) and before the work queued there later, and the host never
+// waits: a training loop that keeps M and gamma on the device hands them over every step
+// without a synchronisation. Device values are not checked for finiteness (that would take a
+// host round trip): a NaN there reaches the outputs as in any device operation. Forgets the
+// saved forward.
+//
+// # Safety
+// `m` must be NULL or valid for `m_len` floats, `gamma` NULL or valid for one, in the
+// layer's memory space.
+SvftStatus svft_layer_load_parameters(struct SvftLayer *layer,
+                                      const float *m,
+                                      size_t m_len,
+                                      const float *gamma,
+                                      void *stream);
+
 // Writes the gate parameter gamma (`g = sigmoid(gamma)` when the gate is on).
 //
 // # Safety

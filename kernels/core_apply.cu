@@ -5,7 +5,8 @@
 //
 // X and Y are n x r, row-major (leading dimension r), in the activation dtype (f32/bf16/f16);
 // s (r), M (|Omega|) and g are f32, accumulation is f32, Y is rounded once on store.
-// Y must not alias X. g is sigmoid(gamma) or 1, computed by the host.
+// Y must not alias X. g is sigmoid(gamma) or 1, read from device memory (`const float* g`, one
+// f32 the layer keeps on the device: a gate trained on the device never makes a host round trip).
 //
 // The same kernels are the "fold" operations (C moved onto the frozen factors), with the
 // factor's rows as the batch:
@@ -14,7 +15,7 @@
 //
 // Banded(d) (Plain is d = 0), M in canonical row-major band order (see svft_common.cuh):
 //   band_apply_fwd_{f32,bf16,f16}(const T* X, T* Y, const float* s, const float* M,
-//                                 float g, int n, int r, int d)
+//                                 const float* g, int n, int r, int d)
 //   band_apply_bwd_{f32,bf16,f16}(same arguments)
 // A shifted-diagonal stencil. Each block owns a tile of blockDim.x consecutive columns and walks
 // the batch in groups of SVFT_APPLY_ROWS rows: the group's rows, columns [i0-d, i0+B+d), are
@@ -30,7 +31,7 @@
 // by the host for the fixed pattern:
 //   coo_apply_{f32,bf16,f16}(const T* X, T* Y, const float* s, const float* M,
 //                            const int* ptr, const int* idx, const int* perm,
-//                            float g, int n, int r)
+//                            const float* g, int n, int r)
 //   forward : ptr/idx/perm = CSR by row    (ptr[r+1], idx = column, perm = canonical index k)
 //   backward: ptr/idx/perm = CSR by column (ptr[r+1], idx = row,    perm = canonical index k)
 //   Y[b,i] = s_i X[b,i] + g * sum_{e in [ptr[i], ptr[i+1])} M[perm[e]] * X[b, idx[e]]
@@ -135,19 +136,20 @@ __device__ __forceinline__ void csr_apply(const T* __restrict__ X, T* __restrict
 // extern "C" entry points, one per dtype.
 #define SVFT_STAMP_CORE_APPLY(SUFFIX, T)                                                        \
   extern "C" __global__ void band_apply_fwd_##SUFFIX(const T* X, T* Y, const float* s,          \
-                                                     const float* M, float g, int n, int r,     \
-                                                     int d) {                                   \
-    band_apply<T, false>(X, Y, s, M, g, n, r, d);                                               \
+                                                     const float* M, const float* g, int n,     \
+                                                     int r, int d) {                            \
+    band_apply<T, false>(X, Y, s, M, *g, n, r, d);                                              \
   }                                                                                             \
   extern "C" __global__ void band_apply_bwd_##SUFFIX(const T* X, T* Y, const float* s,          \
-                                                     const float* M, float g, int n, int r,     \
-                                                     int d) {                                   \
-    band_apply<T, true>(X, Y, s, M, g, n, r, d);                                                \
+                                                     const float* M, const float* g, int n,     \
+                                                     int r, int d) {                            \
+    band_apply<T, true>(X, Y, s, M, *g, n, r, d);                                               \
   }                                                                                             \
   extern "C" __global__ void coo_apply_##SUFFIX(const T* X, T* Y, const float* s,               \
                                                 const float* M, const int* ptr, const int* idx, \
-                                                const int* perm, float g, int n, int r) {       \
-    csr_apply<T>(X, Y, s, M, ptr, idx, perm, g, n, r);                                          \
+                                                const int* perm, const float* g, int n,         \
+                                                int r) {                                        \
+    csr_apply<T>(X, Y, s, M, ptr, idx, perm, *g, n, r);                                         \
   }
 
 SVFT_STAMP_CORE_APPLY(f32, float)

@@ -19,7 +19,8 @@
 //
 // Banded(d) (Plain d = 0), 0 <= d < r (clamped), M and dC in canonical row-major band order:
 //   band_sddmm_apply_bwd_atomic_{f32,bf16,f16}(const T* A, const T* X, float* dC, T* AC,
-//       const float* s, const float* M, float g, int n, int r, int d, int chunk_rows)
+//       const float* s, const float* M, const float* g, int n, int r, int d, int chunk_rows)
+// (g: one f32 in device memory, as in core_apply.cu)
 //   band_sddmm_apply_bwd_partial_{f32,bf16,f16}(same, float* workspace instead of dC)
 // fast (atomic): the host zeroes dC first; deterministic (partial): every slot of
 // workspace[nchunks * nnz] is written, nchunks = ceil(n / chunk_rows); then sddmm_epilogue.
@@ -133,14 +134,14 @@ __device__ __forceinline__ void band_sddmm_apply_bwd(const T* __restrict__ A,
 
 #define SVFT_STAMP_FUSED_BWD(SUFFIX, T)                                                         \
   extern "C" __global__ void band_sddmm_apply_bwd_atomic_##SUFFIX(                              \
-      const T* A, const T* X, float* dC, T* AC, const float* s, const float* M, float g, int n, \
-      int r, int d, int chunk_rows) {                                                           \
-    band_sddmm_apply_bwd<T, true>(A, X, dC, AC, s, M, g, n, r, d, chunk_rows);                  \
+      const T* A, const T* X, float* dC, T* AC, const float* s, const float* M, const float* g, \
+      int n, int r, int d, int chunk_rows) {                                                    \
+    band_sddmm_apply_bwd<T, true>(A, X, dC, AC, s, M, *g, n, r, d, chunk_rows);                 \
   }                                                                                             \
   extern "C" __global__ void band_sddmm_apply_bwd_partial_##SUFFIX(                             \
-      const T* A, const T* X, float* workspace, T* AC, const float* s, const float* M, float g, \
-      int n, int r, int d, int chunk_rows) {                                                    \
-    band_sddmm_apply_bwd<T, false>(A, X, workspace, AC, s, M, g, n, r, d, chunk_rows);          \
+      const T* A, const T* X, float* workspace, T* AC, const float* s, const float* M,          \
+      const float* g, int n, int r, int d, int chunk_rows) {                                    \
+    band_sddmm_apply_bwd<T, false>(A, X, workspace, AC, s, M, *g, n, r, d, chunk_rows);         \
   }
 
 SVFT_STAMP_FUSED_BWD(f32, float)

@@ -45,7 +45,7 @@
 //   full coverage gx = ceil(nnz / B), gy = nchunks. 0 bytes dynamic smem.
 //
 // Epilogue (f32 only), deterministic:
-//   sddmm_epilogue(const float* partial, int nchunks, const float* M, float g, float* dM,
+//   sddmm_epilogue(const float* partial, int nchunks, const float* M, const float* g, float* dM,
 //                  float* gate_partial, int nnz, int accumulate)
 //     dC_k = sum_{c < nchunks} partial[c * nnz + k]   (ascending c; nchunks = 1 for the fast
 //            mode's dC), dM_k = g * dC_k (accumulate != 0: dM_k += g * dC_k). dM may alias
@@ -53,10 +53,17 @@
 //            sum_k M_k dC_k (fixed order); M may be NULL when gate_partial is NULL.
 //     block (B, 1, 1), B a multiple of 32 (<= 1024); grid (G, 1, 1) any G >= 1 (grid-strided);
 //     gate_partial needs G floats. 0 bytes dynamic smem (128 bytes static).
-//   gate_grad_reduce(const float* gate_partial, int nparts, float g, float* dgamma,
+//   gate_grad_reduce(const float* gate_partial, int nparts, const float* g, float* dgamma,
 //                    int accumulate)
 //     *dgamma (=, or += when accumulate) g (1-g) * sum_{p < nparts} gate_partial[p].
 //     block (B, 1, 1), B a multiple of 32; grid (1, 1, 1) exactly.
+//   g is one f32 in device memory (sigmoid(gamma) or 1), as in core_apply.cu.
+//
+// The gate's state on the device, from a gamma in device memory (no host round trip):
+//   gate_from_gamma(const float* gamma, int gate, float* state)
+//     state[0] = gate ? 1 / (1 + exp(-gamma)) : 1   (g, which every kernel above reads)
+//     state[1] = gamma
+//     block (1, 1, 1), grid (1, 1, 1). gamma may alias state + 1.
 #include "svft_common.cuh"
 
 // Diagonals accumulated together by one thread in the band SDDMM.
@@ -175,8 +182,9 @@ SVFT_STAMP_SDDMM(f16, __half)
 
 // ---------------------------------------------------------------------------------------------
 extern "C" __global__ void sddmm_epilogue(const float* partial, int nchunks, const float* M,
-                                          float g, float* dM, float* gate_partial, int nnz,
-                                          int accumulate) {
+                                          const float* g_ptr, float* dM, float* gate_partial,
+                                          int nnz, int accumulate) {
+  const float g = *g_ptr;
   float gate = 0.f;
   for (int k = blockIdx.x * blockDim.x + threadIdx.x; k < nnz; k += gridDim.x * blockDim.x) {
     float dc = 0.f;
@@ -191,13 +199,22 @@ extern "C" __global__ void sddmm_epilogue(const float* partial, int nchunks, con
   }
 }
 
-extern "C" __global__ void gate_grad_reduce(const float* gate_partial, int nparts, float g,
-                                            float* dgamma, int accumulate) {
+extern "C" __global__ void gate_grad_reduce(const float* gate_partial, int nparts,
+                                            const float* g_ptr, float* dgamma, int accumulate) {
+  const float g = *g_ptr;
   float sum = 0.f;
   for (int p = threadIdx.x; p < nparts; p += blockDim.x) sum += gate_partial[p];
   const float total = block_sum(sum);
   if (threadIdx.x == 0) {
     const float v = g * (1.f - g) * total;
     *dgamma = accumulate ? *dgamma + v : v;
+  }
+}
+
+extern "C" __global__ void gate_from_gamma(const float* gamma, int gate, float* state) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const float v = *gamma;  // read before the stores: gamma may alias state + 1
+    state[0] = gate ? 1.f / (1.f + expf(-v)) : 1.f;
+    state[1] = v;
   }
 }

@@ -389,7 +389,34 @@ fn cycle<T: Dtype + DeviceRepr>(ctx: &Arc<CudaContext>, dtype: SvftDtype, tol: f
             assert_eq!(svft_layer_get_coefficients(layer, m_back.as_mut_ptr(), nnz), SvftStatus::Ok);
             assert_eq!(svft_layer_get_gamma(layer, &mut gamma), SvftStatus::Ok);
         }
-        assert_eq!((m_back, gamma), (m.clone(), 0.3), "{what}: coefficients/gamma round trip");
+        assert_eq!((&m_back, gamma), (&m, 0.3), "{what}: coefficients/gamma round trip");
+        // The same parameters again from device memory, over other values set from the host, on
+        // the caller's stream after busy work (the layer must wait for the copies): the step below
+        // matches the reference only if the device values were taken.
+        let m_stage = caller.clone_htod(&m).unwrap();
+        let gamma_stage = caller.clone_htod(&[0.3f32]).unwrap();
+        let mut m_dev = caller.alloc_zeros::<f32>(nnz).unwrap();
+        let mut gamma_dev = caller.alloc_zeros::<f32>(1).unwrap();
+        caller.synchronize().unwrap();
+        unsafe {
+            assert_eq!(svft_layer_set_coefficients(layer, vec![0f32; nnz].as_ptr(), nnz), SvftStatus::Ok);
+            assert_eq!(svft_layer_set_gamma(layer, -1.0), SvftStatus::Ok);
+        }
+        busy(&caller, &mut big_a, &big_b);
+        caller.memcpy_dtod(&m_stage, &mut m_dev).unwrap();
+        caller.memcpy_dtod(&gamma_stage, &mut gamma_dev).unwrap();
+        let cs_params = caller.cu_stream() as *mut c_void;
+        unsafe {
+            let (mp, gp) = (dptr(&m_dev, &caller).cast::<f32>(), dptr(&gamma_dev, &caller).cast::<f32>());
+            let st = svft_layer_load_parameters(layer, mp, nnz, gp, cs_params);
+            assert_eq!(st, SvftStatus::Ok, "{what}: load_parameters: {}", last_error());
+            assert_eq!(svft_layer_load_parameters(layer, mp, nnz - 1, gp, cs_params), SvftStatus::Shape);
+            let host_m = m.as_ptr();
+            assert_eq!(svft_layer_load_parameters(layer, host_m, nnz, gp, cs_params), SvftStatus::InvalidArgument);
+            assert_eq!(svft_layer_get_gamma(layer, &mut gamma), SvftStatus::Ok);
+            assert_eq!(svft_layer_get_coefficients(layer, m_back.as_mut_ptr(), nnz), SvftStatus::Ok);
+        }
+        assert_eq!((&m_back, gamma), (&m, 0.3), "{what}: parameters from the device");
         let mut fr = dec.factors.clone();
         (fr.u, fr.s, fr.v) = (u, s, v);
         let bias_ref = c.bias.then_some(&b_host[..]);

@@ -67,7 +67,8 @@ fn check<T: Dtype>(
     fr.v = rnd(fr.v);
     let m = layer.coefficients().unwrap();
     let gate = layer.trainable_params() > layer.omega().len(); // the gate is a parameter
-    let refl = Reference::new(&fr, layer.omega(), &m, layer.gamma(), gate, bias.map(|b| rnd(b.to_vec())).as_deref());
+    let refl =
+        Reference::new(&fr, layer.omega(), &m, layer.gamma().unwrap(), gate, bias.map(|b| rnd(b.to_vec())).as_deref());
     let (xw, gw) = (wide(&x), wide(&gy));
     let (dx_ref, dm_ref, dgamma_ref) = refl.backward(&xw, &gw, n);
     let plan = layer.plan_for(n);
@@ -256,6 +257,52 @@ fn token_chunks_match_one_pass() {
     check(&mut layer, &f, None, 257, 1e-2, "bf16 banded:16 chunk=64");
     layer.set_token_chunk(None).unwrap();
     check(&mut layer, &f, None, 257, 1e-2, "bf16 banded:16 default chunk");
+}
+
+/// Parameters handed over in device memory (`set_coefficients_device`, `set_gamma_device`: no
+/// host round trip) give the step the host setters give: the same M bit for bit, g within an
+/// ulp (device expf), gamma read back exactly; both forget the saved forward; wrong lengths
+/// are errors.
+#[test]
+fn device_parameters_match_host_parameters() {
+    let Some(gpu) = gpu_or_skip("device_parameters_match_host_parameters") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(150, 100, 100, 6);
+    for spec in ["banded:2", "random:5:seed=2"] {
+        let config = LayerConfig { plan: Plan::Factored, gate: true, ..LayerConfig::official(spec.parse().unwrap()) };
+        let mut host = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+        let mut dev = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+        let k = host.omega().len();
+        let m: Vec<f32> = randn(k, 8).iter().map(|x| 0.2 * x).collect();
+        host.set_coefficients(&m).unwrap();
+        host.set_gamma(-0.6).unwrap();
+        let m_dev = stream.clone_htod(&m).unwrap();
+        let gamma_dev = stream.clone_htod(&[-0.6f32]).unwrap();
+        dev.set_coefficients(&vec![0.0; k]).unwrap(); // overwritten below
+        let a = step(&mut host, &f, 90);
+        let _ = step(&mut dev, &f, 90);
+        dev.set_coefficients_device(&m_dev.slice(..)).unwrap();
+        dev.set_gamma_device(&gamma_dev.slice(..)).unwrap();
+        let mut dm = stream.alloc_zeros::<f32>(k).unwrap();
+        let mut dg = stream.alloc_zeros::<f32>(1).unwrap();
+        let gy = upload(&dev, &randn(90 * 150, 1));
+        let mut dx = poisoned_dev(&dev, 90 * 100);
+        let no_forward =
+            dev.backward(&gy.slice(..), 90, &mut dx.slice_mut(..), &mut dm.slice_mut(..), &mut dg.slice_mut(..));
+        assert!(no_forward.is_err(), "{spec}: new parameters must forget the saved forward");
+        let b = step(&mut dev, &f, 90);
+        assert_eq!(dev.coefficients().unwrap(), m, "{spec}: M from the device");
+        assert_eq!(dev.gamma().unwrap(), -0.6, "{spec}: gamma read back from the device");
+        let (gh, gd) = (host.gate_value().unwrap(), dev.gate_value().unwrap());
+        assert!((gh - gd).abs() <= 2.0 * f32::EPSILON * gh, "{spec}: g {gd} vs {gh}");
+        assert!(rel_err(&b.0, &wide(&a.0)) < 1e-6 && rel_err(&b.1, &wide(&a.1)) < 1e-6, "{spec}: dX / dM");
+        assert!((b.2 - a.2).abs() <= 1e-5 * a.2.abs().max(1e-6), "{spec}: dgamma {} vs {}", b.2, a.2);
+        // Host gamma again: the device copy follows.
+        dev.set_gamma(0.25).unwrap();
+        assert_eq!((dev.gamma().unwrap(), dev.gate_value().unwrap()), (0.25, svft::config::gate_value(true, 0.25)));
+        assert!(dev.set_coefficients_device(&m_dev.slice(..k - 1)).is_err());
+        assert!(dev.set_gamma_device(&gamma_dev.slice(..0)).is_err());
+    }
 }
 
 #[test]

@@ -203,6 +203,7 @@ extern "C" {
         dgamma: *mut f32,
         accumulate: i32,
     ) -> i32;
+    fn svft_interp_gate_from_gamma(c: Cfg, gamma: *const f32, gate: i32, state: *mut f32) -> i32;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1004,6 +1005,40 @@ fn sddmm_f16() {
 
 // ---------------------------------------------------------------------------------------------
 // Epilogue and gate reduction on their own: launch shapes, accumulate, aliasing, gate off.
+
+/// The gate's device state from a device gamma: g = sigmoid(gamma) within an ulp or two of the
+/// host's `gate_value` (f32 expf against Rust's exp), gamma copied bit for bit, g = 1 with the
+/// gate off, and gamma may alias the state's own slot.
+#[test]
+fn gate_from_gamma_matches_the_host() {
+    for gamma in [0.0f32, 0.3, -2.5, 9.0, -17.0, 1e-7] {
+        for gate in [true, false] {
+            let mut state = [f32::NAN; 2];
+            unsafe {
+                ok(svft_interp_gate_from_gamma(cfg((1, 1), 1, 0), &gamma, gate as i32, state.as_mut_ptr()), "gate")
+            };
+            let host = svft::config::gate_value(gate, gamma);
+            assert!(
+                (state[0] - host).abs() <= 2.0 * f32::EPSILON * host,
+                "gamma {gamma} gate {gate}: {} vs {host}",
+                state[0]
+            );
+            assert_eq!(state[1].to_bits(), gamma.to_bits());
+            if !gate {
+                assert_eq!(state[0], 1.0);
+            }
+        }
+        // In place: gamma read from state[1].
+        let mut state = [f32::NAN, gamma];
+        let p = state.as_mut_ptr();
+        unsafe { ok(svft_interp_gate_from_gamma(cfg((1, 1), 1, 0), p.add(1), 1, p), "gate in place") };
+        assert!(
+            (state[0] - svft::config::gate_value(true, gamma)).abs() <= 2.0 * f32::EPSILON,
+            "in place, gamma {gamma}"
+        );
+        assert_eq!(state[1].to_bits(), gamma.to_bits());
+    }
+}
 
 #[test]
 fn epilogue_and_gate_reduce() {

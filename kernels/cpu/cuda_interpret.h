@@ -27,6 +27,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <pthread.h>
+#include <math.h>  // the device math functions kernels call (expf), as nvcc provides them
 
 #include <cstddef>
 #include <cstdint>

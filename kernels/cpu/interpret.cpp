@@ -1,5 +1,7 @@
 // interpret.cpp: every kernels/*.cu compiled as C++ for the CPU (see cuda_interpret.h), and one
-// extern "C" launch wrapper per kernel (declared in svft_interp.h). Built by build.rs with the
+// extern "C" launch wrapper per kernel (declared in svft_interp.h). The wrappers take the gate
+// value g by value and hand the kernels its address (they read g from memory; launches here
+// run to completion before the wrapper returns). Built by build.rs with the
 // `interpret` feature, and by scripts/sanitize-kernels.sh with the C++ drivers in tests/kernels.
 //
 // Build: g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels kernels/cpu/interpret.cpp
@@ -43,19 +45,19 @@ T* out(void* p) {
                                           const float* s, const float* M, float g, int n, int r, \
                                           int d) {                                               \
     return svft_interp::launch(to_cfg(cfg), band_apply_fwd_##SUFFIX, in<KT>(X), out<KT>(Y), s,   \
-                               M, g, n, r, d);                                                   \
+                               M, &g, n, r, d);                                                  \
   }                                                                                              \
   int svft_interp_band_apply_bwd_##SUFFIX(svft_launch_cfg cfg, const CT* X, CT* Y,               \
                                           const float* s, const float* M, float g, int n, int r, \
                                           int d) {                                               \
     return svft_interp::launch(to_cfg(cfg), band_apply_bwd_##SUFFIX, in<KT>(X), out<KT>(Y), s,   \
-                               M, g, n, r, d);                                                   \
+                               M, &g, n, r, d);                                                  \
   }                                                                                              \
   int svft_interp_coo_apply_##SUFFIX(svft_launch_cfg cfg, const CT* X, CT* Y, const float* s,    \
                                      const float* M, const int32_t* ptr, const int32_t* idx,     \
                                      const int32_t* perm, float g, int n, int r) {               \
     return svft_interp::launch(to_cfg(cfg), coo_apply_##SUFFIX, in<KT>(X), out<KT>(Y), s, M,     \
-                               ptr, idx, perm, g, n, r);                                         \
+                               ptr, idx, perm, &g, n, r);                                        \
   }                                                                                              \
   int svft_interp_band_sddmm_atomic_##SUFFIX(svft_launch_cfg cfg, const CT* A, const CT* X,      \
                                              float* dC, int n, int r, int d, int chunk_rows) {   \
@@ -86,13 +88,14 @@ T* out(void* p) {
       svft_launch_cfg cfg, const CT* A, const CT* X, float* dC, CT* AC, const float* s,          \
       const float* M, float g, int n, int r, int d, int chunk_rows) {                            \
     return svft_interp::launch(to_cfg(cfg), band_sddmm_apply_bwd_atomic_##SUFFIX, in<KT>(A),     \
-                               in<KT>(X), dC, out<KT>(AC), s, M, g, n, r, d, chunk_rows);        \
+                               in<KT>(X), dC, out<KT>(AC), s, M, &g, n, r, d, chunk_rows);       \
   }                                                                                              \
   int svft_interp_band_sddmm_apply_bwd_partial_##SUFFIX(                                         \
       svft_launch_cfg cfg, const CT* A, const CT* X, float* workspace, CT* AC, const float* s,   \
       const float* M, float g, int n, int r, int d, int chunk_rows) {                            \
     return svft_interp::launch(to_cfg(cfg), band_sddmm_apply_bwd_partial_##SUFFIX, in<KT>(A),    \
-                               in<KT>(X), workspace, out<KT>(AC), s, M, g, n, r, d, chunk_rows); \
+                               in<KT>(X), workspace, out<KT>(AC), s, M, &g, n, r, d,            \
+                               chunk_rows);                                                      \
   }                                                                                              \
   int svft_interp_skinny_nn_##SUFFIX(svft_launch_cfg cfg, const CT* X, const CT* B,              \
                                      float* partial, int n, int k, int c, int splits) {          \
@@ -119,14 +122,18 @@ SVFT_WRAP_DTYPE(f16, uint16_t, __half)
 int svft_interp_sddmm_epilogue(svft_launch_cfg cfg, const float* partial, int nchunks,
                                const float* M, float g, float* dM, float* gate_partial, int nnz,
                                int accumulate) {
-  return svft_interp::launch(to_cfg(cfg), sddmm_epilogue, partial, nchunks, M, g, dM,
+  return svft_interp::launch(to_cfg(cfg), sddmm_epilogue, partial, nchunks, M, &g, dM,
                              gate_partial, nnz, accumulate);
 }
 
 int svft_interp_gate_grad_reduce(svft_launch_cfg cfg, const float* gate_partial, int nparts,
                                  float g, float* dgamma, int accumulate) {
-  return svft_interp::launch(to_cfg(cfg), gate_grad_reduce, gate_partial, nparts, g, dgamma,
+  return svft_interp::launch(to_cfg(cfg), gate_grad_reduce, gate_partial, nparts, &g, dgamma,
                              accumulate);
+}
+
+int svft_interp_gate_from_gamma(svft_launch_cfg cfg, const float* gamma, int gate, float* state) {
+  return svft_interp::launch(to_cfg(cfg), gate_from_gamma, gamma, gate, state);
 }
 
 }  // extern "C"

@@ -184,6 +184,8 @@ int svft_interp_sddmm_epilogue(
 int svft_interp_gate_grad_reduce(
     svft_launch_cfg cfg, const float* gate_partial, int nparts, float g, float* dgamma,
     int accumulate);
+// The gate's device state from a gamma in memory: state[0] = g, state[1] = gamma.
+int svft_interp_gate_from_gamma(svft_launch_cfg cfg, const float* gamma, int gate, float* state);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -60,6 +60,7 @@ _SIGNATURES = {
     "svft_layer_set_coefficients": [c_void_p, c_void_p, c_size_t],
     "svft_layer_get_gamma": [c_void_p, _c_float_p],
     "svft_layer_set_gamma": [c_void_p, c_float],
+    "svft_layer_load_parameters": [c_void_p, c_void_p, c_size_t, c_void_p, c_void_p],
     "svft_layer_merge": [c_void_p, c_int32, c_void_p, c_size_t, c_void_p],
     "svft_layer_factors": [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t],
     "svft_layer_indices": [c_void_p, c_void_p, c_void_p, c_size_t],

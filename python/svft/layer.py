@@ -229,6 +229,12 @@ class Layer:
         """Host float32 address of nnz values."""
         call("svft_layer_set_coefficients", self.handle, m_ptr, self.nnz)
 
+    def load_parameters_ptr(self, m_ptr, gamma_ptr=None, stream=None):
+        """M (nnz float32) and, unless None, gamma (one float32) from addresses in the layer's
+        memory (host on "cpu", device on "cuda"), ordered on `stream` (a CUstream address, None
+        on the CPU); on CUDA the host never waits."""
+        call("svft_layer_load_parameters", self.handle, m_ptr, self.nnz, gamma_ptr, stream)
+
     def __repr__(self):
         return (f"Layer({self.d_out}x{self.d_in}, rank {self.rank}, nnz {self.nnz}, gate={self.gate}, "
                 f"backend={self.backend})")

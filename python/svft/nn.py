@@ -6,8 +6,9 @@ Coefficients M and the gate gamma are nn.Parameters (f32); U, s, V live inside t
 On CUDA the layer lives on the weight's device and computes in the weight's dtype (f32, bf16
 or f16; M and its gradient stay f32); each forward orders itself after the work already on
 `torch.cuda.current_stream()` and before the work queued there later, without blocking the
-host. Handing M and gamma to the library before a forward copies them through the host (a
-stream synchronisation per call: the library keeps gamma as a host scalar).
+host. M and gamma are handed to the library before each forward from their own memory
+(`svft_layer_load_parameters`: a device-to-device copy on CUDA, the gate value computed there):
+no host synchronisation anywhere in a training step.
 """
 
 import torch
@@ -114,11 +115,11 @@ class SVFTLinear(nn.Module):
         return module
 
     def _load_parameters(self, m, gamma):
-        """Hands the current M and gamma to the library (host f32 on every backend)."""
-        m_host = m.detach().to("cpu", torch.float32).contiguous()
-        self._layer.set_coefficients_ptr(m_host.data_ptr())
-        if gamma is not None:
-            self._layer.gamma = float(gamma.detach())
+        """Hands the current M and gamma to the library from their own memory (device memory
+        on CUDA, ordered on the current stream: no host round trip)."""
+        m = m.detach().to(torch.float32).contiguous()
+        g = None if gamma is None else gamma.detach().to(torch.float32).contiguous()
+        self._layer.load_parameters_ptr(m.data_ptr(), None if g is None else g.data_ptr(), _stream(m))
 
     def forward(self, x):
         return _SVFTFunction.apply(x, self.m, self.gamma, self)

@@ -170,6 +170,22 @@ def test_errors():
     _raises("NULL_POINTER", layer.forward, np.ones((1, 5), np.float32))
 
 
+def test_load_parameters_from_host_memory():
+    layer = Layer.from_weight(_weight(7, 5, 10), "banded:1", gate=True)
+    m = np.random.default_rng(3).standard_normal(layer.nnz).astype(np.float32)
+    gamma = np.array([0.4], np.float32)
+    layer.load_parameters_ptr(m.ctypes.data, gamma.ctypes.data)
+    assert np.array_equal(layer.coefficients, m) and layer.gamma == np.float32(0.4)
+    layer.load_parameters_ptr((m * 2).ctypes.data)  # gamma kept
+    assert np.array_equal(layer.coefficients, m * 2) and layer.gamma == np.float32(0.4)
+    bad = np.array([np.nan], np.float32)
+    _raises("NON_FINITE", layer.load_parameters_ptr, m.ctypes.data, bad.ctypes.data)
+    assert np.array_equal(layer.coefficients, m * 2) and layer.gamma == np.float32(0.4)  # nothing lost
+    _raises("INVALID_ARGUMENT", layer.load_parameters_ptr, m.ctypes.data, None, 1234)  # a CPU layer takes no stream
+    _raises("NULL_POINTER", layer.load_parameters_ptr, 0)
+    layer.close()
+
+
 def test_use_after_destroy_is_detected():
     a = Layer.from_weight(_weight(4, 4, 9), "plain")
     handle = a.handle

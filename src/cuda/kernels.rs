@@ -132,7 +132,8 @@ pub(crate) enum CoreArgs<'a> {
     Csr { ptr: &'a CudaView<'a, i32>, idx: &'a CudaView<'a, i32>, perm: &'a CudaView<'a, i32> },
 }
 
-/// `Y = X C^T` (`forward`) or `Y = X C` for `n` rows of `r` columns.
+/// `Y = X C^T` (`forward`) or `Y = X C` for `n` rows of `r` columns. `g` points at the gate
+/// value on the device (the layer's gate state, see [`gate_from_gamma`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn apply<T: Dtype>(
     gpu: &Gpu,
@@ -143,7 +144,7 @@ pub(crate) fn apply<T: Dtype>(
     y: &mut CudaViewMut<'_, T>,
     s: &CudaView<'_, f32>,
     m: &CudaView<'_, f32>,
-    g: f32,
+    g: &CudaView<'_, f32>,
     n: usize,
     r: usize,
 ) -> Result<()> {
@@ -160,7 +161,7 @@ pub(crate) fn apply<T: Dtype>(
                 shared_mem_bytes: (4 * APPLY_ROWS * (BLOCK as usize + 2 * d as usize)) as u32,
             };
             let mut b = stream.launch_builder(f);
-            b.arg(x).arg(y).arg(s).arg(m).arg(&g).arg(&n_i).arg(&r_i).arg(&d);
+            b.arg(x).arg(y).arg(s).arg(m).arg(g).arg(&n_i).arg(&r_i).arg(&d);
             // SAFETY: argument list and buffer sizes as documented for band_apply_* .
             unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
         }
@@ -169,7 +170,7 @@ pub(crate) fn apply<T: Dtype>(
             let f = gpu.function(&name)?;
             let cfg = LaunchConfig { grid_dim, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             let mut b = stream.launch_builder(f);
-            b.arg(x).arg(y).arg(s).arg(m).arg(ptr).arg(idx).arg(perm).arg(&g).arg(&n_i).arg(&r_i);
+            b.arg(x).arg(y).arg(s).arg(m).arg(ptr).arg(idx).arg(perm).arg(g).arg(&n_i).arg(&r_i);
             // SAFETY: argument list and buffer sizes as documented for coo_apply_*.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
         }
@@ -214,7 +215,7 @@ pub(crate) fn sddmm<T: Dtype>(
     nnz: usize,
     work: &mut CudaViewMut<'_, f32>,
     m: &CudaView<'_, f32>,
-    g: f32,
+    g: &CudaView<'_, f32>,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
     accumulate: bool,
@@ -290,7 +291,7 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     nnz: usize,
     work: &mut CudaViewMut<'_, f32>,
     m: &CudaView<'_, f32>,
-    g: f32,
+    g: &CudaView<'_, f32>,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
     accumulate: bool,
@@ -311,7 +312,7 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     };
     let (n_i, r_i, d_i, chunk_i) = (n as i32, r as i32, d as i32, chunk as i32);
     let mut b = stream.launch_builder(f);
-    b.arg(a).arg(t).arg(&mut *work).arg(ac).arg(s).arg(m).arg(&g).arg(&n_i).arg(&r_i).arg(&d_i).arg(&chunk_i);
+    b.arg(a).arg(t).arg(&mut *work).arg(ac).arg(s).arg(m).arg(g).arg(&n_i).arg(&r_i).arg(&d_i).arg(&chunk_i);
     // SAFETY: argument list and sizes as documented for band_sddmm_apply_bwd_*.
     unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
     epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate, accumulate)
@@ -328,7 +329,7 @@ fn epilogue(
     nnz: usize,
     work: &mut CudaViewMut<'_, f32>,
     m: &CudaView<'_, f32>,
-    g: f32,
+    g: &CudaView<'_, f32>,
     dm: &mut CudaViewMut<'_, f32>,
     gate: Option<(&mut CudaViewMut<'_, f32>, &mut CudaViewMut<'_, f32>)>,
     accumulate: bool,
@@ -346,7 +347,7 @@ fn epilogue(
             b.arg(&mut *work)
                 .arg(&reduced_chunks)
                 .arg(m)
-                .arg(&g)
+                .arg(g)
                 .arg(&mut *dm)
                 .arg(&mut *gate_partial)
                 .arg(&nnz_i)
@@ -356,7 +357,7 @@ fn epilogue(
             let f = gpu.function("gate_grad_reduce")?;
             let parts = blocks as i32;
             let mut b = stream.launch_builder(f);
-            b.arg(&mut *gate_partial).arg(&parts).arg(&g).arg(dgamma).arg(&accumulate);
+            b.arg(&mut *gate_partial).arg(&parts).arg(g).arg(dgamma).arg(&accumulate);
             let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: documented arguments; exactly one block.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("gate_grad_reduce", e))?;
@@ -366,7 +367,7 @@ fn epilogue(
             b.arg(&mut *work)
                 .arg(&reduced_chunks)
                 .arg(&null)
-                .arg(&g)
+                .arg(g)
                 .arg(&mut *dm)
                 .arg(&null)
                 .arg(&nnz_i)
@@ -375,6 +376,26 @@ fn epilogue(
             unsafe { b.launch(cfg) }.map_err(|e| driver_err("sddmm_epilogue", e))?;
         }
     }
+    Ok(())
+}
+
+/// `state = [g, gamma]` from the f32 `gamma` on the device (`gate_from_gamma`), `g = 1`
+/// without the gate. One thread; `gamma` may be `state`'s second element.
+pub(crate) fn gate_from_gamma(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    gamma: &CudaView<'_, f32>,
+    gate: bool,
+    state: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    debug_assert!(!gamma.is_empty() && state.len() >= 2);
+    let f = gpu.function("gate_from_gamma")?;
+    let cfg = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1, 1, 1), shared_mem_bytes: 0 };
+    let gate = i32::from(gate);
+    let mut b = stream.launch_builder(f);
+    b.arg(gamma).arg(&gate).arg(state);
+    // SAFETY: documented arguments: one float read, two written.
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err("gate_from_gamma", e))?;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut};
 
 use super::kernels::{
-    apply, band_fits, epilogue_blocks, fused_bwd_fits, gemm, sddmm, sddmm_apply_bwd, sddmm_workspace_len, skinny_nn,
-    skinny_nt, smalln_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
+    apply, band_fits, epilogue_blocks, fused_bwd_fits, gate_from_gamma, gemm, sddmm, sddmm_apply_bwd,
+    sddmm_workspace_len, skinny_nn, skinny_nt, smalln_workspace_len, CoreArgs, Dtype, Mat, SddmmPattern,
 };
 use super::{blas_err, driver_err, Gpu};
 use crate::calibrate::{self, PlanTable};
@@ -110,7 +110,12 @@ pub struct CudaLayer<T: Dtype> {
     v: CudaSlice<T>,
     s: CudaSlice<f32>,
     m: CudaSlice<f32>,
-    gamma: f32,
+    /// gamma as last set from the host; `None` after [`CudaLayer::set_gamma_device`] (the
+    /// device then holds the only copy, in `gate_state`).
+    gamma: Option<f32>,
+    /// `[g, gamma]` on the device: every kernel reads the gate value g from here, so a gamma
+    /// trained on the device never makes a host round trip.
+    gate_state: CudaSlice<f32>,
     bias: Option<CudaSlice<T>>,
     rows: CudaSlice<i32>,
     cols: CudaSlice<i32>,
@@ -254,7 +259,8 @@ impl<T: Dtype> CudaLayer<T> {
             cols: up_i(&omega.cols)?,
             by_row: csr(&stream, f.r, &omega.rows, &omega.cols)?,
             by_col: csr(&stream, f.r, &omega.cols, &omega.rows)?,
-            gamma: 0.0,
+            gamma: Some(0.0),
+            gate_state: up_f(&[gate_value(config.gate, 0.0), 0.0])?,
             band,
             omega,
             config: *config,
@@ -385,22 +391,57 @@ impl<T: Dtype> CudaLayer<T> {
         self.saved = None;
         Ok(())
     }
-    /// The gate parameter gamma.
-    pub fn gamma(&self) -> f32 {
-        self.gamma
+    /// Copies new coefficients from device memory (|Omega| f32) on the layer's stream, without
+    /// synchronising the host. The caller orders `m`'s producer before this stream. Unlike
+    /// [`CudaLayer::set_coefficients`] the values are not checked for finiteness (that would
+    /// need a host round trip): a NaN propagates to the outputs as in any device operation.
+    pub fn set_coefficients_device(&mut self, m: &CudaView<'_, f32>) -> Result<()> {
+        check_len("coefficients", &vec![(); m.len()], self.omega.len())?;
+        self.stream.memcpy_dtod(m, &mut self.m).map_err(|e| driver_err("copying the coefficients", e))?;
+        self.saved = None;
+        Ok(())
     }
-    /// Sets gamma (host value; the kernels take g by value).
+    /// The gate parameter gamma: the value last set from the host, or read back from the
+    /// device (synchronising the stream) after [`CudaLayer::set_gamma_device`].
+    pub fn gamma(&self) -> Result<f32> {
+        match self.gamma {
+            Some(gamma) => Ok(gamma),
+            None => self.read_gate_state(1),
+        }
+    }
+    /// Sets gamma from the host (finite); the gate value is computed here and copied to the
+    /// device on the layer's stream.
     pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
         if !gamma.is_finite() {
             return Err(Error::NonFinite { what: "gamma", index: 0 });
         }
-        self.gamma = gamma;
+        let state = [gate_value(self.config.gate, gamma), gamma];
+        self.stream.memcpy_htod(&state, &mut self.gate_state).map_err(|e| driver_err("writing gamma", e))?;
+        self.gamma = Some(gamma);
         self.saved = None;
         Ok(())
     }
-    /// The gate value g in use.
-    pub fn gate_value(&self) -> f32 {
-        gate_value(self.config.gate, self.gamma)
+    /// Sets gamma from one f32 in device memory: a one-thread kernel on the layer's stream
+    /// computes the gate value there, so the host neither waits nor sees the value (the caller
+    /// orders `gamma`'s producer before this stream; not checked for finiteness).
+    pub fn set_gamma_device(&mut self, gamma: &CudaView<'_, f32>) -> Result<()> {
+        check_len("gamma", &vec![(); gamma.len()], 1)?;
+        gate_from_gamma(&self.gpu, &self.stream, gamma, self.config.gate, &mut self.gate_state.slice_mut(..))?;
+        self.gamma = None;
+        self.saved = None;
+        Ok(())
+    }
+    /// The gate value g in use (1 without the gate); read back from the device after
+    /// [`CudaLayer::set_gamma_device`].
+    pub fn gate_value(&self) -> Result<f32> {
+        match self.gamma {
+            Some(gamma) => Ok(gate_value(self.config.gate, gamma)),
+            None => self.read_gate_state(0),
+        }
+    }
+    fn read_gate_state(&self, i: usize) -> Result<f32> {
+        let state = self.stream.clone_dtoh(&self.gate_state).map_err(|e| driver_err("reading gamma", e))?;
+        Ok(state[i])
     }
 
     /// Device bytes held between steps: factors, s, M, pattern structures, bias.
@@ -440,7 +481,8 @@ impl<T: Dtype> CudaLayer<T> {
             return Err(Error::InvalidArgument(format!("{n} tokens are too many for one call")));
         }
         self.saved = None;
-        let g = self.gate_value();
+        let g = self.gate_state.slice(..1);
+        let g = &g;
         let plan = self.plan_for(n);
         let token_chunk = self.token_chunk();
         let stream = self.stream.clone();
@@ -569,7 +611,8 @@ impl<T: Dtype> CudaLayer<T> {
         check_len("dX (n x d_in)", &vec![(); dx.len()], n * d_in)?;
         check_len("dM (|Omega|)", &vec![(); dm.len()], nnz)?;
         check_len("dgamma", &vec![(); dgamma.len()], 1)?;
-        let g = self.gate_value();
+        let g = self.gate_state.slice(..1);
+        let g = &g;
         let token_chunk = self.token_chunk();
         let stream = self.stream.clone();
         let deterministic = self.sddmm_mode == SddmmMode::Deterministic;

@@ -150,7 +150,7 @@ impl StackLayer for CudaSvftStudent {
         self.adam.step(&mut self.m, &self.dm, lr, t);
         self.layer.set_coefficients(&self.m)?;
         if self.gate {
-            let mut gamma = [self.layer.gamma()];
+            let mut gamma = [self.layer.gamma()?];
             self.adam_gamma.step(&mut gamma, &[self.dgamma], lr, t);
             self.layer.set_gamma(gamma[0])?;
         }

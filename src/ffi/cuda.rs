@@ -511,7 +511,7 @@ fn merge_typed<T: Dtype>(l: &CudaLayer<T>, own: SvftDtype, out: SvftDtype, w: *m
     let u = stream.clone_dtoh(u_dev).map_err(|e| drv("reading U", e))?;
     let s = stream.clone_dtoh(s_dev).map_err(|e| drv("reading s", e))?;
     let m = l.coefficients()?;
-    let g = l.gate_value();
+    let g = l.gate_value()?;
     let omega = l.omega();
     let mut uc = vec![0.0f32; o * r];
     for row in 0..o {
@@ -562,11 +562,48 @@ impl CudaRecord {
         each!(&mut self.inner.layer, l => l.calibrate(options).map(|_| ()))?;
         Ok(())
     }
-    pub fn gamma(&self) -> f32 {
-        each!(&self.inner.layer, l => l.gamma())
+    pub fn gamma(&self) -> FfiResult<f32> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        Ok(each!(&self.inner.layer, l => l.gamma())?)
     }
     pub fn set_gamma(&mut self, gamma: f32) -> FfiResult {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
         Ok(each!(&mut self.inner.layer, l => l.set_gamma(gamma))?)
+    }
+
+    /// `svft_layer_load_parameters` on CUDA: M (`m_len` = nnz f32) and, unless NULL, gamma
+    /// (one f32) copied from device memory on the layer's stream after the caller's earlier
+    /// work (and before its later work); the gate value is computed on the device. The host
+    /// never waits.
+    ///
+    /// # Safety
+    /// Device pointers valid for their lengths; `stream` a CUstream of the layer's context or NULL.
+    pub unsafe fn load_parameters(
+        &mut self,
+        m: *const f32,
+        m_len: usize,
+        gamma: *const f32,
+        stream: *mut c_void,
+    ) -> FfiResult {
+        check_len("m (nnz)", m_len, self.dims().nnz)?;
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let ord = self.inner.ordinal;
+        device_buffer_on("m", m.cast(), m_len, 4, ord)?;
+        if !gamma.is_null() {
+            device_buffer_on("gamma", gamma.cast(), 1, 4, ord)?;
+        }
+        self.on_stream(stream, |inner| {
+            let st = inner.stream.clone();
+            // SAFETY: checked device buffers of the layer's device; read-only here.
+            let mb = unsafe { Borrowed::<f32>::new(&st, m.cast(), m_len) };
+            each!(&mut inner.layer, l => l.set_coefficients_device(&mb.view()))?;
+            if !gamma.is_null() {
+                // SAFETY: as above (one f32).
+                let gb = unsafe { Borrowed::<f32>::new(&st, gamma.cast(), 1) };
+                each!(&mut inner.layer, l => l.set_gamma_device(&gb.view()))?;
+            }
+            Ok(())
+        })
     }
 
     /// The dtype that activations, gradients of X and Y and merged weights must have.

@@ -13,6 +13,7 @@ use super::{SvftBackend, SvftDtype, SvftPlan, SVFT_ABI_VERSION};
 use crate::config::{Init, LayerConfig};
 use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
 use crate::cpu::CpuLayer;
+use crate::error::Error;
 use crate::pattern::Pattern;
 use crate::plan::{ExecPlan, Plan};
 use crate::svd::{thin_svd, Factors};
@@ -723,6 +724,65 @@ pub unsafe extern "C" fn svft_layer_set_coefficients(layer: *mut SvftLayer, m: *
     })
 }
 
+/// Replaces M and, unless `gamma` is NULL, gamma, from memory of the layer's own kind: host
+/// memory for a CPU layer (then `stream` must be NULL; values checked finite, as
+/// `svft_layer_set_coefficients` / `svft_layer_set_gamma`), device memory of the layer's
+/// device for a CUDA layer. On CUDA the copies (and the gate value's computation) run on the
+/// layer's stream after the work already on `stream` (a CUstream of the layer's context, NULL
+/// for the legacy default stream) and before the work queued there later, and the host never
+/// waits: a training loop that keeps M and gamma on the device hands them over every step
+/// without a synchronisation. Device values are not checked for finiteness (that would take a
+/// host round trip): a NaN there reaches the outputs as in any device operation. Forgets the
+/// saved forward.
+///
+/// # Safety
+/// `m` must be NULL or valid for `m_len` floats, `gamma` NULL or valid for one, in the
+/// layer's memory space.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_load_parameters(
+    layer: *mut SvftLayer,
+    m: *const f32,
+    m_len: usize,
+    gamma: *const f32,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_load_parameters", || {
+        registry::with(layer, |l| {
+            check_len("m (nnz)", m_len, l.dims().nnz)?;
+            match &mut l.backend {
+                Backend::Cpu { layer, .. } => {
+                    if !stream.is_null() {
+                        return fail(SvftStatus::InvalidArgument, "a CPU layer takes no stream (pass NULL)");
+                    }
+                    span("m", m.cast(), m_len, 4)?;
+                    // SAFETY: checked non-null, aligned and sized.
+                    let m = unsafe { std::slice::from_raw_parts(m, m_len) };
+                    let gamma = if gamma.is_null() {
+                        None
+                    } else {
+                        span("gamma", gamma.cast(), 1, 4)?;
+                        // SAFETY: checked non-null and aligned.
+                        Some(unsafe { gamma.read() })
+                    };
+                    // Both checked before either is written: a bad gamma loses nothing.
+                    if let Some(g) = gamma {
+                        if !g.is_finite() {
+                            return Err(Error::NonFinite { what: "gamma", index: 0 }.into());
+                        }
+                    }
+                    layer.set_coefficients(m)?;
+                    if let Some(g) = gamma {
+                        layer.set_gamma(g)?;
+                    }
+                    Ok(())
+                }
+                // SAFETY: the caller's pointers and stream, checked by the backend.
+                Backend::Cuda(c) => unsafe { c.load_parameters(m, m_len, gamma, stream) },
+            }
+        })
+    })
+}
+
 /// Writes the gate parameter gamma (`g = sigmoid(gamma)` when the gate is on).
 ///
 /// # Safety
@@ -735,7 +795,7 @@ pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *m
         registry::with(layer, |l| {
             let gamma = match &l.backend {
                 Backend::Cpu { layer, .. } => layer.gamma(),
-                Backend::Cuda(c) => c.gamma(),
+                Backend::Cuda(c) => c.gamma()?,
             };
             unsafe { out.write(gamma) };
             Ok(())

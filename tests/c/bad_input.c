@@ -295,6 +295,39 @@ int main(void) {
     EXPECT(NON_FINITE, svft_layer_set_gamma(layer, -INFINITY));
     EXPECT(INVALID_HANDLE, svft_layer_set_gamma(forged, 0.0f));
     EXPECT(OK, svft_layer_set_gamma(layer, 0.5f));
+    /* Both parameters in one call (host memory on the CPU backend): checked before either is
+       written, so a bad gamma keeps the old M and gamma. */
+    float bad_gamma = NAN, new_gamma = 0.25f, seen_gamma = 0.0f;
+    int stream_token = 0;
+    EXPECT(NULL_POINTER, svft_layer_load_parameters(layer, NULL, nnz, &new_gamma, NULL));
+    EXPECT(SHAPE, svft_layer_load_parameters(layer, m, nnz - 1, &new_gamma, NULL));
+    EXPECT(MISALIGNED, svft_layer_load_parameters(layer, m, nnz, (float *)((char *)&new_gamma + 1), NULL));
+    EXPECT(INVALID_ARGUMENT, svft_layer_load_parameters(layer, m, nnz, &new_gamma, &stream_token));
+    EXPECT(INVALID_HANDLE, svft_layer_load_parameters(forged, m, nnz, &new_gamma, NULL));
+    const float m0 = m[0];
+    m[0] = m0 + 1.0f;
+    EXPECT(NON_FINITE, svft_layer_load_parameters(layer, m, nnz, &bad_gamma, NULL));
+    EXPECT(OK, svft_layer_get_gamma(layer, &seen_gamma));
+    float *m_seen = malloc(nnz * sizeof *m_seen);
+    EXPECT(OK, svft_layer_get_coefficients(layer, m_seen, nnz));
+    if (seen_gamma != 0.5f || m_seen[0] != m0) {
+        fprintf(stderr, "line %d: a rejected load_parameters changed the layer\n", __LINE__);
+        failures++;
+    }
+    EXPECT(OK, svft_layer_load_parameters(layer, m, nnz, &new_gamma, NULL));
+    EXPECT(OK, svft_layer_get_gamma(layer, &seen_gamma));
+    EXPECT(OK, svft_layer_get_coefficients(layer, m_seen, nnz));
+    if (seen_gamma != 0.25f || m_seen[0] != m[0]) {
+        fprintf(stderr, "line %d: load_parameters did not take\n", __LINE__);
+        failures++;
+    }
+    EXPECT(OK, svft_layer_load_parameters(layer, m, nnz, NULL, NULL)); /* gamma kept */
+    EXPECT(OK, svft_layer_get_gamma(layer, &seen_gamma));
+    if (seen_gamma != 0.25f) {
+        fprintf(stderr, "line %d: load_parameters without gamma changed gamma\n", __LINE__);
+        failures++;
+    }
+    free(m_seen);
 
     /* Merge, factors, indices. */
     EXPECT(NULL_POINTER, svft_layer_merge(layer, F32, NULL, O * I, NULL));

@@ -150,8 +150,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     CHECK(svft_layer_set_plan(copy, plan));
-    CHECK(svft_layer_set_coefficients(copy, m2, nnz));
-    CHECK(svft_layer_set_gamma(copy, gamma2));
+    CHECK(svft_layer_load_parameters(copy, m2, nnz, &gamma2, NULL)); /* both at once */
     CHECK(svft_layer_forward(copy, SVFT_DTYPE_F32, x, n * i, n, y, n * o, NULL));
     put(out, y, n * o);
 
