@@ -3,7 +3,7 @@
 //! `SVFT_PTXAS_REPORT` (set only when nvcc compiled the fatbin). This test asserts that every
 //! kernel on every architecture has no stack frame and no register spills, that the report lists
 //! exactly the kernels documented in docs/KERNELS.md for both architectures (so a kernel cannot
-//! silently drop out of the build), and prints registers and static shared memory per kernel
+//! silently drop out of the build), that the host loads exactly the compiled kernels, and prints registers and static shared memory per kernel
 //! (written to stderr past the harness's capture, so it shows in CI logs).
 //!
 //! Without nvcc at build time there is no report: the test prints that it was skipped and
@@ -158,6 +158,14 @@ fn ptxas_no_spills_every_kernel_both_archs() {
     }
     for name in names.iter().filter(|n| !docs.contains(**n)) {
         failures.push(format!("{name}: compiled but not documented in docs/KERNELS.md"));
+    }
+    // What the host loads at startup (svft::cuda::kernel_names) must be what was compiled.
+    let loaded: BTreeSet<String> = svft::cuda::kernel_names().into_iter().collect();
+    for name in names.iter().filter(|n| !loaded.contains(**n)) {
+        failures.push(format!("{name}: compiled but not loaded by Gpu::new (svft::cuda::kernel_names)"));
+    }
+    for name in loaded.iter().filter(|n| !names.contains(n)) {
+        failures.push(format!("{name}: loaded by Gpu::new but not compiled"));
     }
     assert!(failures.is_empty(), "ptxas report {path}:\n  {}", failures.join("\n  "));
     say(&format!("{} kernels x {} archs: 0 bytes stack, 0 spill stores, 0 spill loads", docs.len(), ARCHS.len()));

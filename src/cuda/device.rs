@@ -16,7 +16,7 @@ const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("SVFT_FATBIN")));
 const FATBIN: Option<&[u8]> = None;
 
 /// Every kernel the fatbin must provide (per-dtype kernels without their suffix).
-pub(crate) const KERNELS_PER_DTYPE: [&str; 10] = [
+const KERNELS_PER_DTYPE: [&str; 12] = [
     "band_apply_fwd",
     "band_apply_bwd",
     "coo_apply",
@@ -24,12 +24,25 @@ pub(crate) const KERNELS_PER_DTYPE: [&str; 10] = [
     "band_sddmm_partial",
     "coo_sddmm_atomic",
     "coo_sddmm_partial",
+    "band_sddmm_apply_bwd_atomic",
+    "band_sddmm_apply_bwd_partial",
     "skinny_nn",
     "skinny_reduce",
     "skinny_nt",
 ];
 /// Kernels that exist once (f32 only).
-pub(crate) const KERNELS_F32: [&str; 2] = ["sddmm_epilogue", "gate_grad_reduce"];
+const KERNELS_F32: [&str; 3] = ["sddmm_epilogue", "gate_grad_reduce", "gate_from_gamma"];
+
+/// Every kernel [`Gpu::new`] loads from the fatbin, so every name [`Gpu::function`] can find.
+/// tests/ptxas.rs checks it against the kernels nvcc compiled: a kernel left out here would
+/// otherwise only fail at its first launch on a GPU.
+pub fn kernel_names() -> Vec<String> {
+    KERNELS_PER_DTYPE
+        .iter()
+        .flat_map(|k| ["f32", "bf16", "f16"].map(|s| format!("{k}_{s}")))
+        .chain(KERNELS_F32.iter().map(|k| k.to_string()))
+        .collect()
+}
 
 /// Whether this build carries the compiled kernels (nvcc was found at build time).
 pub fn kernels_embedded() -> bool {
@@ -83,11 +96,7 @@ impl Gpu {
         let module =
             ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|e| driver_err("loading the kernels", e))?;
         let mut functions = HashMap::new();
-        let names = KERNELS_PER_DTYPE
-            .iter()
-            .flat_map(|k| ["f32", "bf16", "f16"].map(|s| format!("{k}_{s}")))
-            .chain(KERNELS_F32.iter().map(|k| k.to_string()));
-        for name in names {
+        for name in kernel_names() {
             let f = module.load_function(&name).map_err(|e| driver_err(&format!("finding kernel {name}"), e))?;
             functions.insert(name, f);
         }
