@@ -61,14 +61,6 @@ pub struct PlanTable {
     points: Vec<PlanPoint>,
 }
 
-fn plan_flops(plan: ExecPlan, dims: &Dims, n: usize) -> f64 {
-    if plan.is_factored() {
-        dims.factored_flops(n)
-    } else {
-        dims.merged_flops(n)
-    }
-}
-
 impl PlanTable {
     /// A table from measured points (any order; one point per `n`, the later one wins).
     pub fn new(points: Vec<PlanPoint>) -> Result<Self> {
@@ -108,7 +100,7 @@ impl PlanTable {
         nearest
             .ms
             .iter()
-            .map(|&(plan, ms)| (plan, ms * plan_flops(plan, dims, n) / plan_flops(plan, dims, nearest.n)))
+            .map(|&(plan, ms)| (plan, ms * plan.flops(dims, n) / plan.flops(dims, nearest.n)))
             .min_by(|a, b| a.1.total_cmp(&b.1))
             .map(|p| p.0)
     }
@@ -133,12 +125,7 @@ impl PlanTable {
             let n = p["n"].as_u64().ok_or_else(|| bad("a point has no n"))? as usize;
             let mut ms = Vec::new();
             for (name, t) in p["ms"].as_object().ok_or_else(|| bad("a point has no ms"))? {
-                let plan = match name.parse::<Plan>()? {
-                    Plan::Factored => ExecPlan::Factored,
-                    Plan::Merged => ExecPlan::Merged,
-                    Plan::SmallN => ExecPlan::SmallN,
-                    Plan::Auto => return Err(bad("`auto` is not a measured plan")),
-                };
+                let plan = name.parse::<Plan>()?.fixed().ok_or_else(|| bad("`auto` is not a measured plan"))?;
                 ms.push((plan, t.as_f64().ok_or_else(|| bad("a time is not a number"))?));
             }
             points.push(PlanPoint { n, ms });
@@ -273,6 +260,9 @@ pub fn calibrate(
     let mut points = Vec::new();
     for &n in &options.tokens {
         let plans: Vec<ExecPlan> = candidates.iter().copied().filter(|&p| applies(p, n)).collect();
+        if plans.is_empty() {
+            continue; // no candidate runs at this n: nothing to measure
+        }
         let mut samples: Vec<Vec<f64>> = vec![Vec::new(); plans.len()];
         for &plan in &plans {
             time(plan, n)?;
@@ -402,6 +392,10 @@ mod tests {
         std::fs::write(&path, "{not json").unwrap();
         let err = calibrate(&key("plain"), &plans, &options, timer, all).unwrap_err().to_string();
         assert!(err.contains("plan cache") && err.contains("not JSON"), "{err}");
+        // No candidate applies at a token count: that count is skipped, not a panic.
+        let none = CalibrationOptions { tokens: vec![4, 100], budget: Duration::ZERO, cache: None };
+        let t = calibrate(&key("plain"), &[ExecPlan::SmallN], &none, timer, |_, n| n <= 64).unwrap();
+        assert_eq!(t.points().iter().map(|p| p.n).collect::<Vec<_>>(), [4]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -67,6 +67,14 @@ impl ExecPlan {
             dims.merged_gemm_flops(n)
         }
     }
+    /// FLOPs of this plan for `n` tokens, sparse passes included.
+    pub fn flops(self, dims: &Dims, n: usize) -> f64 {
+        if self.is_factored() {
+            dims.factored_flops(n)
+        } else {
+            dims.merged_flops(n)
+        }
+    }
 }
 
 /// The merged plan is chosen only when its FLOPs are below this fraction of the factored plan's.
@@ -130,14 +138,18 @@ impl Dims {
 }
 
 impl Plan {
+    /// The plan a fixed choice always runs; `None` for `Auto`.
+    pub fn fixed(self) -> Option<ExecPlan> {
+        match self {
+            Plan::Factored => Some(ExecPlan::Factored),
+            Plan::Merged => Some(ExecPlan::Merged),
+            Plan::SmallN => Some(ExecPlan::SmallN),
+            Plan::Auto => None,
+        }
+    }
     /// Resolves `Auto` for `n` tokens.
     pub fn resolve(self, dims: &Dims, n: usize) -> ExecPlan {
-        match self {
-            Plan::Factored => ExecPlan::Factored,
-            Plan::Merged => ExecPlan::Merged,
-            Plan::SmallN => ExecPlan::SmallN,
-            Plan::Auto => dims.cheaper(n),
-        }
+        self.fixed().unwrap_or_else(|| dims.cheaper(n))
     }
 }
 
