@@ -225,10 +225,6 @@ class Layer:
     def merge_ptr(self, dtype_code, w_ptr, w_len, stream=None):
         call("svft_layer_merge", self.handle, dtype_code, w_ptr, w_len, stream)
 
-    def set_coefficients_ptr(self, m_ptr):
-        """Host float32 address of nnz values."""
-        call("svft_layer_set_coefficients", self.handle, m_ptr, self.nnz)
-
     def load_parameters_ptr(self, m_ptr, gamma_ptr=None, stream=None):
         """M (nnz float32) and, unless None, gamma (one float32) from addresses in the layer's
         memory (host on "cpu", device on "cuda"), ordered on `stream` (a CUstream address, None

@@ -13,7 +13,7 @@ use super::{SvftBackend, SvftDtype, SvftPlan, SVFT_ABI_VERSION};
 use crate::config::{Init, LayerConfig};
 use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
 use crate::cpu::CpuLayer;
-use crate::error::Error;
+use crate::error::check_finite;
 use crate::pattern::Pattern;
 use crate::plan::{ExecPlan, Plan};
 use crate::svd::{thin_svd, Factors};
@@ -751,9 +751,7 @@ pub unsafe extern "C" fn svft_layer_load_parameters(
             check_len("m (nnz)", m_len, l.dims().nnz)?;
             match &mut l.backend {
                 Backend::Cpu { layer, .. } => {
-                    if !stream.is_null() {
-                        return fail(SvftStatus::InvalidArgument, "a CPU layer takes no stream (pass NULL)");
-                    }
+                    cpu_stream(stream)?;
                     span("m", m.cast(), m_len, 4)?;
                     // SAFETY: checked non-null, aligned and sized.
                     let m = unsafe { std::slice::from_raw_parts(m, m_len) };
@@ -765,11 +763,7 @@ pub unsafe extern "C" fn svft_layer_load_parameters(
                         Some(unsafe { gamma.read() })
                     };
                     // Both checked before either is written: a bad gamma loses nothing.
-                    if let Some(g) = gamma {
-                        if !g.is_finite() {
-                            return Err(Error::NonFinite { what: "gamma", index: 0 }.into());
-                        }
-                    }
+                    check_finite("gamma", gamma.as_slice())?;
                     layer.set_coefficients(m)?;
                     if let Some(g) = gamma {
                         layer.set_gamma(g)?;
