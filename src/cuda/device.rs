@@ -33,13 +33,17 @@ const KERNELS_PER_DTYPE: [&str; 12] = [
 /// Kernels that exist once (f32 only).
 const KERNELS_F32: [&str; 3] = ["sddmm_epilogue", "gate_grad_reduce", "gate_from_gamma"];
 
-/// Every kernel [`Gpu::new`] loads from the fatbin, so every name [`Gpu::function`] can find.
+/// The dtype suffixes of the per-dtype kernels, in the order [`Gpu`] stores them.
+const DTYPE_SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
+
+/// Every kernel [`Gpu::new`] loads from the fatbin, so every name [`Gpu::kernel`] and
+/// [`Gpu::function`] can find.
 /// tests/ptxas.rs checks it against the kernels nvcc compiled: a kernel left out here would
 /// otherwise only fail at its first launch on a GPU.
 pub fn kernel_names() -> Vec<String> {
     KERNELS_PER_DTYPE
         .iter()
-        .flat_map(|k| ["f32", "bf16", "f16"].map(|s| format!("{k}_{s}")))
+        .flat_map(|k| DTYPE_SUFFIXES.map(|s| format!("{k}_{s}")))
         .chain(KERNELS_F32.iter().map(|k| k.to_string()))
         .collect()
 }
@@ -80,7 +84,11 @@ pub fn device_count() -> Result<usize> {
 pub struct Gpu {
     ctx: Arc<CudaContext>,
     _module: Arc<CudaModule>,
-    functions: HashMap<String, CudaFunction>,
+    /// Per-dtype kernels by base name, in [`DTYPE_SUFFIXES`] order: found without building a
+    /// name string, so a launch allocates nothing.
+    per_dtype: HashMap<&'static str, [CudaFunction; 3]>,
+    /// The f32-only kernels by name.
+    single: HashMap<&'static str, CudaFunction>,
     name: String,
 }
 
@@ -95,13 +103,19 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the CUDA context", e))?;
         let module =
             ctx.load_module(Ptx::from_binary(fatbin.to_vec())).map_err(|e| driver_err("loading the kernels", e))?;
-        let mut functions = HashMap::new();
-        for name in kernel_names() {
-            let f = module.load_function(&name).map_err(|e| driver_err(&format!("finding kernel {name}"), e))?;
-            functions.insert(name, f);
+        let load =
+            |name: &str| module.load_function(name).map_err(|e| driver_err(&format!("finding kernel {name}"), e));
+        let mut per_dtype = HashMap::new();
+        for base in KERNELS_PER_DTYPE {
+            let [f32, bf16, f16] = DTYPE_SUFFIXES.map(|s| load(&format!("{base}_{s}")));
+            per_dtype.insert(base, [f32?, bf16?, f16?]);
+        }
+        let mut single = HashMap::new();
+        for name in KERNELS_F32 {
+            single.insert(name, load(name)?);
         }
         let name = ctx.name().map_err(|e| driver_err("reading the device name", e))?;
-        Ok(Arc::new(Gpu { ctx, _module: module, functions, name }))
+        Ok(Arc::new(Gpu { ctx, _module: module, per_dtype, single, name }))
     }
 
     /// The CUDA context.
@@ -114,8 +128,19 @@ impl Gpu {
         &self.name
     }
 
-    /// A loaded kernel by its `extern "C"` name.
+    /// A loaded per-dtype kernel: `base` (e.g. `band_apply_fwd`) for the dtype `suffix`
+    /// (`Dtype::SUFFIX`), i.e. the `extern "C"` kernel `{base}_{suffix}`.
+    pub(crate) fn kernel(&self, base: &str, suffix: &str) -> Result<&CudaFunction> {
+        let i = DTYPE_SUFFIXES.iter().position(|&d| d == suffix);
+        self.per_dtype
+            .get(base)
+            .zip(i)
+            .map(|(fs, i)| &fs[i])
+            .ok_or_else(|| Error::Cuda(format!("kernel {base}_{suffix} is not in the fatbin")))
+    }
+
+    /// A loaded f32-only kernel by its `extern "C"` name.
     pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in the fatbin")))
+        self.single.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in the fatbin")))
     }
 }

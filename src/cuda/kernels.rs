@@ -153,8 +153,8 @@ pub(crate) fn apply<T: Dtype>(
     let grid_dim = grid(ceil_div(r, BLOCK as usize), ceil_div(n, APPLY_ROWS));
     match core {
         CoreArgs::Band { d } => {
-            let name = format!("band_apply_{}_{}", if forward { "fwd" } else { "bwd" }, T::SUFFIX);
-            let f = gpu.function(&name)?;
+            let name = if forward { "band_apply_fwd" } else { "band_apply_bwd" };
+            let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
                 grid_dim,
                 block_dim: (BLOCK, 1, 1),
@@ -163,16 +163,16 @@ pub(crate) fn apply<T: Dtype>(
             let mut b = stream.launch_builder(f);
             b.arg(x).arg(y).arg(s).arg(m).arg(g).arg(&n_i).arg(&r_i).arg(&d);
             // SAFETY: argument list and buffer sizes as documented for band_apply_* .
-            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
         }
         CoreArgs::Csr { ptr, idx, perm } => {
-            let name = format!("coo_apply_{}", T::SUFFIX);
-            let f = gpu.function(&name)?;
+            let name = "coo_apply";
+            let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig { grid_dim, block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 };
             let mut b = stream.launch_builder(f);
             b.arg(x).arg(y).arg(s).arg(m).arg(ptr).arg(idx).arg(perm).arg(g).arg(&n_i).arg(&r_i);
             // SAFETY: argument list and buffer sizes as documented for coo_apply_*.
-            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
         }
     }
     Ok(())
@@ -221,7 +221,6 @@ pub(crate) fn sddmm<T: Dtype>(
     accumulate: bool,
 ) -> Result<()> {
     let (n_i, r_i, nnz_i) = (n as i32, r as i32, nnz as i32);
-    let mode = if deterministic { "partial" } else { "atomic" };
     if !deterministic {
         stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
     }
@@ -229,8 +228,8 @@ pub(crate) fn sddmm<T: Dtype>(
         SddmmPattern::Band { d } => {
             let chunk = band_sddmm_chunk_rows(d as usize);
             let nchunks = ceil_div(n, chunk);
-            let name = format!("band_sddmm_{mode}_{}", T::SUFFIX);
-            let f = gpu.function(&name)?;
+            let name = if deterministic { "band_sddmm_partial" } else { "band_sddmm_atomic" };
+            let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
                 grid_dim: grid(ceil_div(r, BLOCK as usize), nchunks),
                 block_dim: (BLOCK, 1, 1),
@@ -240,14 +239,14 @@ pub(crate) fn sddmm<T: Dtype>(
             let mut b = stream.launch_builder(f);
             b.arg(a).arg(t).arg(&mut *work).arg(&n_i).arg(&r_i).arg(&d).arg(&chunk_i);
             // SAFETY: argument list and sizes as documented for band_sddmm_*.
-            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
             nchunks
         }
         SddmmPattern::Coo { rows, cols, order } => {
             let chunk = coo_sddmm_chunk_rows(n);
             let nchunks = ceil_div(n, chunk);
-            let name = format!("coo_sddmm_{mode}_{}", T::SUFFIX);
-            let f = gpu.function(&name)?;
+            let name = if deterministic { "coo_sddmm_partial" } else { "coo_sddmm_atomic" };
+            let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
                 grid_dim: grid(ceil_div(nnz, BLOCK as usize), nchunks),
                 block_dim: (BLOCK, 1, 1),
@@ -266,7 +265,7 @@ pub(crate) fn sddmm<T: Dtype>(
                 .arg(&nnz_i)
                 .arg(&chunk_i);
             // SAFETY: argument list and sizes as documented for coo_sddmm_*.
-            unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+            unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
             nchunks
         }
     };
@@ -297,14 +296,13 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     accumulate: bool,
 ) -> Result<()> {
     debug_assert!(fused_bwd_fits(d) && a.len() >= n * r && t.len() >= n * r && ac.len() >= n * r);
-    let mode = if deterministic { "partial" } else { "atomic" };
     if !deterministic {
         stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
     }
     let chunk = band_sddmm_chunk_rows(d);
     let nchunks = ceil_div(n, chunk);
-    let name = format!("band_sddmm_apply_bwd_{mode}_{}", T::SUFFIX);
-    let f = gpu.function(&name)?;
+    let name = if deterministic { "band_sddmm_apply_bwd_partial" } else { "band_sddmm_apply_bwd_atomic" };
+    let f = gpu.kernel(name, T::SUFFIX)?;
     let cfg = LaunchConfig {
         grid_dim: grid(ceil_div(r, BLOCK as usize), nchunks),
         block_dim: (BLOCK, 1, 1),
@@ -314,7 +312,7 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     let mut b = stream.launch_builder(f);
     b.arg(a).arg(t).arg(&mut *work).arg(ac).arg(s).arg(m).arg(g).arg(&n_i).arg(&r_i).arg(&d_i).arg(&chunk_i);
     // SAFETY: argument list and sizes as documented for band_sddmm_apply_bwd_*.
-    unsafe { b.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
     epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate, accumulate)
 }
 
@@ -482,8 +480,8 @@ pub(crate) fn skinny_nn<T: Dtype>(
         [n, k, c],
     )?;
     let (n_i, k_i, c_i, splits_i, count_i) = (n as i32, k as i32, c as i32, splits as i32, (n * c) as i32);
-    let name = format!("skinny_nn_{}", T::SUFFIX);
-    let f = gpu.function(&name)?;
+    let name = "skinny_nn";
+    let f = gpu.kernel(name, T::SUFFIX)?;
     let cfg = LaunchConfig {
         grid_dim: (
             ceil_div(c, BLOCK as usize) as u32,
@@ -496,10 +494,10 @@ pub(crate) fn skinny_nn<T: Dtype>(
     let mut l = stream.launch_builder(f);
     l.arg(x).arg(b).arg(&mut *work).arg(&n_i).arg(&k_i).arg(&c_i).arg(&splits_i);
     // SAFETY: argument list and buffer sizes checked above, as documented for skinny_nn_*.
-    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(name, e))?;
 
-    let name = format!("skinny_reduce_{}", T::SUFFIX);
-    let f = gpu.function(&name)?;
+    let name = "skinny_reduce";
+    let f = gpu.kernel(name, T::SUFFIX)?;
     let cfg = LaunchConfig {
         grid_dim: (ceil_div(n * c, BLOCK as usize).clamp(1, 4096) as u32, 1, 1),
         block_dim: (BLOCK, 1, 1),
@@ -508,7 +506,7 @@ pub(crate) fn skinny_nn<T: Dtype>(
     let mut l = stream.launch_builder(f);
     l.arg(&mut *work).arg(out).arg(&splits_i).arg(&count_i);
     // SAFETY: `work` holds splits * n * c floats, `out` n * c elements (checked above).
-    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(name, e))?;
     Ok(())
 }
 
@@ -532,8 +530,8 @@ pub(crate) fn skinny_nt<T: Dtype>(
     ];
     skinny_check("skinny_nt", &sizes, [n, k, m])?;
     let (n_i, k_i, m_i) = (n as i32, k as i32, m as i32);
-    let name = format!("skinny_nt_{}", T::SUFFIX);
-    let f = gpu.function(&name)?;
+    let name = "skinny_nt";
+    let f = gpu.kernel(name, T::SUFFIX)?;
     let rows_per_block = SKINNY_NT_ROWS * (BLOCK as usize / 32);
     let cfg = LaunchConfig {
         grid_dim: grid(ceil_div(m, rows_per_block), ceil_div(n, SKINNY_TOKENS)),
@@ -543,7 +541,7 @@ pub(crate) fn skinny_nt<T: Dtype>(
     let mut l = stream.launch_builder(f);
     l.arg(x).arg(b).arg(out).arg(&n_i).arg(&k_i).arg(&m_i);
     // SAFETY: argument list and buffer sizes checked above, as documented for skinny_nt_*.
-    unsafe { l.launch(cfg) }.map_err(|e| driver_err(&name, e))?;
+    unsafe { l.launch(cfg) }.map_err(|e| driver_err(name, e))?;
     Ok(())
 }
 
