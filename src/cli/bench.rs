@@ -222,6 +222,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return Ok(());
     }
     let device = resolve_backend(a.backend)?;
+    if let Device::Cuda(gpu) = &device {
+        if gpu.is_virtual() {
+            eprintln!("svft bench on {}: virtual device: timings meaningless (never a speed)", gpu.name());
+        }
+    }
     if matches!(device, Device::Cpu) && a.dtype != "f32" {
         return Err(Error::InvalidArgument(format!("--dtype {}: the CPU bench runs in f32 only", a.dtype)));
     }
@@ -232,6 +237,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         Device::Cpu => cpu_name(),
         Device::Cuda(gpu) => gpu.name().to_string(),
     };
+
     let case = |d_out, d_in| BenchCase {
         d_out,
         d_in,

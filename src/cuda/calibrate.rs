@@ -34,6 +34,11 @@ impl<T: Dtype> CudaLayer<T> {
     /// unchanged; the workspace grows to what the largest token count needs.
     pub fn calibrate(&mut self, options: &CalibrationOptions) -> Result<&PlanTable> {
         let key = self.calibration_key();
+        if self.gpu().is_virtual() {
+            // The plan table still works (and is keyed by this device's name, so it never
+            // steers a real GPU), but what it measured is the interpreter, not a card.
+            eprintln!("svft calibrate on {}: virtual device: timings meaningless", self.gpu().name());
+        }
         let configured = self.config().plan;
         let (d_out, d_in, nnz) = (self.dims().d_out, self.dims().d_in, self.omega().len());
         let stream = self.stream().clone();

@@ -68,6 +68,17 @@ pub fn device_count() -> Result<usize> {
             if !unsafe { cudarc::driver::sys::is_culib_present() } {
                 return Err("no CUDA driver library (libcuda.so) on this machine".into());
             }
+            // cudarc loads cuBLAS and cuSOLVER on first use and panics if they are absent: check
+            // them here so a driver without them is an error, never a panic (or
+            // SVFT_STATUS_PANIC through the C ABI).
+            // SAFETY: as above, only opens the libraries.
+            if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+                return Err("the CUDA driver is present but cuBLAS (libcublas.so) is not".into());
+            }
+            // SAFETY: as above.
+            if !unsafe { cudarc::cusolver::sys::is_culib_present() } {
+                return Err("the CUDA driver is present but cuSOLVER (libcusolver.so) is not".into());
+            }
             match std::panic::catch_unwind(CudaContext::device_count) {
                 Ok(Ok(n)) if n > 0 => Ok(n as usize),
                 Ok(Ok(_)) => Err("the CUDA driver reports no device".into()),
@@ -77,6 +88,11 @@ pub fn device_count() -> Result<usize> {
         })
         .clone()
         .map_err(Error::Cuda)
+}
+
+/// Whether a device name is the virtual GPU's ("svft virtual GPU (H100 limits)").
+pub fn is_virtual_name(name: &str) -> bool {
+    name.starts_with("svft virtual GPU")
 }
 
 /// One device with the kernels loaded: its context, module and every kernel function.
@@ -115,6 +131,13 @@ impl Gpu {
             single.insert(name, load(name)?);
         }
         let name = ctx.name().map_err(|e| driver_err("reading the device name", e))?;
+        // cudarc records an event per buffer per launch and joins on it from other streams
+        // (a dozen-plus driver calls per launch). svft orders its work itself: a layer runs on
+        // one stream, callers order their buffers onto it (CudaLayer's contract, the C ABI's
+        // explicit events), so the tracking is off for every path, Rust and C alike.
+        // SAFETY: before any buffer svft allocates on this context; `ctx` is the primary
+        // context, and a caller that made buffers on it earlier keeps ordering them itself.
+        unsafe { ctx.disable_event_tracking() };
         Ok(Arc::new(Gpu { ctx, _module: module, per_dtype, single, name }))
     }
 
@@ -126,6 +149,12 @@ impl Gpu {
     /// The device's name, e.g. "NVIDIA H100 80GB HBM3".
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether this device is the virtual GPU (`vgpu/`: host memory and CPU threads behind
+    /// the CUDA API), whose timings say nothing about speed.
+    pub fn is_virtual(&self) -> bool {
+        is_virtual_name(&self.name)
     }
 
     /// A loaded per-dtype kernel: `base` (e.g. `band_apply_fwd`) for the dtype `suffix`

@@ -90,6 +90,16 @@ fn ceil_div(a: usize, b: usize) -> usize {
     a.div_ceil(b)
 }
 
+/// The SDDMM writes `chunks * nnz` partials (deterministic) or `nnz` sums: a shorter workspace
+/// is a host bug, reported as an error before the kernel could write past it.
+fn check_workspace(len: usize, deterministic: bool, chunks: usize, nnz: usize) -> Result<()> {
+    let need = if deterministic { chunks * nnz } else { nnz };
+    if len < need {
+        return Err(Error::Cuda(format!("SDDMM workspace holds {len} floats, the launch writes {need}")));
+    }
+    Ok(())
+}
+
 fn grid(x: usize, y: usize) -> (u32, u32, u32) {
     (x.max(1) as u32, y.clamp(1, GRID_Y_MAX) as u32, 1)
 }
@@ -186,16 +196,25 @@ pub(crate) enum SddmmPattern<'a> {
     Coo { rows: &'a CudaView<'a, i32>, cols: &'a CudaView<'a, i32>, order: &'a CudaView<'a, i32> },
 }
 
-/// Workspace floats the SDDMM needs: `nnz` (fast mode: dC itself) or `nchunks * nnz`.
+/// Chunks the COO SDDMM splits `n` rows into: at most 64, and `ceil(n / 32)` below 2048 rows.
+/// Not monotone in `n` above 2048 (2049 rows make 63 chunks, 2048 make 64).
+fn coo_sddmm_chunks(n: usize) -> usize {
+    ceil_div(n, coo_sddmm_chunk_rows(n))
+}
+
+/// Workspace floats the SDDMM needs for any batch of at most `n` rows: `nnz` (fast mode: dC
+/// itself) or `nchunks * nnz`. The workspace is grown once for the largest token chunk and
+/// reused by smaller ones (the last chunk of a batch), so the COO count is bounded by its
+/// monotone envelope `min(ceil(n / 32), 64)`, not by the count at `n` alone.
 pub(crate) fn sddmm_workspace_len(band: Option<usize>, deterministic: bool, n: usize, nnz: usize) -> usize {
     if !deterministic {
         return nnz;
     }
-    let chunk = match band {
-        Some(d) => band_sddmm_chunk_rows(d),
-        None => coo_sddmm_chunk_rows(n),
+    let chunks = match band {
+        Some(d) => ceil_div(n, band_sddmm_chunk_rows(d)),
+        None => ceil_div(n, 32).min(64),
     };
-    ceil_div(n, chunk) * nnz
+    chunks * nnz
 }
 
 /// `dC` over Omega from `a` and `t` (`n x r`), then the epilogue: `dm = g dC` and, with
@@ -221,13 +240,18 @@ pub(crate) fn sddmm<T: Dtype>(
     accumulate: bool,
 ) -> Result<()> {
     let (n_i, r_i, nnz_i) = (n as i32, r as i32, nnz as i32);
+    let chunks = match pattern {
+        SddmmPattern::Band { d } => ceil_div(n, band_sddmm_chunk_rows(d as usize)),
+        SddmmPattern::Coo { .. } => coo_sddmm_chunks(n),
+    };
+    check_workspace(work.len(), deterministic, chunks, nnz)?;
     if !deterministic {
         stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
     }
     let nchunks = match pattern {
         SddmmPattern::Band { d } => {
             let chunk = band_sddmm_chunk_rows(d as usize);
-            let nchunks = ceil_div(n, chunk);
+            let nchunks = chunks;
             let name = if deterministic { "band_sddmm_partial" } else { "band_sddmm_atomic" };
             let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
@@ -244,7 +268,7 @@ pub(crate) fn sddmm<T: Dtype>(
         }
         SddmmPattern::Coo { rows, cols, order } => {
             let chunk = coo_sddmm_chunk_rows(n);
-            let nchunks = ceil_div(n, chunk);
+            let nchunks = chunks;
             let name = if deterministic { "coo_sddmm_partial" } else { "coo_sddmm_atomic" };
             let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
@@ -296,11 +320,12 @@ pub(crate) fn sddmm_apply_bwd<T: Dtype>(
     accumulate: bool,
 ) -> Result<()> {
     debug_assert!(fused_bwd_fits(d) && a.len() >= n * r && t.len() >= n * r && ac.len() >= n * r);
+    let chunk = band_sddmm_chunk_rows(d);
+    let nchunks = ceil_div(n, chunk);
+    check_workspace(work.len(), deterministic, nchunks, nnz)?;
     if !deterministic {
         stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
     }
-    let chunk = band_sddmm_chunk_rows(d);
-    let nchunks = ceil_div(n, chunk);
     let name = if deterministic { "band_sddmm_apply_bwd_partial" } else { "band_sddmm_apply_bwd_atomic" };
     let f = gpu.kernel(name, T::SUFFIX)?;
     let cfg = LaunchConfig {
@@ -566,9 +591,8 @@ pub(crate) fn gemm<T: Dtype>(
 ) -> Result<()> {
     use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     let (m, k) = if a.trans { (a.cols, a.rows) } else { (a.rows, a.cols) };
-    let (k2, n) = if b.trans { (b.cols, b.rows) } else { (b.rows, b.cols) };
-    assert_eq!(k, k2, "gemm: inner dimensions differ");
-    assert!(c.len() >= m * n && a.data.len() >= a.rows * a.cols && b.data.len() >= b.rows * b.cols);
+    let n = if b.trans { b.rows } else { b.cols };
+    gemm_dims_ok(c.len(), a.extent(), b.extent())?;
     let cfg = GemmConfig {
         transa: if b.trans { CUBLAS_OP_T } else { CUBLAS_OP_N },
         transb: if a.trans { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -583,4 +607,84 @@ pub(crate) fn gemm<T: Dtype>(
     };
     // SAFETY: the sizes were checked above against the configuration.
     unsafe { T::gemm(blas, cfg, b.data, a.data, c) }.map_err(|e| blas_err("gemm", e))
+}
+
+/// An operand's extent as [`gemm`] checks it: buffer length, stored rows and columns, transposed.
+#[derive(Clone, Copy)]
+struct Extent {
+    len: usize,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+}
+
+impl<T> Mat<'_, '_, T> {
+    fn extent(&self) -> Extent {
+        Extent { len: self.data.len(), rows: self.rows, cols: self.cols, trans: self.trans }
+    }
+}
+
+/// The checks [`gemm`] makes before it hands buffers to cuBLAS: inner dimensions agree, every
+/// buffer holds its matrix, every dimension fits cuBLAS's `int`. An error, never a panic: the
+/// sizes can come from outside (the C ABI).
+fn gemm_dims_ok(c_len: usize, a: Extent, b: Extent) -> Result<()> {
+    let (m, k) = if a.trans { (a.cols, a.rows) } else { (a.rows, a.cols) };
+    let (k2, n) = if b.trans { (b.cols, b.rows) } else { (b.rows, b.cols) };
+    if k != k2 {
+        return Err(Error::InvalidArgument(format!("gemm: inner dimensions differ ({k} vs {k2})")));
+    }
+    if [m, n, k].iter().any(|&x| x > i32::MAX as usize) {
+        return Err(Error::InvalidArgument(format!("gemm: {m} x {n} x {k} exceeds cuBLAS's 32-bit sizes")));
+    }
+    let holds = |len: usize, rows: usize, cols: usize| rows.checked_mul(cols).is_some_and(|e| len >= e);
+    for (what, len, rows, cols) in [("A", a.len, a.rows, a.cols), ("B", b.len, b.rows, b.cols), ("C", c_len, m, n)] {
+        if !holds(len, rows, cols) {
+            return Err(Error::InvalidArgument(format!("gemm: {what} holds {len} elements, needs {rows} x {cols}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The workspace is grown for the largest chunk and reused by every smaller one: it must
+    /// hold the partials of any row count up to the one it was sized for.
+    #[test]
+    fn sddmm_workspace_covers_every_smaller_chunk() {
+        let nnz = 7;
+        let mut worst = 0;
+        for n in 1..=20_000 {
+            worst = worst.max(coo_sddmm_chunks(n));
+            assert!(sddmm_workspace_len(None, true, n, nnz) >= worst * nnz, "n = {n}");
+            for d in [0, 2, 16] {
+                let band = ceil_div(n, band_sddmm_chunk_rows(d));
+                assert!(sddmm_workspace_len(Some(d), true, n, nnz) >= band * nnz);
+            }
+        }
+        // The case that overran: a chunk of 2049 tokens, then a last chunk of 2048.
+        assert!(sddmm_workspace_len(None, true, 2049, nnz) >= 64 * nnz);
+        assert!(check_workspace(63 * nnz, true, coo_sddmm_chunks(2048), nnz).is_err());
+        assert!(check_workspace(64 * nnz, true, coo_sddmm_chunks(2048), nnz).is_ok());
+    }
+
+    #[test]
+    fn gemm_size_errors_are_errors() {
+        let e = |len, rows, cols, trans| Extent { len, rows, cols, trans };
+        // C (3 x 5) = A (3 x 4) B (4 x 5), and with B stored transposed (5 x 4).
+        assert!(gemm_dims_ok(15, e(12, 3, 4, false), e(20, 4, 5, false)).is_ok());
+        assert!(gemm_dims_ok(15, e(12, 3, 4, false), e(20, 5, 4, true)).is_ok());
+        let bad = [
+            gemm_dims_ok(15, e(12, 3, 4, false), e(20, 5, 4, false)), // inner 4 vs 5
+            gemm_dims_ok(14, e(12, 3, 4, false), e(20, 4, 5, false)), // C short
+            gemm_dims_ok(15, e(11, 3, 4, false), e(20, 4, 5, false)), // A short
+            gemm_dims_ok(15, e(12, 3, 4, false), e(19, 4, 5, false)), // B short
+            gemm_dims_ok(usize::MAX, e(usize::MAX, 1, 1 << 31, false), e(usize::MAX, 1 << 31, 1, false)),
+            gemm_dims_ok(usize::MAX, e(usize::MAX, usize::MAX, 2, false), e(4, 2, 2, false)), // overflow
+        ];
+        for r in bad {
+            assert!(matches!(r, Err(Error::InvalidArgument(_))), "{r:?}");
+        }
+    }
 }

@@ -14,7 +14,7 @@ mod layer;
 mod svd;
 
 pub use bench::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
-pub use device::{device_count, kernel_names, kernels_embedded, Gpu};
+pub use device::{device_count, is_virtual_name, kernel_names, kernels_embedded, Gpu};
 pub(crate) use kernels::smalln_workspace_len;
 pub use kernels::Dtype;
 // The row-major cuBLAS product, for the demo's device LoRA student.

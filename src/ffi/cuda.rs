@@ -56,11 +56,9 @@ fn gpu(ordinal: usize) -> FfiResult<Arc<Gpu>> {
     if let Some(g) = map.get(&ordinal) {
         return Ok(g.clone());
     }
+    // Gpu::new turns cudarc's per-buffer event tracking off (the caller's buffers are ordered
+    // with explicit events, see the module doc).
     let g = Gpu::new(ordinal)?;
-    // SAFETY: before any buffer exists on this context. Every buffer svft allocates here is used
-    // on the one stream of the layer that owns it, and the caller's buffers are ordered with
-    // explicit events (see the module doc), so cudarc's per-buffer events are not needed.
-    unsafe { g.context().disable_event_tracking() };
     map.insert(ordinal, g.clone());
     Ok(g)
 }
@@ -71,19 +69,16 @@ struct ContextGuard {
 }
 
 impl ContextGuard {
-    /// Remembers the current context; makes `gpu`'s current, or, without one, any context at all
-    /// (device 0's, when none is current) so that pointer queries work.
+    /// Remembers the current context and makes `gpu`'s current; with `None`, binds nothing
+    /// (pointer queries need no context: the device a buffer is on is found first, and only
+    /// that device is initialised).
     fn new(target: Option<&Gpu>) -> FfiResult<Self> {
         let mut prev: CUcontext = std::ptr::null_mut();
         // SAFETY: writes one CUcontext.
         unsafe { sys::cuCtxGetCurrent(&mut prev) }.result().map_err(|e| drv("reading the current context", e))?;
         let guard = ContextGuard { prev };
-        match target {
-            Some(g) => g.context().bind_to_thread().map_err(|e| drv("binding the CUDA context", e))?,
-            None if prev.is_null() => {
-                gpu(0)?.context().bind_to_thread().map_err(|e| drv("binding the CUDA context", e))?
-            }
-            None => {}
+        if let Some(g) = target {
+            g.context().bind_to_thread().map_err(|e| drv("binding the CUDA context", e))?;
         }
         Ok(guard)
     }
@@ -94,6 +89,25 @@ impl Drop for ContextGuard {
         // SAFETY: restores the context that was current on entry (the caller keeps it alive),
         // or none.
         let _ = unsafe { sys::cuCtxSetCurrent(self.prev) };
+    }
+}
+
+/// Runs `f` with device `ordinal`'s primary context current (retained for the call only), then
+/// restores the thread's context.
+fn with_primary_context(
+    ordinal: i32,
+    f: impl FnOnce() -> Result<(), result::DriverError>,
+) -> Result<(), result::DriverError> {
+    let mut prev: CUcontext = std::ptr::null_mut();
+    let mut ctx: CUcontext = std::ptr::null_mut();
+    // SAFETY: each call writes one handle; the retained context is released below.
+    unsafe {
+        sys::cuCtxGetCurrent(&mut prev).result()?;
+        sys::cuDevicePrimaryCtxRetain(&mut ctx, ordinal).result()?;
+        let out = sys::cuCtxSetCurrent(ctx).result().and_then(|()| f());
+        let _ = sys::cuCtxSetCurrent(prev);
+        let _ = sys::cuDevicePrimaryCtxRelease_v2(ordinal);
+        out
     }
 }
 
@@ -111,8 +125,16 @@ fn pointer_attributes(addr: usize) -> FfiResult<(u64, bool, i32)> {
     // SAFETY: three slots for three attributes.
     let mut data: [*mut c_void; 3] = std::array::from_fn(|i| unsafe { base.add(i) }.cast());
     // SAFETY: arrays of the declared length; the driver only writes into the slots.
-    match unsafe { sys::cuPointerGetAttributes(3, attrs.as_mut_ptr(), data.as_mut_ptr(), addr as CUdeviceptr) }.result()
-    {
+    let query = |attrs: &mut [_; 3], data: &mut [*mut c_void; 3]| unsafe {
+        sys::cuPointerGetAttributes(3, attrs.as_mut_ptr(), data.as_mut_ptr(), addr as CUdeviceptr).result()
+    };
+    let mut answer = query(&mut attrs, &mut data);
+    if answer == Err(result::DriverError(sys::CUresult::CUDA_ERROR_INVALID_CONTEXT)) {
+        // The attributes asked for need no context (only DEVICE_POINTER-style ones do), but a
+        // driver that wants one anyway gets device 0's primary context for this query alone.
+        answer = with_primary_context(0, || query(&mut attrs, &mut data));
+    }
+    match answer {
         Ok(()) => {}
         // Documented not to happen for unknown pointers, but if a driver does: not CUDA memory.
         Err(result::DriverError(sys::CUresult::CUDA_ERROR_INVALID_VALUE)) => return Ok((0, false, -1)),
@@ -559,6 +581,7 @@ impl CudaRecord {
         each!(&self.inner.layer, l => l.plan_for(n))
     }
     pub fn calibrate(&mut self, options: &crate::calibrate::CalibrationOptions) -> FfiResult {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
         each!(&mut self.inner.layer, l => l.calibrate(options).map(|_| ()))?;
         Ok(())
     }
