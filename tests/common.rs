@@ -29,3 +29,81 @@ pub fn wide(x: &[f32]) -> Vec<f64> {
 pub fn poisoned(len: usize) -> Vec<f32> {
     vec![f32::NAN; len]
 }
+
+// ---- GPU tests: the device, the log of what ran, child processes ---------------------------
+
+/// Appends `line` to `$SVFT_GPU_TEST_LOG` (when set): scripts/test.sh counts the GPU tests that
+/// ran and those that skipped from it, since cargo hides a passing test's output.
+pub fn gpu_log(line: &str) {
+    use std::io::Write;
+    if let Ok(path) = std::env::var("SVFT_GPU_TEST_LOG") {
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// Whether a GPU test must fail rather than skip without a device (scripts/test.sh with the
+/// virtual GPU, gpu-run.sh on real hardware).
+pub fn gpu_required() -> bool {
+    std::env::var("SVFT_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+/// Opens device 0 for GPU test `test`, or says in one line why it cannot (and fails instead
+/// with SVFT_REQUIRE_GPU=1). Logs "ran" or "skipped" (see [`gpu_log`]).
+pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<svft::cuda::Gpu>> {
+    match svft::cuda::device_count().and_then(|_| svft::cuda::Gpu::new(0)) {
+        Ok(gpu) => {
+            gpu_log(&format!("ran: {test} on {}", gpu.name()));
+            Some(gpu)
+        }
+        Err(e) if gpu_required() => panic!("{test}: no GPU: {e}"),
+        Err(e) => {
+            gpu_log(&format!("skipped: {test}: no CUDA device ({e})"));
+            println!("{test}: skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// Whether the tests run on the virtual GPU (vgpu/), where the case matrix shrinks to keep CI
+/// fast (every pattern x plan x dtype x gate x chunking path still runs; only the repeats of a
+/// path at more shapes and token counts go), and timings are not speeds.
+pub fn on_virtual_gpu() -> bool {
+    svft::cuda::device_count().is_ok() && svft::cuda::Gpu::new(0).map(|g| g.is_virtual()).unwrap_or(false)
+}
+
+/// The name of the variable that marks a test's re-run in a child process.
+const CHILD: &str = "SVFT_TEST_CHILD";
+
+/// Whether this process is the child that [`run_in_child`] started for `test`.
+pub fn is_child(test: &str) -> bool {
+    std::env::var(CHILD).as_deref() == Ok(test)
+}
+
+/// Runs test `test` of this test binary again in a child process with `env` set (a process-wide
+/// state, such as which CUDA libraries the loader finds or how many devices there are, can only
+/// be chosen before a process starts). The test's body runs in the child ([`is_child`]); the
+/// parent asserts that the child passed and returns its output.
+pub fn run_in_child(test: &str, env: &[(&str, String)]) -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args([test, "--exact", "--nocapture", "--test-threads=1"]).env(CHILD, test);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("starting the test binary again");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{test} failed in its child process:\n{text}");
+    assert!(text.contains("1 passed"), "{test}: the child ran no test:\n{text}");
+    text
+}
+
+/// The virtual GPU's library folders (vgpu/build.sh): `lib` (driver, cuBLAS, cuSOLVER),
+/// `driver-only`, `no-cusolver`. `None` when the tests do not run on the virtual GPU
+/// (`$SVFT_VGPU_LIB` unset).
+pub fn vgpu_lib_dir(variant: &str) -> Option<String> {
+    let lib = std::path::PathBuf::from(std::env::var("SVFT_VGPU_LIB").ok()?);
+    let dir = if variant == "lib" { lib } else { lib.parent()?.join(variant) };
+    Some(dir.to_string_lossy().into_owned())
+}

@@ -110,10 +110,26 @@ fn backend_available_reports_the_probe() {
     assert!(flag);
 }
 
+/// An empty folder for LD_LIBRARY_PATH: the loader then finds no CUDA library at all (unless
+/// the machine has a real driver installed system-wide).
+fn no_cuda_lib_dir() -> String {
+    let dir = std::env::temp_dir().join(format!("svft-no-cuda-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.to_string_lossy().into_owned()
+}
+
 #[test]
 fn creation_without_a_device_names_the_reason() {
+    const TEST: &str = "creation_without_a_device_names_the_reason";
     let Some(reason) = probe_reason() else {
-        println!("creation_without_a_device_names_the_reason: skipped: a CUDA device is present");
+        // A device is here. The virtual GPU is found through LD_LIBRARY_PATH, so a child process
+        // without it has no driver (a real driver installed system-wide cannot be hidden).
+        match common::vgpu_lib_dir("lib") {
+            Some(_) if !common::is_child(TEST) => {
+                common::run_in_child(TEST, &[("LD_LIBRARY_PATH", no_cuda_lib_dir())]);
+            }
+            _ => println!("{TEST}: skipped: a system-wide CUDA driver is present and cannot be hidden"),
+        }
         return;
     };
     let w = [0.5f32; 12];
@@ -150,6 +166,35 @@ fn creation_without_a_device_names_the_reason() {
     };
     assert_eq!(st, SvftStatus::CudaUnavailable);
     assert!(last_error().contains(&reason));
+}
+
+/// A driver without cuBLAS or without cuSOLVER is "CUDA unavailable" with the reason, never a
+/// panic (cudarc would panic on the first call into a library it cannot load): each case runs
+/// in a child process whose loader finds only the virtual GPU's driver (and cuBLAS).
+#[test]
+fn missing_cublas_or_cusolver_is_an_error_not_a_panic() {
+    const TEST: &str = "missing_cublas_or_cusolver_is_an_error_not_a_panic";
+    if !common::is_child(TEST) {
+        let Some(_) = common::vgpu_lib_dir("lib") else {
+            println!("{TEST}: skipped: needs the virtual GPU's library folders ($SVFT_VGPU_LIB)");
+            return;
+        };
+        for (variant, missing) in [("driver-only", "cuBLAS"), ("no-cusolver", "cuSOLVER")] {
+            let dir = common::vgpu_lib_dir(variant).unwrap();
+            common::run_in_child(TEST, &[("LD_LIBRARY_PATH", dir), ("SVFT_TEST_MISSING", missing.into())]);
+        }
+        return;
+    }
+    let missing = std::env::var("SVFT_TEST_MISSING").unwrap();
+    let reason = probe_reason().expect("the probe found a complete CUDA stack");
+    assert!(reason.contains(missing.as_str()), "{reason:?} does not name {missing}");
+    assert!(!cuda_available());
+    assert!(svft::cuda::Gpu::new(0).is_err());
+    let w = [0.5f32; 12];
+    let mut out = std::ptr::null_mut();
+    let st = from_weight(CUDA, w.as_ptr().cast(), 0, 12, 4, 3, "plain", std::ptr::null(), 0, &mut out);
+    assert_eq!(st, SvftStatus::CudaUnavailable, "{}", last_error());
+    assert!(last_error().contains(missing.as_str()), "{}", last_error());
 }
 
 /// Bad arguments on the CUDA backend give the same status with or without a device: every one
@@ -248,14 +293,8 @@ fn cuda_argument_errors_need_no_device() {
 // ---- with a device -------------------------------------------------------------------------
 
 fn device_or_skip(test: &str) -> Option<Arc<CudaContext>> {
-    match device_count().and_then(|_| CudaContext::new(0).map_err(|e| svft::Error::Cuda(format!("{e:?}")))) {
-        Ok(ctx) => Some(ctx),
-        Err(e) if std::env::var("SVFT_REQUIRE_GPU").as_deref() == Ok("1") => panic!("{test}: no GPU: {e}"),
-        Err(e) => {
-            println!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    common::gpu_or_skip(test)?;
+    Some(CudaContext::new(0).unwrap())
 }
 
 fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> *mut c_void {
@@ -627,4 +666,74 @@ fn device_pointer_checks() {
     }
     stream.synchronize().unwrap();
     ctx.check_err().unwrap();
+}
+
+/// Calibration binds the layer's context for its work and puts the caller's back (none here):
+/// a caller thread without a current context has none afterwards.
+#[test]
+fn calibrate_restores_the_callers_context() {
+    let Some(ctx) = device_or_skip("calibrate_restores_the_callers_context") else { return };
+    std::thread::spawn(move || {
+        let stream = ctx.new_stream().unwrap();
+        let (o, i) = (9usize, 7usize);
+        let w = stream.clone_htod(&randn(o * i, 3)).unwrap();
+        let mut layer = std::ptr::null_mut();
+        let st = from_weight(CUDA, dptr(&w, &stream), 0, o * i, o, i, "banded:1", std::ptr::null(), 0, &mut layer);
+        assert_eq!(st, SvftStatus::Ok, "{}", last_error());
+        stream.synchronize().unwrap();
+        // SAFETY: no context current from here on.
+        unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) }.result().unwrap();
+        let tokens = [1usize, 5];
+        // SAFETY: a live layer and two readable token counts.
+        let st = unsafe { svft_layer_calibrate(layer, tokens.as_ptr(), 2, 0.0, 0) };
+        assert_eq!(st, SvftStatus::Ok, "{}", last_error());
+        assert!(current_context().is_null(), "svft_layer_calibrate left a context current");
+        // SAFETY: destroyed once.
+        assert_eq!(unsafe { svft_layer_destroy(layer) }, SvftStatus::Ok);
+        assert!(current_context().is_null(), "svft_layer_destroy left a context current");
+    })
+    .join()
+    .unwrap();
+}
+
+/// A layer made from a weight on device 1, by a thread with no current context, initialises
+/// device 1 only: device 0's primary context is never made active. Runs in a child process with
+/// two virtual devices, so no other test has touched device 0 there.
+#[test]
+fn creation_initialises_only_the_weights_device() {
+    const TEST: &str = "creation_initialises_only_the_weights_device";
+    if !common::is_child(TEST) {
+        if common::gpu_or_skip(TEST).is_none() {
+            return;
+        }
+        if common::vgpu_lib_dir("lib").is_none() && device_count().unwrap_or(0) < 2 {
+            println!("{TEST}: skipped: needs two devices (the virtual GPU makes them)");
+            return;
+        }
+        common::run_in_child(TEST, &[("SVFT_VGPU_DEVICES", "2".into())]);
+        return;
+    }
+    let primary_active = |dev: i32| {
+        let (mut flags, mut active) = (0u32, 0i32);
+        // SAFETY: two writable ints.
+        unsafe { sys::cuDevicePrimaryCtxGetState(dev, &mut flags, &mut active) }.result().unwrap();
+        active != 0
+    };
+    assert!(device_count().unwrap() >= 2);
+    assert!(!primary_active(0));
+    let ctx1 = CudaContext::new(1).unwrap();
+    let stream = ctx1.new_stream().unwrap();
+    let (o, i) = (9usize, 7usize);
+    let w = stream.clone_htod(&randn(o * i, 4)).unwrap();
+    let wp = dptr(&w, &stream);
+    stream.synchronize().unwrap();
+    // SAFETY: no context current from here on.
+    unsafe { sys::cuCtxSetCurrent(std::ptr::null_mut()) }.result().unwrap();
+    let mut layer = std::ptr::null_mut();
+    let st = from_weight(CUDA, wp, 0, o * i, o, i, "plain", std::ptr::null(), 0, &mut layer);
+    assert_eq!(st, SvftStatus::Ok, "{}", last_error());
+    assert!(current_context().is_null(), "creation left a context current");
+    assert!(!primary_active(0), "creating a layer on device 1 initialised device 0");
+    // SAFETY: destroyed once.
+    assert_eq!(unsafe { svft_layer_destroy(layer) }, SvftStatus::Ok);
 }

@@ -15,17 +15,6 @@ use svft::demo::{run_on, DemoModule, DemoOptions};
 use svft::reference::{rel_err, Reference};
 use svft::{Init, LayerConfig, Pattern, Plan};
 
-fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
-    match device_count().and_then(|_| Gpu::new(0)) {
-        Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var("SVFT_REQUIRE_GPU").as_deref() == Ok("1") => panic!("{test}: no GPU: {e}"),
-        Err(e) => {
-            println!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
-
 fn upload<T: Dtype>(layer: &CudaLayer<T>, host: &[f32]) -> CudaSlice<T> {
     let v: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
     layer.stream().clone_htod(&v).unwrap()
@@ -142,6 +131,33 @@ fn deterministic_sddmm_is_bitwise_reproducible() {
             "{spec}: deterministic dM differs run to run"
         );
     }
+}
+
+/// The deterministic COO SDDMM's partials are sized once for the full token chunk and reused by
+/// the last, shorter chunk, whose chunk count can be larger (2049 tokens make 63 chunks of 33
+/// rows, 2048 make 64 of 32): n = 2049 + 2048 with chunks of 2049 writes 64 rows of partials.
+/// On the virtual GPU a workspace one row short is a red-zone write (CUDA_ERROR_ILLEGAL_ADDRESS).
+#[test]
+fn deterministic_coo_partials_fit_every_chunk() {
+    let Some(gpu) = gpu_or_skip("deterministic_coo_partials_fit_every_chunk") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(23, 19, 17, 3);
+    for spec in ["random:3:seed=5", "topk:2"] {
+        let config = LayerConfig { plan: Plan::Factored, ..LayerConfig::official(spec.parse().unwrap()) };
+        let mut layer = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+        layer.set_sddmm_mode(SddmmMode::Deterministic);
+        layer.set_token_chunk(Some(2049)).unwrap();
+        check(&mut layer, &f, None, 2049 + 2048, F32_TOL, spec);
+    }
+    gpu.context().check_err().unwrap();
+}
+
+/// cudarc's per-buffer event tracking (a dozen-plus driver calls per launch) is off on every
+/// path that opens a device through `Gpu::new`, Rust and C ABI alike.
+#[test]
+fn event_tracking_is_off() {
+    let Some(gpu) = gpu_or_skip("event_tracking_is_off") else { return };
+    assert!(!gpu.context().is_event_tracking());
 }
 
 /// One forward + backward on fixed inputs: (dX, dM, dgamma) on the host.

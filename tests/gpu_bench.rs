@@ -3,31 +3,28 @@
 //! device each test prints why it skipped and passes; with SVFT_REQUIRE_GPU=1 a missing GPU
 //! fails instead.
 
-use std::sync::Arc;
+mod common;
+
 use std::time::Duration;
 
+use common::gpu_or_skip;
 use svft::bench::{bench_factors, fixed_plans};
-use svft::cuda::{copy_bandwidth_gb_per_s, device_count, CudaLayer, CudaShape, Gpu};
+use svft::cuda::{copy_bandwidth_gb_per_s, CudaLayer, CudaShape};
 use svft::memory::{self, Shape};
 use svft::{ExecPlan, LayerConfig, Pattern, Plan};
-
-fn gpu_or_skip(test: &str) -> Option<Arc<Gpu>> {
-    match device_count().and_then(|_| Gpu::new(0)) {
-        Ok(gpu) => Some(gpu),
-        Err(e) if std::env::var("SVFT_REQUIRE_GPU").as_deref() == Ok("1") => panic!("{test}: no GPU: {e}"),
-        Err(e) => {
-            println!("{test}: skipped: no CUDA device ({e})");
-            None
-        }
-    }
-}
 
 #[test]
 fn grid_row_fields_on_the_device() {
     let Some(gpu) = gpu_or_skip("grid_row_fields_on_the_device") else { return };
     let stream = gpu.context().new_stream().unwrap();
     let copy = copy_bandwidth_gb_per_s(&stream).unwrap();
-    assert!(copy > 10.0 && copy < 1e5, "copy bandwidth {copy} GB/s");
+    if gpu.is_virtual() {
+        // Host memcpy behind the CUDA API: a figure, not a speed; only its sanity is checked.
+        println!("virtual device: timings meaningless (copy {copy:.1} GB/s)");
+        assert!(copy > 0.0 && copy.is_finite(), "copy bandwidth {copy} GB/s");
+    } else {
+        assert!(copy > 10.0 && copy < 1e5, "copy bandwidth {copy} GB/s");
+    }
     let (d_out, d_in) = (192, 128);
     let factors = bench_factors(d_out, d_in, d_in, 1).unwrap();
     let mut ctx = CudaShape::<half::bf16>::new(&gpu, stream.clone(), d_out, d_in, 300, Some(copy), None).unwrap();
