@@ -247,15 +247,19 @@ void run_gesvdj(const SvdJob& j) {
   const double rot_tol = std::min(user_tol, 1e3 * DBL_EPSILON);  // converge to f64 accuracy
   int sweeps = 0;
   double off = 0.0;
+  std::vector<double> norm2(N);
   for (; sweeps < j.max_sweeps;) {
     sweeps++;
     off = 0.0;
     bool rotated = false;
+    // Squared column norms: recomputed each sweep, updated exactly by each rotation in between
+    // (alpha' = alpha - t gamma, beta' = beta + t gamma).
+    for (int i = 0; i < N; i++) norm2[i] = dot(&b[size_t(i) * M], &b[size_t(i) * M], M);
     for (int i = 0; i < N - 1; i++)
       for (int k = i + 1; k < N; k++) {
         double* bi = &b[size_t(i) * M];
         double* bk = &b[size_t(k) * M];
-        double alpha = dot(bi, bi, M), beta = dot(bk, bk, M), gamma = dot(bi, bk, M);
+        double alpha = norm2[i], beta = norm2[k], gamma = dot(bi, bk, M);
         if (alpha == 0.0 || beta == 0.0) continue;
         double rel = std::fabs(gamma) / std::sqrt(alpha) / std::sqrt(beta);
         off = std::max(off, rel);
@@ -265,6 +269,8 @@ void run_gesvdj(const SvdJob& j) {
         double t = std::copysign(1.0, zeta) / (std::fabs(zeta) + std::hypot(1.0, zeta));
         double c = 1.0 / std::sqrt(1.0 + t * t), s = c * t;
         rotate(bi, bk, M, c, s);
+        norm2[i] = std::max(alpha - t * gamma, 0.0);
+        norm2[k] = beta + t * gamma;
         rotate(&q[size_t(i) * N], &q[size_t(k) * N], N, c, s);
       }
     if (!rotated) break;
