@@ -6,6 +6,11 @@
 //!   reference (`svft::reference::Reference`) on the factors and pattern it used.
 //! - `bad_input.c` calls every export with wrong arguments and must see the documented status
 //!   codes, with zero crashes.
+//! - `cuda_cycle.c` runs the cycle on `SVFT_BACKEND_CUDA` with device memory it allocates through
+//!   the CUDA driver API (linked against the virtual GPU's libcuda, `$SVFT_VGPU_LIB`, or the
+//!   system's) and checks it against the same calls on the CPU backend.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -343,4 +348,104 @@ fn header_compiles_as_cpp() {
         return;
     };
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+// ---- cuda_cycle.c: the C ABI on CUDA with the caller's own device memory and stream ----------
+
+/// The folder holding `cuda.h`: $CUDA_HOME, $CUDA_PATH, the pip toolchain, /usr/local/cuda.
+fn cuda_include() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let from_env = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(|v| std::env::var_os(v)).map(PathBuf::from);
+    from_env
+        .chain([root.join(".toolchain/cuda"), PathBuf::from("/usr/local/cuda")])
+        .map(|d| d.join("include"))
+        .find(|d| d.join("cuda.h").is_file())
+}
+
+/// The CUDA driver library to link: the virtual GPU's when `$SVFT_VGPU_LIB` is set (and only
+/// then, so that a test run on the virtual GPU never picks up a real driver), else the system's.
+fn cuda_driver() -> std::result::Result<PathBuf, String> {
+    let dirs: Vec<PathBuf> = match common::vgpu_lib_dir("lib") {
+        Some(d) => vec![PathBuf::from(d)],
+        None => ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/lib64"]
+            .into_iter()
+            .map(PathBuf::from)
+            .collect(),
+    };
+    dirs.iter()
+        .flat_map(|d| [d.join("libcuda.so"), d.join("libcuda.so.1")])
+        .find(|p| p.is_file())
+        .ok_or_else(|| format!("no CUDA driver library (libcuda.so) in {dirs:?}"))
+}
+
+/// Builds cuda_cycle.c against the shared libsvft and the driver library `libcuda`.
+fn compile_cuda_cycle(cuda_include: &Path, libcuda: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let lib = lib_dir();
+    let out_dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ffi_c_cuda");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let exe = out_dir.join("cuda_cycle");
+    // The run path: libsvft's folder, libcuda's, and the folder of the file it links to (the
+    // virtual GPU's libcuda.so is a link to a library of another soname, which is what the
+    // program then needs).
+    let real = std::fs::canonicalize(libcuda).unwrap();
+    let rpath = [&lib, libcuda.parent().unwrap(), real.parent().unwrap()].map(|d| d.display().to_string()).join(":");
+    let output = Command::new("cc")
+        .args(["-std=c11", "-O1", "-g", "-Wall", "-Wextra", "-pedantic", "-Werror"])
+        .arg("-I")
+        .arg(root.join("include"))
+        .arg("-isystem") // cuda.h is not ours to keep -pedantic clean
+        .arg(cuda_include)
+        .arg(root.join("tests/c/cuda_cycle.c"))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&lib)
+        .arg("-lsvft")
+        .arg(libcuda)
+        .arg(format!("-Wl,-rpath,{rpath}"))
+        .arg("-lm")
+        .output()
+        .expect("run cc");
+    assert!(
+        output.status.success(),
+        "cc failed for cuda_cycle.c:\n{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    exe
+}
+
+/// Skips `test` with `why` in one line (logged for scripts/test.sh), or fails with
+/// SVFT_REQUIRE_GPU=1.
+fn skip_gpu_test(test: &str, why: &str) {
+    assert!(!common::gpu_required(), "{test}: SVFT_REQUIRE_GPU=1 but {why}");
+    common::gpu_log(&format!("skipped: {test}: {why}"));
+    println!("{test}: skipped: {why}");
+}
+
+#[test]
+fn cuda_cycle() {
+    const TEST: &str = "cuda_cycle";
+    let Some(include) = cuda_include() else {
+        return skip_gpu_test(TEST, "no cuda.h (set CUDA_HOME or run scripts/install-cuda-toolchain.sh)");
+    };
+    let libcuda = match cuda_driver() {
+        Ok(p) => p,
+        Err(why) => return skip_gpu_test(TEST, &why),
+    };
+    let exe = compile_cuda_cycle(&include, &libcuda);
+    let output = Command::new(&exe).output().expect("run cuda_cycle");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let text = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    match output.status.code() {
+        Some(0) => {
+            let device = stdout.lines().find_map(|l| l.strip_prefix("device: ")).unwrap_or("?");
+            let last = stdout.lines().last().unwrap_or_default();
+            assert!(last.starts_with("cuda_cycle: ") && last.ends_with(" 0 failures"), "{TEST}:\n{text}");
+            common::gpu_log(&format!("ran: {TEST} on {device}"));
+        }
+        Some(77) => skip_gpu_test(TEST, stdout.trim().trim_start_matches("skipped: ")),
+        _ => panic!("{} failed ({:?}):\n{text}", exe.display(), output.status),
+    }
 }
