@@ -89,7 +89,7 @@ if [ "${1:-}" = "--test" ]; then
   src="$here/tests/driver_selftest.cpp"
   if [ ! -f "$t" ] || [ "$src" -nt "$t" ] || [ "$lib" -nt "$t" ]; then
     echo "vgpu: compiling driver_selftest" >&2
-    "$CXX" -std=c++17 -O1 -g -pthread -I "$inc" "$src" -o "$t" -ldl
+    "$CXX" -std=c++17 -O1 -g -pthread -I "$inc" "$src" -o "$t" -L "$out/lib" -l:libcuda.so -Wl,-rpath,"$out/lib" -Wl,-rpath,"$out"
   fi
   fatbin="$(ls -t "$target"/*/build/svft-*/out/svft_kernels.fatbin 2>/dev/null | head -1 || true)"
   SVFT_VGPU_SELFTEST_FATBIN="$fatbin" LD_LIBRARY_PATH="$out/lib" "$t" >&2
