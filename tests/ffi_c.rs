@@ -355,7 +355,7 @@ fn header_compiles_as_cpp() {
 /// The folder holding `cuda.h`: $CUDA_HOME, $CUDA_PATH, the pip toolchain, /usr/local/cuda.
 fn cuda_include() -> Option<PathBuf> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let from_env = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(|v| std::env::var_os(v)).map(PathBuf::from);
+    let from_env = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(std::env::var_os).map(PathBuf::from);
     from_env
         .chain([root.join(".toolchain/cuda"), PathBuf::from("/usr/local/cuda")])
         .map(|d| d.join("include"))
