@@ -26,3 +26,6 @@ SVFT_CARGO_ARGS="--features interpret" scripts/test-python.sh
 
 echo "== kernels under ThreadSanitizer and AddressSanitizer"
 scripts/sanitize-kernels.sh
+
+echo "== mutation check: a planted host bug of each kind must fail the virtual-GPU tests"
+scripts/mutants-vgpu.sh
