@@ -3,9 +3,10 @@
  *
  * For each pattern x plan: a layer created from a device weight (and bias) on an odd shape,
  * coefficients and gamma set from the host, then forward, backward and merge on a stream of the
- * caller's own (uploads and NaN-poisoned outputs enqueued on that stream before, read-backs after,
- * no host synchronisation in between), and the same calls on SVFT_BACKEND_CPU with host copies
- * of the same data: every output must match within a relative error of 1e-4. Then a forward on
+ * caller's own (a long memset, the inputs' copies into NaN-poisoned buffers and the outputs'
+ * NaN poison enqueued on that stream before, read-backs after, no host synchronisation in
+ * between: a missing join either way reads poison), and the same calls on SVFT_BACKEND_CPU with
+ * host copies of the same data: every output must match within a relative error of 1e-4. Then a forward on
  * the legacy default stream (NULL), wrong inputs on CUDA (host pointers, a wrong length, a wrong
  * dtype: the documented statuses, with a message), and the context left as it was, with no
  * error pending.
@@ -126,6 +127,7 @@ static void expect_close(const char *what, const char *name, const float *cuda, 
 enum { D_OUT = 37, D_IN = 23, N = 9 };
 static const float GAMMA = 0.3f;
 #define POISON 0x7fc00000u /* a quiet NaN as f32 bits */
+#define BUSY_FLOATS ((size_t)32 << 20) /* 128 MiB of memset before each step's inputs */
 
 /* The CPU layer's step on host buffers: y, dx, dm, dgamma, w. */
 static void cpu_step(SvftLayer *layer, const float *x, const float *gy, size_t nnz, float *y, float *dx, float *dm,
@@ -173,6 +175,12 @@ int main(void) {
     CU(cuMemcpyHtoD(bias_d, bias, D_OUT * sizeof(float)));
     CUdeviceptr x_d = dev_alloc(N * D_IN), gy_d = dev_alloc(N * D_OUT), y_d = dev_alloc(N * D_OUT);
     CUdeviceptr dx_d = dev_alloc(N * D_IN), w_d = dev_alloc(D_OUT * D_IN);
+    /* x and gy staged on the device; each step copies them into x_d and gy_d on the caller's
+     * stream behind a long memset of `busy`, so a layer that does not wait for the caller's
+     * earlier work reads poison. */
+    CUdeviceptr x_stage = dev_alloc(N * D_IN), gy_stage = dev_alloc(N * D_OUT), busy = dev_alloc(BUSY_FLOATS);
+    CU(cuMemcpyHtoD(x_stage, x, N * D_IN * sizeof(float)));
+    CU(cuMemcpyHtoD(gy_stage, gy, N * D_OUT * sizeof(float)));
     /* Outputs read back from the device, and the CPU's. */
     float *y = host_f32(N * D_OUT, false), *dx = host_f32(N * D_IN, false), *w = host_f32(D_OUT * D_IN, false);
     float *y_ref = host_f32(N * D_OUT, false), *dx_ref = host_f32(N * D_IN, false);
@@ -213,8 +221,12 @@ int main(void) {
             float *dm = host_f32(nnz, false), *dm_ref = host_f32(nnz, false), dg = NAN, dg_ref = NAN;
 
             /* CUDA: everything enqueued on the caller's stream, one synchronisation at the end. */
-            CU(cuMemcpyHtoDAsync(x_d, x, N * D_IN * sizeof(float), stream));
-            CU(cuMemcpyHtoDAsync(gy_d, gy, N * D_OUT * sizeof(float), stream));
+            CU(cuMemsetD32Async(x_d, POISON, N * D_IN, stream));
+            CU(cuMemsetD32Async(gy_d, POISON, N * D_OUT, stream));
+            CU(cuStreamSynchronize(stream));
+            CU(cuMemsetD32Async(busy, 0, BUSY_FLOATS, stream));
+            CU(cuMemcpyDtoDAsync(x_d, x_stage, N * D_IN * sizeof(float), stream));
+            CU(cuMemcpyDtoDAsync(gy_d, gy_stage, N * D_OUT * sizeof(float), stream));
             CU(cuMemsetD32Async(y_d, POISON, N * D_OUT, stream));
             CU(cuMemsetD32Async(dx_d, POISON, N * D_IN, stream));
             CU(cuMemsetD32Async(dm_d, POISON, nnz, stream));
@@ -301,7 +313,7 @@ int main(void) {
     CU(cuCtxSynchronize());
     CU(cuCtxGetCurrent(&current));
     expect(current == ctx, "the current context changed");
-    CUdeviceptr bufs[] = {w0_d, bias_d, x_d, gy_d, y_d, dx_d, w_d};
+    CUdeviceptr bufs[] = {w0_d, bias_d, x_d, gy_d, y_d, dx_d, w_d, x_stage, gy_stage, busy};
     for (size_t k = 0; k < sizeof bufs / sizeof *bufs; k++) CU(cuMemFree(bufs[k]));
     CU(cuStreamDestroy(stream));
     CU(cuDevicePrimaryCtxRelease(dev));
