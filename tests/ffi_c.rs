@@ -435,7 +435,16 @@ fn cuda_cycle() {
         Err(why) => return skip_gpu_test(TEST, &why),
     };
     let exe = compile_cuda_cycle(&include, &libcuda);
-    let output = Command::new(&exe).output().expect("run cuda_cycle");
+    // libsvft opens the driver by name (cudarc's dlopen, which does not see the program's run
+    // path): the folder of the libcuda it was linked with goes first on the loader path.
+    let mut path = vec![libcuda.parent().unwrap().to_path_buf()];
+    path.extend(
+        std::env::var_os("LD_LIBRARY_PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default(),
+    );
+    let output = Command::new(&exe)
+        .env("LD_LIBRARY_PATH", std::env::join_paths(path).unwrap())
+        .output()
+        .expect("run cuda_cycle");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let text = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     match output.status.code() {
