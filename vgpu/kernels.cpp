@@ -162,11 +162,6 @@ CUresult new_module(CUmodule* m) {
 
 using namespace vgpu;
 
-#define RETURN_IF(e)                   \
-  do {                                 \
-    CUresult _e = (e);                 \
-    if (_e != CUDA_SUCCESS) return _e; \
-  } while (0)
 
 VGPU_EXPORT CUresult cuModuleLoadData(CUmodule* m, const void* image) {
   trace("cuModuleLoadData(%p)", image);

@@ -342,11 +342,6 @@ static bool lookup_alloc(uintptr_t p, Alloc* out) {
 
 using namespace vgpu;
 
-#define RETURN_IF(e)              \
-  do {                            \
-    CUresult _e = (e);            \
-    if (_e != CUDA_SUCCESS) return _e; \
-  } while (0)
 
 // ---- allocation --------------------------------------------------------------------------------
 
@@ -367,16 +362,9 @@ VGPU_EXPORT CUresult cuMemAllocAsync(CUdeviceptr* dptr, size_t bytes, CUstream s
   if (!initialized()) return CUDA_ERROR_NOT_INITIALIZED;
   if (!config().pools) return CUDA_ERROR_NOT_SUPPORTED;
   if (!stream_valid(stream)) return CUDA_ERROR_INVALID_HANDLE;
-  RETURN_IF(require_ctx());
-  RETURN_IF(sticky_error());
-  if (!dptr) return CUDA_ERROR_INVALID_VALUE;
-  void* p = nullptr;
   // Allocated now: the memory is usable by work enqueued on `stream` after this call, which is
   // all the stream-ordered contract promises.
-  RETURN_IF(mem_alloc(bytes, MemKind::Device, &p));
-  *dptr = (CUdeviceptr)p;
-  trace("  -> 0x%lx", (unsigned long)*dptr);
-  return CUDA_SUCCESS;
+  return cuMemAlloc(dptr, bytes);
 }
 
 VGPU_EXPORT CUresult cuMemAllocManaged(CUdeviceptr* dptr, size_t bytes, unsigned int flags) {

@@ -220,11 +220,6 @@ CUresult device_sync() {
 
 using namespace vgpu;
 
-#define RETURN_IF(e)                   \
-  do {                                 \
-    CUresult _e = (e);                 \
-    if (_e != CUDA_SUCCESS) return _e; \
-  } while (0)
 
 // ---- streams -----------------------------------------------------------------------------------
 

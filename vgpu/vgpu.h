@@ -128,3 +128,10 @@ bool is_pinned_host(const void* p, size_t bytes);
 std::string describe_nearest(uintptr_t p);
 
 }  // namespace vgpu
+
+// Returns the CUresult of `e` from the enclosing function unless it is CUDA_SUCCESS.
+#define RETURN_IF(e)                   \
+  do {                                 \
+    CUresult _e = (e);                 \
+    if (_e != CUDA_SUCCESS) return _e; \
+  } while (0)

@@ -240,18 +240,17 @@ pub(crate) fn sddmm<T: Dtype>(
     accumulate: bool,
 ) -> Result<()> {
     let (n_i, r_i, nnz_i) = (n as i32, r as i32, nnz as i32);
-    let chunks = match pattern {
+    let nchunks = match pattern {
         SddmmPattern::Band { d } => ceil_div(n, band_sddmm_chunk_rows(d as usize)),
         SddmmPattern::Coo { .. } => coo_sddmm_chunks(n),
     };
-    check_workspace(work.len(), deterministic, chunks, nnz)?;
+    check_workspace(work.len(), deterministic, nchunks, nnz)?;
     if !deterministic {
         stream.memset_zeros(work).map_err(|e| driver_err("zeroing dC", e))?;
     }
-    let nchunks = match pattern {
+    match pattern {
         SddmmPattern::Band { d } => {
             let chunk = band_sddmm_chunk_rows(d as usize);
-            let nchunks = chunks;
             let name = if deterministic { "band_sddmm_partial" } else { "band_sddmm_atomic" };
             let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
@@ -264,11 +263,9 @@ pub(crate) fn sddmm<T: Dtype>(
             b.arg(a).arg(t).arg(&mut *work).arg(&n_i).arg(&r_i).arg(&d).arg(&chunk_i);
             // SAFETY: argument list and sizes as documented for band_sddmm_*.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
-            nchunks
         }
         SddmmPattern::Coo { rows, cols, order } => {
             let chunk = coo_sddmm_chunk_rows(n);
-            let nchunks = chunks;
             let name = if deterministic { "coo_sddmm_partial" } else { "coo_sddmm_atomic" };
             let f = gpu.kernel(name, T::SUFFIX)?;
             let cfg = LaunchConfig {
@@ -290,9 +287,8 @@ pub(crate) fn sddmm<T: Dtype>(
                 .arg(&chunk_i);
             // SAFETY: argument list and sizes as documented for coo_sddmm_*.
             unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
-            nchunks
         }
-    };
+    }
     epilogue(gpu, stream, deterministic, nchunks, nnz, work, m, g, dm, gate, accumulate)
 }
 

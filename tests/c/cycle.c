@@ -15,18 +15,8 @@
 #include <string.h>
 
 #include "svft.h"
+#include "check.h"
 
-#define CHECK(call)                                                              \
-    do {                                                                         \
-        SvftStatus st_ = (call);                                                 \
-        if (st_ != SVFT_STATUS_OK) {                                             \
-            char msg_[512];                                                      \
-            svft_last_error(msg_, sizeof msg_, NULL);                            \
-            fprintf(stderr, "%s:%d: %s -> %d: %s\n", __FILE__, __LINE__, #call,  \
-                    (int)st_, msg_);                                             \
-            exit(1);                                                             \
-        }                                                                        \
-    } while (0)
 
 static FILE *in_file;
 
