@@ -4,13 +4,19 @@
 // before the .cu files. It makes CUDA C++ plain C++17:
 //   - __global__/__device__/__host__/__forceinline__/__launch_bounds__ become ordinary C++;
 //   - threadIdx, blockIdx, blockDim, gridDim are thread_local, set per CPU thread;
-//   - a grid runs block by block (blocks one at a time, in x-fastest order), each block with one
-//     CPU thread per GPU thread (pooled threads, reused across launches); so `__shared__` is
+//   - a grid runs block by block (blocks one at a time, in x-fastest order); so `__shared__` is
 //     simply `static` (one copy, shared by the threads of the block being run), and
 //     SVFT_DYNAMIC_SMEM points at a buffer of exactly the launch's shared_mem_bytes (ASan sees
 //     overruns), filled with NaN bytes before each block;
-//   - __syncthreads() is a pthread barrier across the block's threads (pthread_barrier_wait is
-//     understood by ThreadSanitizer, so a missing barrier shows up as a data race);
+//   - each GPU thread of a block is either
+//     * a CPU thread (pooled, reused across launches) and __syncthreads() a pthread barrier,
+//       which ThreadSanitizer understands, so a missing barrier shows up as a data race: under
+//       a sanitizer, off x86-64, or with SVFT_INTERP_THREADS defined; or
+//     * a fiber on the launching thread (the default): the block's threads take turns, each
+//       running until it reaches a barrier, so a barrier costs a few context switches instead
+//       of waking hundreds of OS threads (on a 2-core machine that was most of the run time),
+//       and a missing barrier reads data its neighbours have not written yet, deterministically;
+//       a barrier not every thread reaches is reported and aborts instead of hanging;
 //   - warp shuffles exchange through a per-warp slot array between two per-warp barriers: all
 //     lanes of the warp must take part (the kernels only use full-mask shuffles of full warps);
 //   - atomicAdd(float*) is a compare-and-swap loop on the bit pattern (GCC __atomic builtins).
@@ -54,7 +60,65 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 
+#if !defined(SVFT_INTERP_THREADS)
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__) || !defined(__x86_64__)
+#define SVFT_INTERP_THREADS 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer) || __has_feature(address_sanitizer)
+#define SVFT_INTERP_THREADS 1
+#endif
+#endif
+#endif
+
+#if !defined(SVFT_INTERP_THREADS)
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstdlib>
+
+// svft_fiber_switch(save, to): saves the callee-saved registers on the current stack, stores the
+// stack pointer in *save, loads `to` (a stack laid out by the same routine, or by Fibers::start
+// below) and returns into it. The System V x86-64 ABI leaves the vector registers and flags
+// caller-saved, so rbx, rbp and r12-r15 are all a switch between C++ functions has to keep.
+// glibc's swapcontext would also do, but saves the signal mask with a system call per switch.
+extern "C" void svft_fiber_switch(void** save, void* to);
+__asm__(
+    ".text\n"
+    ".weak svft_fiber_switch\n"
+    ".hidden svft_fiber_switch\n"
+    ".type svft_fiber_switch,@function\n"
+    "svft_fiber_switch:\n"
+    "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  popq %r15\n  popq %r14\n  popq %r13\n  popq %r12\n  popq %rbx\n  popq %rbp\n"
+    "  ret\n"
+    ".size svft_fiber_switch, .-svft_fiber_switch\n"
+    // A new fiber's first return lands here with its Fiber* in rbx and its entry in r12.
+    ".weak svft_fiber_trampoline\n"
+    ".hidden svft_fiber_trampoline\n"
+    ".type svft_fiber_trampoline,@function\n"
+    "svft_fiber_trampoline:\n"
+    "  movq %rbx, %rdi\n"
+    "  callq *%r12\n"
+    "  ud2\n"
+    ".size svft_fiber_trampoline, .-svft_fiber_trampoline\n");
+extern "C" void svft_fiber_trampoline();
+#endif
+
 namespace svft_interp {
+
+struct Block;
+struct Warp;
+
+// Which GPU thread this is: its block, warp and lane.
+struct ThreadState {
+  Block* block = nullptr;
+  Warp* warp = nullptr;
+  unsigned lane = 0;
+};
+
+#if defined(SVFT_INTERP_THREADS)
 
 class Barrier {
  public:
@@ -67,6 +131,85 @@ class Barrier {
  private:
   pthread_barrier_t b_;
 };
+
+#else
+
+// The fibers of the block being run, all on the launching thread. Stacks (128 KiB, a guard page
+// below each so an overflow faults instead of corrupting a neighbour) are kept for reuse.
+struct Fibers {
+  static constexpr size_t kStack = 128 * 1024;
+  struct Fiber {
+    void* sp = nullptr;
+    unsigned char* stack = nullptr;  // guard page + kStack
+    bool done = true;
+    unsigned index = 0;
+    // This GPU thread's identity while another fiber runs (see run_block).
+    ThreadState tl;
+    uint3 thread_idx, block_idx;
+    dim3 block_dim, grid_dim;
+  };
+  std::vector<Fiber> fibers;
+  void* scheduler_sp = nullptr;
+  Fiber* current = nullptr;
+  const std::function<void(unsigned)>* job = nullptr;
+  uint64_t progress = 0;  // barrier arrivals and finished fibers, to tell a deadlock
+
+  static void entry(Fiber* f);
+
+  void start(Fiber& f, unsigned index) {
+    if (!f.stack) {
+      const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+      void* p = mmap(nullptr, page + kStack, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED || mprotect(p, page, PROT_NONE) != 0) {
+        fprintf(stderr, "svft interpret: cannot map a fiber stack\n");
+        std::abort();
+      }
+      f.stack = static_cast<unsigned char*>(p) + page;
+    }
+    // Initial frame, as svft_fiber_switch pops it: r15 r14 r13 r12 rbx rbp, then the return
+    // address; the trampoline then runs with a 16-byte aligned stack, as a call expects.
+    uintptr_t top = (reinterpret_cast<uintptr_t>(f.stack) + kStack) & ~uintptr_t(15);
+    void** sp = reinterpret_cast<void**>(top - 56);
+    sp[0] = sp[1] = sp[2] = nullptr;                      // r15 r14 r13
+    sp[3] = reinterpret_cast<void*>(&Fibers::entry);      // r12: entry
+    sp[4] = &f;                                           // rbx: its argument
+    sp[5] = nullptr;                                      // rbp
+    sp[6] = reinterpret_cast<void*>(&svft_fiber_trampoline);
+    f.sp = sp;
+    f.done = false;
+    f.index = index;
+  }
+
+  void yield() { svft_fiber_switch(&current->sp, scheduler_sp); }
+};
+
+inline thread_local Fibers* t_fibers = nullptr;
+
+// A cooperative barrier: the last thread to arrive releases the others and runs on; the others
+// hand the CPU to their neighbours until it has.
+class Barrier {
+ public:
+  explicit Barrier(unsigned count) : count_(count) {}
+  Barrier(const Barrier&) = delete;
+  Barrier& operator=(const Barrier&) = delete;
+  void wait() {
+    Fibers* fs = t_fibers;
+    ++fs->progress;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++generation_;
+      return;
+    }
+    const uint64_t g = generation_;
+    while (generation_ == g) fs->yield();
+  }
+
+ private:
+  unsigned count_, arrived_ = 0;
+  uint64_t generation_ = 0;
+};
+
+#endif
 
 // One warp: its lanes' exchange slots and a barrier over its lanes.
 struct Warp {
@@ -85,11 +228,6 @@ struct Block {
   size_t dyn_smem_bytes = 0;
 };
 
-struct ThreadState {
-  Block* block = nullptr;
-  Warp* warp = nullptr;
-  unsigned lane = 0;
-};
 inline thread_local ThreadState tl;
 
 inline std::mutex& launch_mutex() {
@@ -168,6 +306,7 @@ inline T __ldg(const T* p) {
 
 namespace svft_interp {
 
+#if defined(SVFT_INTERP_THREADS)
 // A process-wide pool of worker threads, one per GPU thread of the largest block seen so far,
 // reused across launches (creating hundreds of threads per launch dominates run time on small
 // machines). run(n, f) calls f(0) .. f(n-1) on workers 0 .. n-1 and returns when all are done.
@@ -218,6 +357,62 @@ inline Pool& pool() {
   return *p;
 }
 
+// run_block(n, f): f(0) .. f(n-1), one per GPU thread, together.
+inline void run_block(unsigned n, const std::function<void(unsigned)>& job) { pool().run(n, job); }
+
+#else
+
+inline void Fibers::entry(Fiber* f) {
+  Fibers* fs = t_fibers;
+  (*fs->job)(f->index);
+  f->done = true;
+  ++fs->progress;
+  svft_fiber_switch(&f->sp, fs->scheduler_sp);
+  std::abort();  // a finished fiber is never resumed
+}
+
+// run_block(n, f): f(0) .. f(n-1) as fibers on this thread, round robin until all return.
+inline void run_block(unsigned n, const std::function<void(unsigned)>& job) {
+  static thread_local Fibers* fs = new Fibers;  // kept (with its stacks) for the next launch
+  if (fs->fibers.size() < n) fs->fibers.resize(n);
+  fs->job = &job;
+  for (unsigned t = 0; t < n; ++t) fs->start(fs->fibers[t], t);
+  Fibers* outer = t_fibers;
+  t_fibers = fs;
+  for (unsigned live = n; live > 0;) {
+    const uint64_t before = fs->progress;
+    live = 0;
+    for (unsigned t = 0; t < n; ++t) {
+      Fibers::Fiber& f = fs->fibers[t];
+      if (f.done) continue;
+      // The GPU-thread identity lives in thread_locals of this one OS thread: swap it per fiber.
+      tl = f.tl;
+      threadIdx = f.thread_idx;
+      blockIdx = f.block_idx;
+      blockDim = f.block_dim;
+      gridDim = f.grid_dim;
+      fs->current = &f;
+      svft_fiber_switch(&fs->scheduler_sp, f.sp);
+      f.tl = tl;
+      f.thread_idx = threadIdx;
+      f.block_idx = blockIdx;
+      f.block_dim = blockDim;
+      f.grid_dim = gridDim;
+      if (!f.done) ++live;
+    }
+    if (live > 0 && fs->progress == before) {
+      fprintf(stderr,
+              "svft interpret: deadlock: %u of %u threads wait at a barrier the others never reach "
+              "(__syncthreads or a warp shuffle in divergent code)\n",
+              live, n);
+      std::abort();
+    }
+  }
+  t_fibers = outer;
+}
+
+#endif
+
 // Launch configuration, laid out like cudarc's LaunchConfig (grid, block, shared_mem_bytes).
 struct LaunchCfg {
   uint32_t grid_x, grid_y, grid_z;
@@ -231,8 +426,8 @@ enum LaunchStatus : int {
   kBadBlock = 2,    // block has 0 or more than 1024 threads
 };
 
-// Run `kernel(args...)` over the grid: blocks one after another, each with one CPU thread per
-// GPU thread. Returns a LaunchStatus (std::terminate if the OS refuses to create threads).
+// Run `kernel(args...)` over the grid: blocks one after another, each with one CPU thread (or
+// fiber) per GPU thread. Returns a LaunchStatus (std::terminate if the OS refuses threads).
 template <typename... Params, typename... Args>
 int launch(const LaunchCfg& cfg, void (*kernel)(Params...), Args... args) {
   if (cfg.grid_x == 0 || cfg.grid_y == 0 || cfg.grid_z == 0) return kBadGrid;
@@ -267,7 +462,7 @@ int launch(const LaunchCfg& cfg, void (*kernel)(Params...), Args... args) {
         }
   };
 
-  pool().run((unsigned)nthreads, body);
+  run_block((unsigned)nthreads, body);
   return kOk;
 }
 
