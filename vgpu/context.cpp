@@ -66,9 +66,9 @@ struct Ctx {
   unsigned flags;
 };
 
-std::mutex g_ctx_mu;
-std::vector<Ctx*> g_contexts;  // never freed: handles stay distinguishable forever
-std::vector<Ctx*> g_primary;   // per device
+std::mutex& g_ctx_mu = *new std::mutex;
+std::vector<Ctx*>& g_contexts = *new std::vector<Ctx*>;  // never freed: handles stay unique
+std::vector<Ctx*>& g_primary = *new std::vector<Ctx*>;  // per device
 
 thread_local std::vector<CUcontext> t_stack;
 

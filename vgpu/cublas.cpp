@@ -37,7 +37,7 @@ struct cublasContext {
 
 namespace {
 
-std::mutex g_mu;
+std::mutex& g_mu = *new std::mutex;
 std::unordered_set<cublasContext*>& live_handles() {
   static auto* s = new std::unordered_set<cublasContext*>;  // never destroyed (exit-order safe)
   return *s;

@@ -54,7 +54,7 @@ struct gesvdjInfo {
 
 namespace {
 
-std::mutex g_mu;
+std::mutex& g_mu = *new std::mutex;
 std::unordered_set<cusolverDnContext*>& live_handles() {
   static auto* s = new std::unordered_set<cusolverDnContext*>;
   return *s;

@@ -98,7 +98,8 @@ struct Thunk {
   VGPU_KERNEL(base##_f32), VGPU_KERNEL(base##_bf16), VGPU_KERNEL(base##_f16)
 
 const std::vector<KernelEntry>& table() {
-  static const std::vector<KernelEntry> t = {
+  // Never destroyed: functions point into it, and stream workers may still launch at exit.
+  static const auto* t = new std::vector<KernelEntry>{
       VGPU_KERNEL_DTYPES(band_apply_fwd),
       VGPU_KERNEL_DTYPES(band_apply_bwd),
       VGPU_KERNEL_DTYPES(coo_apply),
@@ -115,7 +116,7 @@ const std::vector<KernelEntry>& table() {
       VGPU_KERNEL(gate_grad_reduce),
       VGPU_KERNEL(gate_from_gamma),
   };
-  return t;
+  return *t;
 }
 
 struct Module;
@@ -130,9 +131,9 @@ struct Module {
   std::map<std::string, Function*> funcs;
 };
 
-std::mutex g_mu;
-std::set<Module*> g_modules;
-std::set<Function*> g_funcs;  // functions of live modules
+std::mutex& g_mu = *new std::mutex;
+std::set<Module*>& g_modules = *new std::set<Module*>;
+std::set<Function*>& g_funcs = *new std::set<Function*>;  // functions of live modules
 
 // Locked lookup of a live function; nullptr when the handle is unknown or its module unloaded.
 Function* func_locked(CUfunction f) {

@@ -57,9 +57,9 @@ struct Freed {
   size_t map_len;
 };
 
-std::mutex g_mu;
-std::map<uintptr_t, Alloc> g_live;  // by base
-std::deque<Freed> g_quarantine;
+std::mutex& g_mu = *new std::mutex;
+std::map<uintptr_t, Alloc>& g_live = *new std::map<uintptr_t, Alloc>;  // by base
+std::deque<Freed>& g_quarantine = *new std::deque<Freed>;
 size_t g_quarantine_bytes = 0;
 size_t g_live_bytes = 0;
 std::atomic<long> g_alloc_count{0};

@@ -81,10 +81,12 @@ struct Stream : std::enable_shared_from_this<Stream> {
 };
 using StreamP = std::shared_ptr<Stream>;
 
-std::mutex g_mu;                    // registry and cross-stream ordering
-std::set<Stream*> g_handles;        // valid created-stream handles
-std::set<StreamP> g_all;            // every stream with a worker (destroyed ones until drained)
-std::vector<StreamP> g_legacy;      // per device
+// The registries below are heap objects never destroyed: detached workers may still be draining
+// a queue while the process runs static destructors at exit, and must not touch a dead set.
+std::mutex& g_mu = *new std::mutex;  // registry and cross-stream ordering
+std::set<Stream*>& g_handles = *new std::set<Stream*>;  // valid created-stream handles
+std::set<StreamP>& g_all = *new std::set<StreamP>;  // streams with a worker, until drained
+std::vector<StreamP>& g_legacy = *new std::vector<StreamP>;  // per device
 uint64_t g_stream_counter = 0;
 
 void worker(StreamP s) {
@@ -172,8 +174,8 @@ struct Event {
   unsigned flags = 0;
   MarkerP done;  // nullptr until recorded
 };
-std::mutex g_ev_mu;
-std::set<Event*> g_events;
+std::mutex& g_ev_mu = *new std::mutex;
+std::set<Event*>& g_events = *new std::set<Event*>;
 
 Event* event_locked(CUevent e) {
   Event* ev = reinterpret_cast<Event*>(e);
