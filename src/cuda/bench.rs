@@ -289,7 +289,7 @@ impl<T: Dtype> CudaShape<T> {
         Ok(Row {
             backend: "cuda",
             device: self.gpu.name().to_string(),
-            dtype: &T::SUFFIX[1..],
+            dtype: T::SUFFIX,
             d_out: dims.d_out,
             d_in: dims.d_in,
             tokens: n,
