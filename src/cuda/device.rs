@@ -161,15 +161,15 @@ impl Gpu {
     /// (`Dtype::SUFFIX`), i.e. the `extern "C"` kernel `{base}_{suffix}`.
     pub(crate) fn kernel(&self, base: &str, suffix: &str) -> Result<&CudaFunction> {
         let i = DTYPE_SUFFIXES.iter().position(|&d| d == suffix);
-        self.per_dtype
-            .get(base)
-            .zip(i)
-            .map(|(fs, i)| &fs[i])
-            .ok_or_else(|| Error::Cuda(format!("kernel {base}_{suffix} is not in the fatbin")))
+        self.per_dtype.get(base).zip(i).map(|(fs, i)| &fs[i]).ok_or_else(|| {
+            Error::Cuda(format!("kernel {base}_{suffix} was not loaded (missing from KERNELS_PER_DTYPE)"))
+        })
     }
 
     /// A loaded f32-only kernel by its `extern "C"` name.
     pub(crate) fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.single.get(name).ok_or_else(|| Error::Cuda(format!("kernel {name} is not in the fatbin")))
+        self.single
+            .get(name)
+            .ok_or_else(|| Error::Cuda(format!("kernel {name} was not loaded (missing from KERNELS_F32)")))
     }
 }

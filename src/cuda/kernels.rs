@@ -41,7 +41,7 @@ const SKINNY_MAX_SPLITS: usize = 256;
 pub trait Dtype:
     DeviceRepr + ValidAsZeroBits + Copy + Default + Send + Sync + Unpin + std::fmt::Debug + 'static
 {
-    /// Suffix of the kernel names (`_f32`, `_bf16`, `_f16`).
+    /// The dtype's name and kernel-name suffix (`f32`, `bf16`, `f16`: kernels are `{base}_{suffix}`).
     const SUFFIX: &'static str;
     /// Rounds an f32 to this type (round to nearest even).
     fn from_f32(x: f32) -> Self;
@@ -362,6 +362,13 @@ fn epilogue(
     let null = 0u64;
     match gate {
         Some((gate_partial, dgamma)) => {
+            if gate_partial.len() < blocks || dgamma.is_empty() {
+                return Err(Error::Cuda(format!(
+                    "gate partials hold {} floats and dgamma {}, the epilogue writes {blocks} and 1",
+                    gate_partial.len(),
+                    dgamma.len()
+                )));
+            }
             let mut b = stream.launch_builder(f);
             b.arg(&mut *work)
                 .arg(&reduced_chunks)

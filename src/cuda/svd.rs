@@ -54,6 +54,9 @@ pub fn thin_svd_cuda(
     let mut ua = up("allocating U", d_in * p)?;
     let mut va = up("allocating V", d_out * p)?;
     let mut info = stream.alloc_zeros::<i32>(1).map_err(|e| driver_err("allocating info", e))?;
+    // cudarc's DnHandle::new (unlike CudaBlas::new) does not make the stream's context current,
+    // and cusolverDnCreate works on whichever context the thread holds.
+    stream.context().bind_to_thread().map_err(|e| driver_err("binding the CUDA context", e))?;
     let handle = DnHandle::new(stream.clone()).map_err(|e| Error::Cuda(format!("cuSOLVER handle: {e:?}")))?;
     let jobz = sys::cusolverEigMode_t::CUSOLVER_EIG_MODE_VECTOR;
     let mut params: sys::gesvdjInfo_t = std::ptr::null_mut();
