@@ -851,8 +851,8 @@ pub unsafe extern "C" fn svft_layer_merge(
 
 /// Copies the frozen factors to host f32 buffers: `u` (`d_out x r`), `s` (`r`), `v`
 /// (`d_in x r`), row-major. Any of them may be NULL (its length is then ignored). On CUDA they
-/// are read back from the device as the layer holds them (rounded to its dtype), after the
-/// layer's queued work.
+/// are read back from the device as the layer holds them (U and V rounded to its dtype, s in
+/// f32), after the layer's queued work.
 ///
 /// # Safety
 /// Non-NULL pointers must be valid for their lengths.
