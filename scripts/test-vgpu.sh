@@ -25,7 +25,7 @@ echo "== GPU tests on the virtual GPU"
 with_vgpu cargo test --release --features interpret --test gpu --test ffi_cuda --test gpu_bench
 
 echo "== GPU tests again, streams delayed and interleaved at random (SVFT_VGPU_ADVERSARIAL)"
-with_vgpu env SVFT_VGPU_ADVERSARIAL=7 SVFT_GPU_TESTS=quick \
+with_vgpu env SVFT_VGPU_ADVERSARIAL=7 \
   cargo test --release --features interpret --test gpu --test ffi_cuda
 
 ran="$(grep -c '^ran:' "$GPU_LOG" || true)"

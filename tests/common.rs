@@ -107,25 +107,3 @@ pub fn vgpu_lib_dir(variant: &str) -> Option<String> {
     let dir = if variant == "lib" { lib } else { lib.parent()?.join(variant) };
     Some(dir.to_string_lossy().into_owned())
 }
-
-/// How much of the GPU case matrix runs (`$SVFT_GPU_TESTS`): `full` (the default on real
-/// hardware), `vgpu` (the default on the virtual GPU: every pattern x plan x dtype x gate x
-/// chunking path, the large token counts on one shape only), `quick` (`vgpu` with fewer shapes,
-/// for the adversarial-streams pass).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum GpuCases {
-    Full,
-    Virtual,
-    Quick,
-}
-
-pub fn gpu_cases() -> GpuCases {
-    match std::env::var("SVFT_GPU_TESTS").as_deref() {
-        Ok("full") => GpuCases::Full,
-        Ok("vgpu") => GpuCases::Virtual,
-        Ok("quick") => GpuCases::Quick,
-        Ok(other) => panic!("SVFT_GPU_TESTS={other}: expected full, vgpu or quick"),
-        Err(_) if on_virtual_gpu() => GpuCases::Virtual,
-        Err(_) => GpuCases::Full,
-    }
-}

@@ -75,12 +75,8 @@ fn check<T: Dtype>(
 
 fn every_case<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
     let stream = gpu.context().new_stream().unwrap();
-    let cases = gpu_cases();
-    let shapes = if cases == GpuCases::Quick { &SHAPES[..2] } else { &SHAPES[..] };
-    for (si, &(d_out, d_in, r)) in shapes.iter().enumerate() {
+    for &(d_out, d_in, r) in &SHAPES {
         let f = factors(d_out, d_in, r, 7);
-        // Off real hardware the large token counts run on the first shape only.
-        let large = cases == GpuCases::Full || si == 0;
         for spec in ["plain", "banded:2", "random:3:seed=5", "topk:2:official"] {
             let pattern: Pattern = spec.parse().unwrap();
             if pattern.omega(&f).is_err() {
@@ -88,12 +84,7 @@ fn every_case<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
             }
             for plan in [Plan::Factored, Plan::Merged, Plan::SmallN] {
                 // SmallN: token counts around its 16-token chunks, and beyond its intended range.
-                let ns: &[usize] = match (plan == Plan::SmallN, large) {
-                    (true, true) => &[1, 5, 16, 17, 40, 300],
-                    (true, false) => &[1, 17, 40],
-                    (false, true) => &[1, 30, 300, 2049],
-                    (false, false) => &[1, 30, 300],
-                };
+                let ns: &[usize] = if plan == Plan::SmallN { &[1, 5, 16, 17, 40, 300] } else { &[1, 30, 300, 2049] };
                 for gate in [false, true] {
                     let config = LayerConfig { pattern, init: Init::Official, gate, plan, seed: 2 };
                     let bias = gate.then(|| randn(d_out, 3));
