@@ -66,13 +66,6 @@ pub fn gpu_or_skip(test: &str) -> Option<std::sync::Arc<svft::cuda::Gpu>> {
     }
 }
 
-/// Whether the tests run on the virtual GPU (vgpu/), where the case matrix shrinks to keep CI
-/// fast (every pattern x plan x dtype x gate x chunking path still runs; only the repeats of a
-/// path at more shapes and token counts go), and timings are not speeds.
-pub fn on_virtual_gpu() -> bool {
-    svft::cuda::device_count().is_ok() && svft::cuda::Gpu::new(0).map(|g| g.is_virtual()).unwrap_or(false)
-}
-
 /// The name of the variable that marks a test's re-run in a child process.
 const CHILD: &str = "SVFT_TEST_CHILD";
 

@@ -274,6 +274,9 @@ impl DemoReport {
         } else {
             "memory = frozen weights (SVFT: U, s, V; LoRA: W0) + params, grads and Adam state + saved activations, f32\n"
         };
+        if crate::cuda::is_virtual_name(&self.device) {
+            s += "virtual device: timings meaningless (ms/step is CPU threads behind the CUDA API, never a speed)\n";
+        }
         s
     }
 
