@@ -19,9 +19,10 @@
 #        b.  swap  two swapped kernel arguments (n and r of the band apply launch: wrong Y);
 #        c1. ws    a workspace one row too small (the backward's A_c, (chunk - 1) x r; cudarc's
 #                  slice bounds catch it on the host, before any launch);
-#        c2. ws    a workspace one entry too small that no host check sizes (the gate's partial
-#                  sums, one f32 per epilogue block): the kernel writes into the red zone
-#                  (CUDA_ERROR_ILLEGAL_ADDRESS);
+#        c2. ws    a kernel told its buffers hold one entry more than they do, which no host
+#                  check can see (the SDDMM epilogue launched for nnz + 1 coefficients: it
+#                  reads dC and writes dM one past their ends, into the red zones:
+#                  CUDA_ERROR_ILLEGAL_ADDRESS);
 #        d.  join  the C ABI's layer stream no longer waits for the caller's stream (run with
 #                  SVFT_VGPU_ADVERSARIAL; wrong results, also without it, as the virtual GPU
 #                  runs each stream on its own worker);
@@ -33,7 +34,7 @@
 #   and the time of each step and of the whole run. Logs: target/mutants/logs/.
 # Exit 1 if the baseline fails or any plant is not caught.
 #
-# Run: scripts/mutants-vgpu.sh        (scripts/test.sh runs it last). Environment: SVFT_VGPU_LIB
+# Run: scripts/mutants-vgpu.sh        (scripts/test.sh, i.e. CI, runs it last). Environment: SVFT_VGPU_LIB
 #   (the vgpu lib folder; default: built by vgpu/build.sh), CUDA_HOME (default: .toolchain/cuda,
 #   installed by scripts/install-cuda-toolchain.sh if missing), SVFT_MUTANTS_TIMEOUT (seconds
 #   per test run, default 300; a run that hangs past it counts as caught and says so).
@@ -207,17 +208,17 @@ mutant b "swap: n and r swapped in the band apply launch" src/cuda/kernels.rs \
   "b.arg(x).arg(y).arg(s).arg(m).arg(g).arg(&r_i).arg(&n_i).arg(&d);" \
   "" -- "$CYCLE"
 
-# c1 is caught on the host (cudarc's slice bounds: the step slices c x r rows out of it); c2 is
-# the workspace no host check sizes (one f32 per epilogue block, written by sddmm_epilogue): only
-# the virtual GPU's red zone sees it.
+# c1 is caught on the host (cudarc's slice bounds: the step slices c x r rows out of it); c2
+# passes every host check (the buffers are right, the count the kernel is given is not): only the
+# virtual GPU's red zones see it.
 mutant c1 "ws: the backward's A_c workspace one row too small" src/cuda/layer/step.rs \
   "let a = grow(&stream, &mut ws.a, chunk * r)?;" \
   "let a = grow(&stream, &mut ws.a, (chunk - 1) * r)?;" \
   "" -- "$CYCLE"
 
-mutant c2 "ws: the gate's partial-sum workspace one block too small" src/cuda/layer/step.rs \
-  "let gate_partial = grow(&stream, &mut ws.gate_partial, epilogue_blocks(nnz))?;" \
-  "let gate_partial = grow(&stream, &mut ws.gate_partial, epilogue_blocks(nnz) - 1)?;" \
+mutant c2 "ws: the SDDMM epilogue launched for one coefficient more than dC and dM hold" src/cuda/kernels.rs \
+  "    let nnz_i = nnz as i32;" \
+  "    let nnz_i = nnz as i32 + 1;" \
   "$ILLEGAL" -- "$PARAMS"
 
 mutant d "join: the C ABI's layer stream no longer waits for the caller's stream" src/ffi/cuda.rs \

@@ -8,6 +8,8 @@
 #    report checks, and the kernels run on CPU threads in interpret mode).
 # 3. Runs the Python package's tests over the C ABI (scripts/test-python.sh).
 # 4. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
+# 5. Runs every GPU test against the virtual GPU, vgpu/ (scripts/test-vgpu.sh), and proves they
+#    catch planted host-side bugs (scripts/mutants-vgpu.sh).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -27,5 +29,8 @@ SVFT_CARGO_ARGS="--features interpret" scripts/test-python.sh
 echo "== kernels under ThreadSanitizer and AddressSanitizer"
 scripts/sanitize-kernels.sh
 
-# Not yet: scripts/test-vgpu.sh and scripts/mutants-vgpu.sh (issue 12, the virtual GPU) join CI
-# once every GPU test passes on the virtual GPU within CI's time.
+echo "== GPU tests on the virtual GPU (normal and adversarial streams; none may skip)"
+scripts/test-vgpu.sh
+
+echo "== mutation check: planted host-side bugs the virtual-GPU tests must catch"
+scripts/mutants-vgpu.sh

@@ -8,7 +8,8 @@
 # Idempotent: recompiles only when a source is newer than the library. Prints the lib dir last.
 #
 #   vgpu/build.sh           build
-#   vgpu/build.sh --test    build, then build and run vgpu/tests/driver_selftest (non-zero on failure)
+#   vgpu/build.sh --test    build, then build and run vgpu/tests/driver_selftest and blas_selftest
+#                           (non-zero on failure)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -93,6 +94,14 @@ if [ "${1:-}" = "--test" ]; then
   fi
   fatbin="$(ls -t "$target"/*/build/svft-*/out/svft_kernels.fatbin 2>/dev/null | head -1 || true)"
   SVFT_VGPU_SELFTEST_FATBIN="$fatbin" LD_LIBRARY_PATH="$out/lib" "$t" >&2
+  # The cuBLAS and cuSOLVER faces through their public entry points, against the library.
+  b="$out/blas_selftest"
+  bsrc="$here/tests/blas_selftest.cpp"
+  if [ ! -f "$b" ] || [ "$bsrc" -nt "$b" ] || [ "$lib" -nt "$b" ]; then
+    echo "vgpu: compiling blas_selftest" >&2
+    "$CXX" -std=c++17 -O2 -pthread -I "$here" -I "$inc" "$bsrc" -o "$b" -L "$out" -lsvft_vgpu -Wl,-rpath,"$out"
+  fi
+  LD_LIBRARY_PATH="$out/lib" "$b" >&2
 fi
 
 echo "$out/lib"

@@ -1,5 +1,6 @@
-// vgpu.h: the internals shared by the virtual GPU's three faces (driver.cpp: the CUDA driver
-// API, cublas.cpp, cusolver.cpp). Not a public header: callers see only the NVIDIA entry points
+// vgpu.h: the internals shared by the virtual GPU's three faces (the CUDA driver: context.cpp,
+// memory.cpp, streams.cpp, kernels.cpp; cuBLAS: cublas.cpp; cuSOLVER: cusolver.cpp). Not a
+// public header: callers see only the NVIDIA entry points
 // (declared by the toolkit's cuda.h for the driver; by our own cublas_decl.h / cusolver_decl.h,
 // written from NVIDIA's documentation, for the libraries, since their headers are not installed).
 //
