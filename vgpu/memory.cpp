@@ -33,9 +33,13 @@ constexpr size_t kPage = 4096;
 constexpr size_t kMinRedZone = 64 << 10;
 constexpr size_t kQuarantineMax = size_t(512) << 20;
 constexpr size_t kReportedTotal = size_t(80) << 30;
-// Red-zone byte pattern: every aligned f32 read of it is a NaN (0x7FD0BAFF), so a kernel that
-// reads past an allocation computes NaN; writes are found by comparing against the pattern.
-constexpr unsigned char kPattern[4] = {0xFF, 0xBA, 0xD0, 0x7F};
+// Red-zone byte pattern: every aligned f32 read of it is a NaN (0x7FA0BAFF), so a kernel that
+// reads past an allocation computes NaN; writes are found by comparing against the pattern. It
+// is a *signalling* NaN: arithmetic returns it quieted (0x7FE0BAFF), so a kernel that reads one
+// element past the end of a buffer and writes what it computed one past the end of another
+// leaves a value that differs from the pattern (a quiet-NaN pattern propagates unchanged through
+// x86 arithmetic, and such a write went unseen).
+constexpr unsigned char kPattern[4] = {0xFF, 0xBA, 0xA0, 0x7F};
 
 struct Alloc {
   uintptr_t base;
