@@ -391,8 +391,9 @@ SvftStatus svft_layer_load_parameters(struct SvftLayer *layer,
 // `gamma` must be NULL or writable.
 SvftStatus svft_layer_get_gamma(const struct SvftLayer *layer, float *gamma);
 
-// Sets gamma (finite). Forgets the saved forward. Gamma is a host value on every backend
-// (the CUDA kernels take g by value).
+// Sets gamma (finite) from the host. Forgets the saved forward. On CUDA the gate value g is
+// written to the layer's device state on its stream (the kernels read g from device memory);
+// `svft_layer_load_parameters` sets gamma from device memory instead.
 //
 // # Safety
 // Any pointer value is accepted for `layer`.
