@@ -1,5 +1,5 @@
 //! Build script: compiles the CUDA kernels (kernels/*.cu) into one fatbin when nvcc is available,
-//! and, with the `interpret` feature, the same kernels as C++ for the CPU (kernels/cpu).
+//! and, with the `interpret` feature, the same kernels as C++ for the CPU (kernels/interpret).
 //!
 //! CUDA (nvcc found):
 //!   - every kernels/*.cu is #included into OUT_DIR/svft_kernels.cu and compiled with
@@ -17,8 +17,8 @@
 //! cargo warning, no cfg); with SVFT_REQUIRE_KERNELS=1 a missing nvcc or a failed compile fails
 //! the build.
 //!
-//! Interpret (feature `interpret`): kernels/cpu/interpret.cpp (the .cu files compiled for the CPU
-//! plus the `svft_interp_*` extern "C" launch wrappers of kernels/cpu/svft_interp.h) is built
+//! Interpret (feature `interpret`): kernels/interpret/interpret.cpp (the .cu files compiled for the CPU
+//! plus the `svft_interp_*` extern "C" launch wrappers of kernels/interpret/svft_interp.h) is built
 //! with the cc crate (C++17, -O2, pthread) into a static library linked into the crate. It needs
 //! only the CUDA headers cuda_bf16.h / cuda_fp16.h, looked up in $SVFT_CUDA_INCLUDE,
 //! $CUDA_HOME/include, $CUDA_PATH/include, <nvcc dir>/../include, /usr/local/cuda/include,
@@ -295,11 +295,11 @@ fn build_interpret(root: &Path, nvcc: Option<&Path>) {
             root.join(".toolchain/cuda/include").display()
         );
     };
-    let cpu = root.join("kernels/cpu");
+    let interp = root.join("kernels/interpret");
     cc::Build::new()
         .cpp(true)
-        .file(cpu.join("interpret.cpp"))
-        .include(&cpu)
+        .file(interp.join("interpret.cpp"))
+        .include(&interp)
         .include(root.join("kernels"))
         .include(&cuda_include)
         .flag("-std=c++17")

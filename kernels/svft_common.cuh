@@ -6,7 +6,7 @@
 // - the banded pattern's index arithmetic in closed form (no row_off table is passed);
 // - deterministic warp / block sums (xor butterfly, fixed order);
 // - SVFT_DYNAMIC_SMEM: the dynamic shared memory array, spelled so that the same source also
-//   compiles on the CPU (kernels/cpu/cuda_interpret.h defines it before this header).
+//   compiles on the CPU (kernels/interpret/cuda_interpret.h defines it before this header).
 //
 // Banded(d) pattern, canonical (official) order: entries (i, j) with |i - j| <= d, listed row by
 // row, columns ascending. Row i holds columns [max(0, i-d), min(r-1, i+d)]. The kernels require

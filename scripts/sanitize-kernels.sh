@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the kernels in interpret mode (kernels/cpu) under the C++ drivers in tests/kernels, built
+# Run the kernels in interpret mode (kernels/interpret) under the C++ drivers in tests/kernels, built
 # three ways with g++, and prove the sanitizers would catch the two bugs that matter most:
 #   1. plain -O2                        full test matrix
 #   2. -fsanitize=thread                --quick matrix; zero ThreadSanitizer reports
@@ -46,8 +46,8 @@ COMMON=(-std=c++17 -pthread -Wall -Wextra -Wno-unknown-pragmas -isystem "$CUDA_I
 build() {
   local name="$1" kdir="$2"
   shift 2
-  "$CXX" "${COMMON[@]}" "$@" -I "$kdir" -I "$kdir/cpu" \
-    "$kdir/cpu/interpret.cpp" tests/kernels/test_kernels.cpp -o "$TMP/$name"
+  "$CXX" "${COMMON[@]}" "$@" -I "$kdir" -I "$kdir/interpret" \
+    "$kdir/interpret/interpret.cpp" tests/kernels/test_kernels.cpp -o "$TMP/$name"
 }
 
 # run NAME ARGS...: run a driver, log to $TMP/NAME.log, return its exit status.

@@ -1,4 +1,4 @@
-//! The CUDA kernels (kernels/*.cu) run in interpret mode (kernels/cpu: the same source compiled
+//! The CUDA kernels (kernels/*.cu) run in interpret mode (kernels/interpret: the same source compiled
 //! as C++ and run on CPU threads) through their `svft_interp_*` C wrappers, called with exactly
 //! the argument lists of the CUDA launches (docs/KERNELS.md), and checked against an f64
 //! reference computed here from the definitions of SVFT.md section 2.
@@ -35,7 +35,7 @@ use svft::rng::Rng;
 use svft::svd::{random_factors, Factors};
 
 // ---------------------------------------------------------------------------------------------
-// The C ABI of kernels/cpu/svft_interp.h.
+// The C ABI of kernels/interpret/svft_interp.h.
 
 /// `svft_launch_cfg`: grid (x, y, z), block (x, y, z), dynamic shared memory bytes.
 #[repr(C)]

@@ -16,7 +16,7 @@ use serde_json::Value;
 
 const ARCHS: [&str; 2] = ["sm_80", "sm_90a"];
 const KERNELS_MD: &str = include_str!("../docs/KERNELS.md");
-const INTERP_H: &str = include_str!("../kernels/cpu/svft_interp.h");
+const INTERP_H: &str = include_str!("../kernels/interpret/svft_interp.h");
 
 /// Expands `a_{x,y}_b` into `a_x_b`, `a_y_b` (one brace group at most per name, recursively).
 fn expand(name: &str) -> Vec<String> {
@@ -60,7 +60,7 @@ fn docs_name_every_interpret_wrapper() {
     let docs = documented_kernels();
     assert!(docs.len() >= 20, "docs/KERNELS.md headings name only {} kernels: {docs:?}", docs.len());
     let wrappers = interpret_wrappers();
-    assert_eq!(docs, wrappers, "docs/KERNELS.md headings vs kernels/cpu/svft_interp.h wrappers");
+    assert_eq!(docs, wrappers, "docs/KERNELS.md headings vs kernels/interpret/svft_interp.h wrappers");
 }
 
 /// Writes a line to stderr directly, past the test harness's output capture, so the skip notice

@@ -35,7 +35,7 @@ CXXFLAGS=(-std=c++17 -O2 -g -fPIC -pthread -fvisibility=hidden -fvisibility-inli
 mkdir -p "$out/obj"
 
 lib="$out/libsvft_vgpu.so"
-deps=("$here"/*.cpp "$here"/*.h "$repo"/kernels/*.cu "$repo"/kernels/*.cuh "$repo"/kernels/cpu/*.h "$here/build.sh")
+deps=("$here"/*.cpp "$here"/*.h "$repo"/kernels/*.cu "$repo"/kernels/*.cuh "$repo"/kernels/interpret/*.h "$here/build.sh")
 objs=()
 need_link=0
 [ -f "$lib" ] || need_link=1
@@ -46,7 +46,7 @@ for src in "$here"/*.cpp; do
   if [ ! -f "$obj" ]; then rebuild=1; else
     for d in "$src" "$here"/*.h "$here/build.sh"; do [ "$d" -nt "$obj" ] && rebuild=1 && break; done
     if [ "$rebuild" = 0 ] && [ "$(basename "$src")" = kernels.cpp ]; then
-      for d in "$repo"/kernels/*.cu "$repo"/kernels/*.cuh "$repo"/kernels/cpu/*.h; do
+      for d in "$repo"/kernels/*.cu "$repo"/kernels/*.cuh "$repo"/kernels/interpret/*.h; do
         [ "$d" -nt "$obj" ] && rebuild=1 && break
       done
     fi

@@ -1,5 +1,5 @@
 // test_kernels.cpp: checks every SVFT kernel, run in interpret mode through the extern "C"
-// wrappers of kernels/cpu/interpret.cpp (the same entry points Rust links), against a
+// wrappers of kernels/interpret/interpret.cpp (the same entry points Rust links), against a
 // double-precision reference.
 //
 // Odd sizes (r not a multiple of 32 or 8, n not a multiple of any block or row group), Plain,
@@ -10,8 +10,8 @@
 // bitwise identical run to run and across block sizes.
 //
 // Build (scripts/sanitize-kernels.sh does this three ways):
-//   g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels -I kernels/cpu
-//       kernels/cpu/interpret.cpp tests/kernels/test_kernels.cpp -o test_kernels
+//   g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels -I kernels/interpret
+//       kernels/interpret/interpret.cpp tests/kernels/test_kernels.cpp -o test_kernels
 // Usage: test_kernels [--quick]   (--quick: fewer configurations, for sanitizer builds)
 // Prints "N passed, M failed"; exit status 1 if anything failed.
 #include <cuda_bf16.h>

@@ -4,7 +4,7 @@
 // run to completion before the wrapper returns). Built by build.rs with the
 // `interpret` feature, and by scripts/sanitize-kernels.sh with the C++ drivers in tests/kernels.
 //
-// Build: g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels kernels/cpu/interpret.cpp
+// Build: g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels kernels/interpret/interpret.cpp
 #include "cuda_interpret.h"
 
 #include "../core_apply.cu"

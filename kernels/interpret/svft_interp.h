@@ -1,4 +1,4 @@
-// svft_interp.h: the C ABI of interpret mode (kernels/cpu/interpret.cpp), for Rust FFI and the
+// svft_interp.h: the C ABI of interpret mode (kernels/interpret/interpret.cpp), for Rust FFI and the
 // C++ test drivers. One wrapper per CUDA kernel: svft_interp_<kernel name>(cfg, <the kernel's
 // arguments, in the same order>). The kernel runs on CPU threads (see cuda_interpret.h) over the
 // grid/block in cfg, with cfg.shared_mem_bytes of dynamic shared memory, exactly as the CUDA

@@ -1,6 +1,6 @@
 // cuda_interpret.h: run the very same kernels/*.cu source on CPU threads ("interpret mode").
 //
-// Force-include this header (g++ -x c++ -include kernels/cpu/cuda_interpret.h) or include it
+// Force-include this header (g++ -x c++ -include kernels/interpret/cuda_interpret.h) or include it
 // before the .cu files. It makes CUDA C++ plain C++17:
 //   - __global__/__device__/__host__/__forceinline__/__launch_bounds__ become ordinary C++;
 //   - threadIdx, blockIdx, blockDim, gridDim are thread_local, set per CPU thread;
