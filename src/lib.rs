@@ -43,6 +43,7 @@ pub mod cuda;
 pub mod demo;
 pub mod error;
 pub mod ffi;
+pub mod geometry;
 pub mod memory;
 pub mod pattern;
 pub mod plan;

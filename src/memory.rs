@@ -74,16 +74,10 @@ fn sum(xs: &[usize]) -> usize {
     xs.iter().fold(0usize, |a, &b| a.saturating_add(b))
 }
 
-/// Floats of the SDDMM's gate partial sums: one per epilogue block of 256 coefficients, at most
-/// 1024 (mirrors `cuda::kernels::epilogue_blocks`).
-fn gate_partials(nnz: usize) -> usize {
-    nnz.div_ceil(256).clamp(1, 1024)
-}
-
 /// SVFT as the CUDA layer (`CudaLayer`) holds it, for one plan, fast SDDMM mode, no bias, at
-/// the default token chunk ([`crate::cuda::default_token_chunk`]); see [`svft_chunked`].
+/// the default token chunk ([`crate::geometry::default_token_chunk`]); see [`svft_chunked`].
 pub fn svft(s: &Shape, plan: ExecPlan) -> Bytes {
-    svft_chunked(s, plan, crate::cuda::default_token_chunk(s.r))
+    svft_chunked(s, plan, crate::geometry::default_token_chunk(s.r))
 }
 
 /// SVFT as the CUDA layer holds it with a token chunk of `chunk` tokens
@@ -107,12 +101,12 @@ pub fn svft_chunked(s: &Shape, plan: ExecPlan, chunk: usize) -> Bytes {
     let Shape { d_out: o, d_in: i, r, nnz: k, n, act } = *s;
     let indices = sum(&[mul(&[2, k]), mul(&[2, sum(&[r, 1, mul(&[2, k])])])]);
     let persistent = sum(&[mul(&[act, sum(&[o, i]), r]), mul(&[4, sum(&[r, k, 1, indices])])]);
-    let sddmm = mul(&[4, sum(&[k, gate_partials(k)])]);
+    let sddmm = mul(&[4, sum(&[k, crate::geometry::epilogue_blocks(k)])]);
     let mut f32_scratch = 0;
     let (workspace_elems, saved_elems) = if plan == ExecPlan::SmallN {
         // The skinny kernels take U and V as they are: the core always goes on the activations
         // (one n x r buffer), and the split-K products keep f32 partial sums.
-        f32_scratch = crate::cuda::smalln_workspace_len(o, i, r, n, act);
+        f32_scratch = crate::geometry::smalln_workspace_len(o, i, r, n, act);
         (mul(&[2, n, r]), mul(&[n, r]))
     } else if plan.is_factored() {
         let c = n.min(chunk.max(1));
@@ -250,7 +244,7 @@ mod tests {
         // Small-n: the same buffers here (the core is on the activations at n = 1 anyway) plus
         // the split-K partials, one split of 1 x 2 floats.
         let small = svft(&s, ExecPlan::SmallN);
-        assert_eq!(crate::cuda::smalln_workspace_len(3, 2, 2, 1, 2), 2);
+        assert_eq!(crate::geometry::smalln_workspace_len(3, 2, 2, 1, 2), 2);
         assert_eq!((small.workspace, small.saved), (factored.workspace + 8, factored.saved));
         let merged = svft(&s, ExecPlan::Merged);
         // U_C, Q (3x2 each) and P (3x2): 18 bf16 = 36 B, + 12 B SDDMM.
@@ -300,9 +294,9 @@ mod tests {
         assert_eq!(b6.workspace, 4 * (8 + 8 + 16) + 4 * (4 + 1));
         // A chunk at least n is no chunking; the default chunk at r = 4 is far above n.
         assert_eq!(svft_chunked(&s, ExecPlan::Factored, 9), svft(&s, ExecPlan::Factored));
-        assert_eq!(crate::cuda::default_token_chunk(4096), 2048);
-        assert_eq!(crate::cuda::default_token_chunk(1024), 8192);
-        assert_eq!(crate::cuda::default_token_chunk(8192), 2048);
+        assert_eq!(crate::geometry::default_token_chunk(4096), 2048);
+        assert_eq!(crate::geometry::default_token_chunk(1024), 8192);
+        assert_eq!(crate::geometry::default_token_chunk(8192), 2048);
         // Small-n and merged do not chunk.
         assert_eq!(svft_chunked(&s, ExecPlan::SmallN, 3), svft(&s, ExecPlan::SmallN));
         assert_eq!(svft_chunked(&s, ExecPlan::Merged, 3), svft(&s, ExecPlan::Merged));

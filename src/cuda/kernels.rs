@@ -8,34 +8,11 @@ use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DeviceRepr, LaunchConfig
 
 use super::{blas_err, driver_err, Gpu};
 use crate::error::{Error, Result};
-
-/// Threads per block of every kernel.
-pub(crate) const BLOCK: u32 = 128;
-/// Batch rows per thread in the core-apply kernels (`SVFT_APPLY_ROWS` in core_apply.cu).
-const APPLY_ROWS: usize = 4;
-/// Diagonals per thread in the band SDDMM (`SVFT_SDDMM_OFFSETS` in sddmm.cu).
-const SDDMM_OFFSETS: usize = 4;
-/// Diagonals per thread in the fused backward (`SVFT_FUSED_OFFSETS` in fused_bwd.cu).
-const FUSED_OFFSETS: usize = 4;
-/// Dynamic shared memory available without opt-in.
-const SMEM_LIMIT: usize = 48 * 1024;
-/// Largest grid y (and z) dimension.
-const GRID_Y_MAX: usize = 65_535;
-/// Tokens per chunk of the skinny kernels (`SVFT_SKINNY_TOKENS` in skinny_gemm.cu).
-const SKINNY_TOKENS: usize = 16;
-/// Rows of B per staging tile of `skinny_nn` (`SVFT_SKINNY_NN_KT`).
-const SKINNY_NN_KT: usize = 128;
-/// Columns of B per staging tile of `skinny_nt` (`SVFT_SKINNY_NT_KT`).
-const SKINNY_NT_KT: usize = 256;
-/// Rows of B per warp in `skinny_nt` (`SVFT_SKINNY_NT_ROWS`).
-const SKINNY_NT_ROWS: usize = 2;
-/// Blocks the split-K product aims for: at 128 threads, about 8 resident blocks per SM of a
-/// 132-SM card, so that enough loads of B are in flight to stream it at full bandwidth. Fixed
-/// (not read from the device) so the split count, hence the bits of the result and the
-/// workspace size, do not depend on the card.
-const SKINNY_TARGET_BLOCKS: usize = 1024;
-/// Most splits of one split-K product.
-const SKINNY_MAX_SPLITS: usize = 256;
+use crate::geometry::{
+    band_sddmm_chunk_rows, ceil_div, coo_sddmm_chunk_rows, coo_sddmm_chunks, epilogue_blocks, fused_bwd_fits,
+    fused_bwd_smem, skinny_splits, skinny_stride, APPLY_ROWS, BLOCK, GRID_Y_MAX, SDDMM_OFFSETS, SKINNY_NN_KT,
+    SKINNY_NT_KT, SKINNY_NT_ROWS, SKINNY_TOKENS,
+};
 
 /// Activation dtypes: f32, bf16, f16. s, M, gamma and all gradients of M stay f32.
 pub trait Dtype:
@@ -86,10 +63,6 @@ dtype!(f32, "f32", |x| x, |x| x);
 dtype!(half::bf16, "bf16", half::bf16::from_f32, half::bf16::to_f32);
 dtype!(half::f16, "f16", half::f16::from_f32, half::f16::to_f32);
 
-fn ceil_div(a: usize, b: usize) -> usize {
-    a.div_ceil(b)
-}
-
 /// The SDDMM writes `chunks * nnz` partials (deterministic) or `nnz` sums: a shorter workspace
 /// is a host bug, reported as an error before the kernel could write past it.
 fn check_workspace(len: usize, deterministic: bool, chunks: usize, nnz: usize) -> Result<()> {
@@ -102,36 +75,6 @@ fn check_workspace(len: usize, deterministic: bool, chunks: usize, nnz: usize) -
 
 fn grid(x: usize, y: usize) -> (u32, u32, u32) {
     (x.max(1) as u32, y.clamp(1, GRID_Y_MAX) as u32, 1)
-}
-
-/// Whether the band stencils fit shared memory for half-width `d` (else use the CSR kernels).
-pub(crate) fn band_fits(d: usize) -> bool {
-    4 * APPLY_ROWS * (BLOCK as usize + 2 * d) <= SMEM_LIMIT
-        && 4 * band_sddmm_chunk_rows(d) * (2 * BLOCK as usize + 2 * d + SDDMM_OFFSETS - 1) <= SMEM_LIMIT
-}
-
-/// Batch rows per chunk of the band SDDMM: as many as shared memory allows, at most 32.
-pub(crate) fn band_sddmm_chunk_rows(d: usize) -> usize {
-    let per_row = 4 * (2 * BLOCK as usize + 2 * d + SDDMM_OFFSETS - 1);
-    (SMEM_LIMIT / per_row).clamp(1, 32)
-}
-
-/// Dynamic shared memory of the fused band SDDMM + backward apply (A and X windows per chunk row).
-fn fused_bwd_smem(d: usize) -> usize {
-    4 * band_sddmm_chunk_rows(d) * (2 * BLOCK as usize + 4 * d + FUSED_OFFSETS - 1)
-}
-
-/// Whether the fused band backward fits shared memory for half-width `d` with the unfused band
-/// SDDMM's `chunk_rows` (kept equal so both modes give the unfused chunks, and the deterministic
-/// workspace keeps its size); else the host runs the unfused pair.
-pub(crate) fn fused_bwd_fits(d: usize) -> bool {
-    band_fits(d) && fused_bwd_smem(d) <= SMEM_LIMIT
-}
-
-/// Batch rows per chunk of the COO SDDMM: at most 64 chunks, so a deterministic workspace
-/// stays at most 64 |Omega| floats.
-pub(crate) fn coo_sddmm_chunk_rows(n: usize) -> usize {
-    ceil_div(n, 64).max(32)
 }
 
 /// The core C = diag(s) + g M in the layout a kernel needs.
@@ -196,30 +139,9 @@ pub(crate) enum SddmmPattern<'a> {
     Coo { rows: &'a CudaView<'a, i32>, cols: &'a CudaView<'a, i32>, order: &'a CudaView<'a, i32> },
 }
 
-/// Chunks the COO SDDMM splits `n` rows into: at most 64, and `ceil(n / 32)` below 2048 rows.
-/// Not monotone in `n` above 2048 (2049 rows make 63 chunks, 2048 make 64).
-fn coo_sddmm_chunks(n: usize) -> usize {
-    ceil_div(n, coo_sddmm_chunk_rows(n))
-}
-
-/// Workspace floats the SDDMM needs for any batch of at most `n` rows: `nnz` (fast mode: dC
-/// itself) or `nchunks * nnz`. The workspace is grown once for the largest token chunk and
-/// reused by smaller ones (the last chunk of a batch), so the COO count is bounded by its
-/// monotone envelope `min(ceil(n / 32), 64)`, not by the count at `n` alone.
-pub(crate) fn sddmm_workspace_len(band: Option<usize>, deterministic: bool, n: usize, nnz: usize) -> usize {
-    if !deterministic {
-        return nnz;
-    }
-    let chunks = match band {
-        Some(d) => ceil_div(n, band_sddmm_chunk_rows(d)),
-        None => ceil_div(n, 32).min(64),
-    };
-    chunks * nnz
-}
-
 /// `dC` over Omega from `a` and `t` (`n x r`), then the epilogue: `dm = g dC` and, with
 /// `gate`, `dgamma = g (1-g) sum M dC` (`accumulate`: `dm +=`, `dgamma +=`, for a batch taken
-/// in token chunks). `work` holds [`sddmm_workspace_len`] floats, `gate_partial` one float per
+/// in token chunks). `work` holds [`crate::geometry::sddmm_workspace_len`] floats, `gate_partial` one float per
 /// epilogue block ([`epilogue_blocks`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sddmm<T: Dtype>(
@@ -425,45 +347,6 @@ pub(crate) fn gate_from_gamma(
     Ok(())
 }
 
-/// Blocks of the epilogue for `nnz` coefficients (and floats of its gate partials).
-pub(crate) fn epilogue_blocks(nnz: usize) -> usize {
-    ceil_div(nnz, 256).clamp(1, 1024)
-}
-
-/// Row stride (floats) of the skinny kernels' staged tile for `n` tokens: `min(n, 16)` rounded up
-/// to 1, 2, 4, 8 or 16 tokens, plus 4 from 8 up (`skinny_stride` in skinny_gemm.cu).
-fn skinny_stride(n: usize) -> usize {
-    let nt = n.clamp(1, SKINNY_TOKENS).next_power_of_two();
-    if nt <= 4 {
-        nt
-    } else {
-        nt + 4
-    }
-}
-
-/// Split count of `skinny_nn` for `out[n x c] = in[n x k] B[k x c]` with `elem`-byte B: enough
-/// blocks to fill the card ([`SKINNY_TARGET_BLOCKS`]), but the f32 partials (written and read
-/// once, `8 n c` bytes per split) at most a quarter of B's `k c elem` bytes, and no more splits
-/// than staging tiles of k.
-pub(crate) fn skinny_splits(n: usize, k: usize, c: usize, elem: usize) -> usize {
-    let blocks = ceil_div(c, BLOCK as usize) * ceil_div(n, SKINNY_TOKENS);
-    let want = ceil_div(SKINNY_TARGET_BLOCKS, blocks.max(1));
-    let traffic_cap = (k * elem / (32 * n.max(1))).max(1);
-    let tile_cap = ceil_div(k, SKINNY_NN_KT).max(1);
-    want.min(traffic_cap).min(tile_cap).clamp(1, SKINNY_MAX_SPLITS)
-}
-
-/// f32 workspace of `skinny_nn` for these sizes: `splits x n x c` partial sums.
-pub(crate) fn skinny_workspace_len(n: usize, k: usize, c: usize, elem: usize) -> usize {
-    skinny_splits(n, k, c, elem).saturating_mul(n).saturating_mul(c)
-}
-
-/// f32 workspace of the small-n plan for `n` tokens: the larger of its two split-K products,
-/// `T = X V` (k = d_in) and `A = G U` (k = d_out), both with c = r.
-pub(crate) fn smalln_workspace_len(d_out: usize, d_in: usize, r: usize, n: usize, elem: usize) -> usize {
-    skinny_workspace_len(n, d_in, r, elem).max(skinny_workspace_len(n, d_out, r, elem))
-}
-
 /// Checks that a skinny product's operands hold their sizes and that its index space fits i32.
 fn skinny_check(what: &str, sizes: &[(&str, usize, usize)], dims: [usize; 3]) -> Result<()> {
     if dims.contains(&0) {
@@ -482,7 +365,7 @@ fn skinny_check(what: &str, sizes: &[(&str, usize, usize)], dims: [usize; 3]) ->
 }
 
 /// `out[n x c] = x[n x k] b[k x c]` (row-major) with `skinny_nn` (split-K, f32 partials in
-/// `work`, at least [`skinny_workspace_len`] floats) and `skinny_reduce` (fixed-order sum, one
+/// `work`, at least [`crate::geometry::skinny_workspace_len`] floats) and `skinny_reduce` (fixed-order sum, one
 /// rounding to `T`): reads `b` once per 16 tokens, bitwise reproducible.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn skinny_nn<T: Dtype>(
@@ -651,6 +534,7 @@ fn gemm_dims_ok(c_len: usize, a: Extent, b: Extent) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::geometry::{band_sddmm_chunk_rows, coo_sddmm_chunks, sddmm_workspace_len};
 
     /// The workspace is grown for the largest chunk and reused by every smaller one: it must
     /// hold the partials of any row count up to the one it was sized for.

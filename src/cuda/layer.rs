@@ -14,11 +14,12 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
-use super::kernels::{band_fits, gate_from_gamma, CoreArgs, Dtype, SddmmPattern};
+use super::kernels::{gate_from_gamma, CoreArgs, Dtype, SddmmPattern};
 use super::{blas_err, driver_err, Gpu};
 use crate::calibrate::{self, PlanTable};
 use crate::config::{gate_value, Init, LayerConfig};
 use crate::error::{check_finite, check_len, check_positive, Error, Result};
+use crate::geometry::{band_fits, default_token_chunk};
 use crate::pattern::Omega;
 use crate::plan::{Dims, ExecPlan, Plan};
 use crate::rng::Rng;
@@ -33,20 +34,6 @@ pub enum SddmmMode {
     /// Per-chunk partials summed in a fixed order: bitwise reproducible run to run
     /// (workspace: one |Omega| row per batch chunk).
     Deterministic,
-}
-
-/// Elements of one token chunk of the factored plan's scratch (`tokens x r`) at the default
-/// chunk size: 8 Mi, 16 MiB in bf16, so each chunk's GEMM still has hundreds of output tiles
-/// (several waves on a 132-SM GPU) while a long batch's scratch stops growing with `n`.
-const SCRATCH_CHUNK_ELEMS: usize = 1 << 23;
-/// Fewest tokens of a default chunk (for very wide layers).
-const SCRATCH_CHUNK_MIN_TOKENS: usize = 2048;
-
-/// Tokens per chunk of the factored plan's `n x r` scratch for rank `r` by default:
-/// `max(2^23 / r, 2048)` (2048 at r = 4096, 8192 at r = 1024). At most that many tokens of
-/// `S = T C^T`, `A = G U` and `A C` are held at once; see [`CudaLayer::set_token_chunk`].
-pub fn default_token_chunk(r: usize) -> usize {
-    (SCRATCH_CHUNK_ELEMS / r.max(1)).max(SCRATCH_CHUNK_MIN_TOKENS)
 }
 
 /// A CSR over the pattern on the device.

@@ -15,11 +15,11 @@ mod svd;
 
 pub use bench::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
 pub use device::{device_count, is_virtual_name, kernel_names, kernels_embedded, Gpu};
-pub(crate) use kernels::smalln_workspace_len;
 pub use kernels::Dtype;
 // The row-major cuBLAS product, for the demo's device LoRA student.
+pub use crate::geometry::default_token_chunk;
 pub(crate) use kernels::{gemm, Mat};
-pub use layer::{default_token_chunk, CudaLayer, SddmmMode};
+pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 
 use crate::error::Error;

@@ -9,11 +9,9 @@ use cudarc::driver::{CudaView, CudaViewMut};
 
 use super::{grow, CudaLayer, PatternViews, Saved, SddmmMode};
 use crate::cuda::driver_err;
-use crate::cuda::kernels::{
-    apply, epilogue_blocks, fused_bwd_fits, gemm, sddmm, sddmm_apply_bwd, sddmm_workspace_len, skinny_nn, skinny_nt,
-    smalln_workspace_len, Dtype, Mat,
-};
+use crate::cuda::kernels::{apply, gemm, sddmm, sddmm_apply_bwd, skinny_nn, skinny_nt, Dtype, Mat};
 use crate::error::{check_len, check_positive, Error, ForwardMismatch, Result};
+use crate::geometry::{epilogue_blocks, fused_bwd_fits, sddmm_workspace_len, smalln_workspace_len};
 use crate::plan::{Dims, ExecPlan};
 
 impl<T: Dtype> CudaLayer<T> {
