@@ -29,6 +29,7 @@
 #![cfg(feature = "interpret")]
 
 use half::{bf16, f16};
+use svft::geometry;
 use svft::pattern::{Omega, Pattern};
 use svft::reference::{rel_err, Reference};
 use svft::rng::Rng;
@@ -387,11 +388,12 @@ fn ok(rc: i32, what: &str) {
 // ---------------------------------------------------------------------------------------------
 // Host-side preparation: CSRs, launch shapes, shared memory sizes (docs/KERNELS.md).
 
-const APPLY_ROWS: u32 = 4; // SVFT_APPLY_ROWS
-const SDDMM_OFFSETS: u32 = 4; // SVFT_SDDMM_OFFSETS
+// The kernels' compile-time constants, from the one host copy (checked against the .cu defines).
+const APPLY_ROWS: u32 = geometry::APPLY_ROWS as u32;
+const SDDMM_OFFSETS: u32 = geometry::SDDMM_OFFSETS as u32;
 /// The device's dynamic shared memory limit without opt-in: configurations above it are not
 /// launched (the CUDA path could not launch them either).
-const SMEM_LIMIT: u32 = 48 * 1024;
+const SMEM_LIMIT: u32 = geometry::SMEM_LIMIT as u32;
 const BLOCKS: [u32; 4] = [32, 64, 128, 256];
 
 fn band_apply_smem(block: u32, d: usize) -> u32 {
@@ -1234,7 +1236,7 @@ impl Fused for f16 {
     }
 }
 
-const FUSED_OFFSETS: u32 = 4; // SVFT_FUSED_OFFSETS
+const FUSED_OFFSETS: u32 = geometry::FUSED_OFFSETS as u32;
 fn fused_smem(block: u32, d: usize, chunk_rows: usize) -> u32 {
     4 * chunk_rows as u32 * (2 * block + 4 * d as u32 + FUSED_OFFSETS - 1)
 }
@@ -1411,10 +1413,10 @@ fn fused_bwd_f16() {
 // Skinny products of the small-n plan (skinny_gemm.cu): the kernels alone, then the plan's whole
 // forward and backward sequence as src/cuda/layer.rs enqueues it, against the f64 layer.
 
-const SKINNY_TOKENS: usize = 16; // SVFT_SKINNY_TOKENS
-const SKINNY_NN_KT: u32 = 128; // SVFT_SKINNY_NN_KT
-const SKINNY_NT_KT: u32 = 256; // SVFT_SKINNY_NT_KT
-const SKINNY_NT_ROWS: u32 = 2; // SVFT_SKINNY_NT_ROWS
+const SKINNY_TOKENS: usize = geometry::SKINNY_TOKENS;
+const SKINNY_NN_KT: u32 = geometry::SKINNY_NN_KT as u32;
+const SKINNY_NT_KT: u32 = geometry::SKINNY_NT_KT as u32;
+const SKINNY_NT_ROWS: u32 = geometry::SKINNY_NT_ROWS as u32;
 const SMALL_NS: [usize; 5] = [1, 5, 16, 17, 40];
 
 /// Staged-tile row stride for `n` tokens (svft_skinny_stride in svft_interp.h).
