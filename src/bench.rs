@@ -265,19 +265,6 @@ impl Row {
     }
 }
 
-/// The CPU model and thread count, for reports.
-pub fn cpu_name() -> String {
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("{model}, {} threads", rayon::current_num_threads())
-}
-
 /// Medians of several timed closures, in milliseconds, measured in interleaved rounds
 /// (each round runs every closure once), so that a change in machine load hits all of them
 /// alike and their ratios stay meaningful. Two warm-up rounds, then at least 5 rounds and at
@@ -518,7 +505,7 @@ impl CpuShape {
         let shape = Shape { d_out, d_in, r, nnz, n, act: 4 };
         Ok(Row {
             backend: "cpu",
-            device: cpu_name(),
+            device: crate::cpu::device_name(),
             dtype: "f32",
             d_out,
             d_in,

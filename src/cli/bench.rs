@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use svft::bench::{cpu_name, run_cpu, run_cpu_grid, BenchCase, Grid, Row, LORA_RANK};
+use svft::bench::{run_cpu, run_cpu_grid, BenchCase, Grid, Row, LORA_RANK};
 use svft::checkpoint::{target_regex, Checkpoint};
 use svft::memory::mib;
 use svft::plot::{log_log_plot_png, XySeries};
@@ -234,7 +234,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return run_grid(&a, &device, name);
     }
     let device_name = match &device {
-        Device::Cpu => cpu_name(),
+        Device::Cpu => svft::cpu::device_name(),
         Device::Cuda(gpu) => gpu.name().to_string(),
     };
 

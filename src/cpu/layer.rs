@@ -200,7 +200,7 @@ impl CpuLayer {
         let d = self.dims();
         CalibrationKey {
             backend: "cpu".into(),
-            device: crate::bench::cpu_name(),
+            device: super::device_name(),
             dtype: "f32".into(),
             d_out: d.d_out,
             d_in: d.d_in,

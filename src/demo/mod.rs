@@ -806,7 +806,7 @@ pub fn run_on(
     }
     let (backend, placement, device_name) = match gpu {
         Some(gpu) => ("cuda", Some("layers on device, stack glue on host".to_string()), gpu.name().to_string()),
-        None => ("cpu", None, crate::bench::cpu_name()),
+        None => ("cpu", None, crate::cpu::device_name()),
     };
     Ok(DemoReport {
         backend: backend.into(),
