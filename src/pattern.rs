@@ -196,6 +196,16 @@ pub struct Omega {
 }
 
 impl Omega {
+    /// Omega grouped by row (entries of row i: columns and canonical indices).
+    pub fn csr_by_row(&self) -> Csr {
+        Csr::build(self.r, &self.rows, &self.cols)
+    }
+
+    /// Omega grouped by column (entries of column j: rows and canonical indices).
+    pub fn csr_by_col(&self) -> Csr {
+        Csr::build(self.r, &self.cols, &self.rows)
+    }
+
     /// Builds an index set from explicit indices (e.g. loaded from an adapter file).
     pub fn from_indices(pattern: Pattern, r: usize, rows: Vec<u32>, cols: Vec<u32>) -> Result<Self> {
         if rows.len() != cols.len() {
@@ -282,6 +292,49 @@ impl FromStr for Pattern {
             }
             "" => Err(bad("empty pattern spec")),
             _ => Err(bad("unknown pattern; expected plain, banded:D, random:D[:seed=S] or topk:D[:official]")),
+        }
+    }
+}
+
+/// A compressed-row structure over an r x r pattern: Omega grouped by row ([`Omega::csr_by_row`])
+/// or by column ([`Omega::csr_by_col`]), what the CPU passes and the CUDA CSR kernels walk.
+#[derive(Debug, Clone)]
+pub struct Csr {
+    /// `ptr[i]..ptr[i+1]` are the entries of row i.
+    pub ptr: Vec<u32>,
+    /// Column of each entry.
+    pub idx: Vec<u32>,
+    /// Canonical coefficient index of each entry.
+    pub perm: Vec<u32>,
+}
+
+impl Csr {
+    /// Groups entries by `major[k]`, keeping canonical order within a group (a stable
+    /// counting sort: O(r + nnz)).
+    pub fn build(r: usize, major: &[u32], minor: &[u32]) -> Csr {
+        let mut ptr = vec![0u32; r + 1];
+        for &i in major {
+            ptr[i as usize + 1] += 1;
+        }
+        for i in 0..r {
+            ptr[i + 1] += ptr[i];
+        }
+        let mut next = ptr.clone();
+        let mut idx = vec![0u32; major.len()];
+        let mut perm = vec![0u32; major.len()];
+        for (k, (&i, &j)) in major.iter().zip(minor).enumerate() {
+            let e = next[i as usize] as usize;
+            idx[e] = j;
+            perm[e] = k as u32;
+            next[i as usize] += 1;
+        }
+        Csr { ptr, idx, perm }
+    }
+
+    /// `vals[e] = g * m[perm[e]]`: the coefficients in this structure's order.
+    pub fn gather(&self, m: &[f32], g: f32, vals: &mut [f32]) {
+        for (v, &k) in vals.iter_mut().zip(&self.perm) {
+            *v = g * m[k as usize];
         }
     }
 }

@@ -12,54 +12,12 @@
 
 use rayon::prelude::*;
 
-use crate::pattern::Omega;
+use crate::pattern::{Csr, Omega};
 
 /// Row count under which a pass stays on the calling thread (spawning costs more).
 const PAR_MIN_ROWS: usize = 64;
 /// The SDDMM splits the batch into at most this many chunks (bounds its partial-sum workspace).
 pub const SDDMM_MAX_CHUNKS: usize = 16;
-
-/// A compressed-row structure over an r x r pattern.
-#[derive(Debug, Clone)]
-pub struct Csr {
-    /// `ptr[i]..ptr[i+1]` are the entries of row i.
-    pub ptr: Vec<u32>,
-    /// Column of each entry.
-    pub idx: Vec<u32>,
-    /// Canonical coefficient index of each entry.
-    pub perm: Vec<u32>,
-}
-
-impl Csr {
-    /// Groups entries by `major[k]`, keeping canonical order within a group (a stable
-    /// counting sort: O(r + nnz)).
-    pub(crate) fn build(r: usize, major: &[u32], minor: &[u32]) -> Csr {
-        let mut ptr = vec![0u32; r + 1];
-        for &i in major {
-            ptr[i as usize + 1] += 1;
-        }
-        for i in 0..r {
-            ptr[i + 1] += ptr[i];
-        }
-        let mut next = ptr.clone();
-        let mut idx = vec![0u32; major.len()];
-        let mut perm = vec![0u32; major.len()];
-        for (k, (&i, &j)) in major.iter().zip(minor).enumerate() {
-            let e = next[i as usize] as usize;
-            idx[e] = j;
-            perm[e] = k as u32;
-            next[i as usize] += 1;
-        }
-        Csr { ptr, idx, perm }
-    }
-
-    /// `vals[e] = g * m[perm[e]]`: the coefficients in this structure's order.
-    pub fn gather(&self, m: &[f32], g: f32, vals: &mut [f32]) {
-        for (v, &k) in vals.iter_mut().zip(&self.perm) {
-            *v = g * m[k as usize];
-        }
-    }
-}
 
 /// A band of half-width `d`: where each canonical coefficient sits in the diagonal table.
 #[derive(Debug, Clone)]
@@ -112,10 +70,7 @@ impl CoreIndex {
                 .collect();
             Structure::Band(Band { d, slot })
         } else {
-            Structure::Coo {
-                by_row: Csr::build(r, &omega.rows, &omega.cols),
-                by_col: Csr::build(r, &omega.cols, &omega.rows),
-            }
+            Structure::Coo { by_row: omega.csr_by_row(), by_col: omega.csr_by_col() }
         };
         CoreIndex { r, rows: omega.rows.clone(), cols: omega.cols.clone(), structure }
     }

@@ -119,9 +119,8 @@ pub struct CudaLayer<T: Dtype> {
     plan_table: Option<PlanTable>,
 }
 
-/// Uploads the CSR of the pattern grouped by `major` (the CPU backend's counting sort).
-fn csr(stream: &Arc<CudaStream>, r: usize, major: &[u32], minor: &[u32]) -> Result<DeviceCsr> {
-    let host = crate::cpu::sparse::Csr::build(r, major, minor);
+/// Uploads one of the pattern's CSRs ([`Omega::csr_by_row`], [`Omega::csr_by_col`]).
+fn upload_csr(stream: &Arc<CudaStream>, host: &crate::pattern::Csr) -> Result<DeviceCsr> {
     let up = |v: &[u32]| {
         let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
         stream.clone_htod(&v).map_err(|e| driver_err("uploading the pattern", e))
@@ -244,8 +243,8 @@ impl<T: Dtype> CudaLayer<T> {
             bias: bias.map(|b| up_t(&narrow(b))).transpose()?,
             rows: up_i(&omega.rows)?,
             cols: up_i(&omega.cols)?,
-            by_row: csr(&stream, f.r, &omega.rows, &omega.cols)?,
-            by_col: csr(&stream, f.r, &omega.cols, &omega.rows)?,
+            by_row: upload_csr(&stream, &omega.csr_by_row())?,
+            by_col: upload_csr(&stream, &omega.csr_by_col())?,
             gamma: Some(0.0),
             gate_state: up_f(&[gate_value(config.gate, 0.0), 0.0])?,
             band,
