@@ -443,6 +443,13 @@ SvftStatus svft_layer_indices(const struct SvftLayer *layer,
 // with a message, proving that no panic crosses the C boundary.
 SvftStatus svft_selftest_panic(void);
 
+// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
+// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
+//
+// # Safety
+// `out` must be NULL or writable.
+SvftStatus svft_status_name(int32_t status, const char **out);
+
 // Copies the calling thread's last error message into `buf` (at most `buf_len` bytes including
 // the terminating NUL; longer messages are truncated and still NUL-terminated) and writes its
 // full length (without the NUL) to `out_len` when that is not NULL. `buf` may be NULL when
@@ -452,13 +459,6 @@ SvftStatus svft_selftest_panic(void);
 // # Safety
 // `buf` must be NULL or point to `buf_len` writable bytes; `out_len` NULL or writable.
 SvftStatus svft_last_error(char *buf, size_t buf_len, size_t *out_len);
-
-// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
-// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
-//
-// # Safety
-// `out` must be NULL or writable.
-SvftStatus svft_status_name(int32_t status, const char **out);
 
 #ifdef __cplusplus
 }  // extern "C"

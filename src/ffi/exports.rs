@@ -929,3 +929,21 @@ pub unsafe extern "C" fn svft_layer_indices(
 pub extern "C" fn svft_selftest_panic() -> SvftStatus {
     guard("svft_selftest_panic", || panic!("deliberate panic from svft_selftest_panic"))
 }
+
+/// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
+/// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
+///
+/// # Safety
+/// `out` must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_status_name(status: i32, out: *mut *const c_char) -> SvftStatus {
+    guard("svft_status_name", || {
+        let out = out_ptr("out", out)?;
+        let Some(s) = SvftStatus::ALL.iter().find(|s| **s as i32 == status) else {
+            return fail(SvftStatus::InvalidArgument, format!("unknown status code {status}"));
+        };
+        // SAFETY: out_ptr checked null and alignment.
+        unsafe { out.write(s.name().as_ptr()) };
+        Ok(())
+    })
+}

@@ -33,7 +33,7 @@ mod registry;
 mod status;
 
 pub use exports::*;
-pub use status::{svft_last_error, svft_status_name, SvftStatus};
+pub use status::{svft_last_error, SvftStatus};
 
 /// Bumped whenever a signature or an enumeration value of this header changes incompatibly.
 pub const SVFT_ABI_VERSION: u32 = 1;

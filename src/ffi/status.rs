@@ -65,7 +65,7 @@ impl SvftStatus {
         }
     }
 
-    const ALL: [SvftStatus; 15] = [
+    pub(super) const ALL: [SvftStatus; 15] = [
         SvftStatus::Ok,
         SvftStatus::NullPointer,
         SvftStatus::InvalidArgument,
@@ -189,22 +189,4 @@ pub unsafe extern "C" fn svft_last_error(buf: *mut c_char, buf_len: usize, out_l
     };
     // Not through `guard`: this call must leave the message alone.
     catch_unwind(AssertUnwindSafe(run)).map_or(SvftStatus::Panic, |r| r.map_or_else(|e| e.status, |()| SvftStatus::Ok))
-}
-
-/// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
-/// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
-///
-/// # Safety
-/// `out` must be NULL or writable.
-#[no_mangle]
-pub unsafe extern "C" fn svft_status_name(status: i32, out: *mut *const c_char) -> SvftStatus {
-    guard("svft_status_name", || {
-        let out = super::buffers::out_ptr("out", out)?;
-        let Some(s) = SvftStatus::ALL.iter().find(|s| **s as i32 == status) else {
-            return fail(SvftStatus::InvalidArgument, format!("unknown status code {status}"));
-        };
-        // SAFETY: out_ptr checked null and alignment.
-        unsafe { out.write(s.name().as_ptr()) };
-        Ok(())
-    })
 }
