@@ -320,6 +320,38 @@ fn device_parameters_match_host_parameters() {
     }
 }
 
+/// `merge_into` writes `U C V^T` (band and CSR patterns, gate on, every dtype) as the f64
+/// reference forms it from the factors the device holds; a short buffer is an error.
+fn merge_matches<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
+    let stream = gpu.context().new_stream().unwrap();
+    let f = factors(37, 23, 19, 4);
+    for spec in ["banded:2", "random:3:seed=5"] {
+        let config = LayerConfig { gate: true, ..LayerConfig::official(spec.parse().unwrap()) };
+        let mut layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), &f, &config, None).unwrap();
+        let m: Vec<f32> = randn(layer.omega().len(), 9).iter().map(|x| 0.3 * x).collect();
+        layer.set_coefficients(&m).unwrap();
+        layer.set_gamma(0.7).unwrap();
+        let mut w = poisoned_dev(&layer, f.d_out * f.d_in);
+        layer.merge_into(&mut w.slice_mut(..)).unwrap();
+        let mut fr = f.clone();
+        let rnd = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| T::from_f32(v).to_f32()).collect() };
+        fr.u = rnd(fr.u);
+        fr.v = rnd(fr.v);
+        let want = Reference::new(&fr, layer.omega(), &m, 0.7, true, None).weight();
+        let e = rel_err(&download(&layer, &w), &want);
+        assert!(e < tol, "{dtype} {spec}: merged W relative error {e} (tol {tol})");
+        assert!(layer.merge_into(&mut w.slice_mut(..f.d_out * f.d_in - 1)).is_err(), "{dtype} {spec}: short W");
+    }
+}
+
+#[test]
+fn merge_into_matches_the_reference() {
+    let Some(gpu) = gpu_or_skip("merge_into_matches_the_reference") else { return };
+    merge_matches::<f32>(&gpu, F32_TOL, "f32");
+    merge_matches::<half::bf16>(&gpu, 1e-2, "bf16");
+    merge_matches::<half::f16>(&gpu, 1e-2, "f16");
+}
+
 #[test]
 fn small_n_is_bitwise_reproducible_and_allocates_once() {
     let Some(gpu) = gpu_or_skip("small_n_is_bitwise_reproducible_and_allocates_once") else { return };

@@ -522,13 +522,27 @@ fn merge_gemm<E: Dtype>(
     unsafe { E::gemm(blas, cfg, v, uc, w) }.map_err(|e| blas_err("merging W = U_C V^T", e).into())
 }
 
-/// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32).
-/// `U_C = U C` is formed on the host from the device factors and coefficients (synchronises
-/// the layer's stream), the product by cuBLAS on the layer's stream.
-fn merge_typed<T: Dtype>(l: &CudaLayer<T>, own: SvftDtype, out: SvftDtype, w: *mut c_void, w_len: usize) -> FfiResult {
+/// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32), on
+/// the layer's stream. In the layer's dtype: [`CudaLayer::merge_into`] (the merged plan's own
+/// fold and GEMM). In f32 from a 16-bit layer, so that W is not rounded to 16 bits: `U C` is
+/// formed on the host in f32 from the device factors and coefficients (synchronises the
+/// layer's stream), then `W = U_C V^T` by an f32 cuBLAS GEMM.
+fn merge_typed<T: Dtype>(
+    l: &mut CudaLayer<T>,
+    own: SvftDtype,
+    out: SvftDtype,
+    w: *mut c_void,
+    w_len: usize,
+) -> FfiResult {
+    let stream = l.stream().clone();
+    if out == own {
+        // SAFETY: a checked device buffer of w_len = d_out x d_in elements of T.
+        let mut wb = unsafe { Borrowed::<T>::new(&stream, w, w_len) };
+        return Ok(l.merge_into(&mut wb.view_mut())?);
+    }
+    debug_assert_eq!(out, SvftDtype::F32);
     let d = l.dims();
     let (o, r) = (d.d_out, d.r);
-    let stream = l.stream().clone();
     let (u_dev, s_dev, v_dev) = l.device_factors();
     let u = stream.clone_dtoh(u_dev).map_err(|e| drv("reading U", e))?;
     let s = stream.clone_dtoh(s_dev).map_err(|e| drv("reading s", e))?;
@@ -546,22 +560,12 @@ fn merge_typed<T: Dtype>(l: &CudaLayer<T>, own: SvftDtype, out: SvftDtype, w: *m
         }
     }
     let blas = CudaBlas::new(stream.clone()).map_err(|e| FfiError::from(blas_err("creating a cuBLAS handle", e)))?;
-    if out == own {
-        let uc: Vec<T> = uc.iter().map(|&x| T::from_f32(x)).collect();
-        let uc = stream.clone_htod(&uc).map_err(|e| drv("uploading U C", e))?;
-        // SAFETY: a checked device buffer of w_len = d_out x d_in elements of T.
-        let mut wb = unsafe { Borrowed::<T>::new(&stream, w, w_len) };
-        merge_gemm(&blas, &v_dev.as_view(), &uc.as_view(), &mut wb.view_mut(), d)
-    } else {
-        debug_assert_eq!(out, SvftDtype::F32);
-        let v: Vec<f32> =
-            stream.clone_dtoh(v_dev).map_err(|e| drv("reading V", e))?.iter().map(|x| x.to_f32()).collect();
-        let v = stream.clone_htod(&v).map_err(|e| drv("uploading V", e))?;
-        let uc = stream.clone_htod(&uc).map_err(|e| drv("uploading U C", e))?;
-        // SAFETY: a checked device buffer of w_len = d_out x d_in f32.
-        let mut wb = unsafe { Borrowed::<f32>::new(&stream, w, w_len) };
-        merge_gemm(&blas, &v.as_view(), &uc.as_view(), &mut wb.view_mut(), d)
-    }
+    let v: Vec<f32> = stream.clone_dtoh(v_dev).map_err(|e| drv("reading V", e))?.iter().map(|x| x.to_f32()).collect();
+    let v = stream.clone_htod(&v).map_err(|e| drv("uploading V", e))?;
+    let uc = stream.clone_htod(&uc).map_err(|e| drv("uploading U C", e))?;
+    // SAFETY: a checked device buffer of w_len = d_out x d_in f32.
+    let mut wb = unsafe { Borrowed::<f32>::new(&stream, w, w_len) };
+    merge_gemm(&blas, &v.as_view(), &uc.as_view(), &mut wb.view_mut(), d)
 }
 
 impl CudaRecord {

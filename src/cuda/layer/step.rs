@@ -95,16 +95,9 @@ impl<T: Dtype> CudaLayer<T> {
                 }
             }
             ExecPlan::Merged => {
-                let uc = grow(&stream, &mut ws.fold, d_out * r)?;
-                apply(gpu, &stream, false, pv.bwd(), &u, &mut uc.slice_mut(..d_out * r), &s, &m, g, d_out, r)?;
                 let w = grow(&stream, &mut ws.w, d_out * d_in)?;
-                gemm(
-                    blas,
-                    &mut w.slice_mut(..d_out * d_in),
-                    Mat { data: &uc.slice(..d_out * r), rows: d_out, cols: r, trans: false },
-                    Mat { data: &v, rows: d_in, cols: r, trans: true },
-                    false,
-                )?;
+                let core = Core { u: &u, s: &s, m: &m, g, v: &v, pv: &pv };
+                merged_weight(self.dims, gpu, blas, &stream, &core, &mut ws.fold, &mut w.slice_mut(..d_out * d_in))?;
                 gemm(
                     blas,
                     y,
@@ -363,4 +356,54 @@ impl<T: Dtype> CudaLayer<T> {
         }
         Ok(())
     }
+}
+
+impl<T: Dtype> CudaLayer<T> {
+    /// `W = U C V^T` (`d_out x d_in`, row-major, in the layer's dtype) into `w` on the layer's
+    /// stream: the merged plan's own product (C folded into U by the core kernel, then one
+    /// GEMM), so a merged weight is what `forward` computes with; the device twin of
+    /// [`crate::cpu::CpuLayer::merge`]. Only enqueues work.
+    pub fn merge_into(&mut self, w: &mut CudaViewMut<'_, T>) -> Result<()> {
+        let Dims { d_out, d_in, .. } = self.dims;
+        check_len("W (d_out x d_in)", &vec![(); w.len()], d_out * d_in)?;
+        let (u, s, m, v) = (self.u.slice(..), self.s.slice(..), self.m.slice(..), self.v.slice(..));
+        let g = self.gate_state.slice(..1);
+        let pv = PatternViews::new(self.band, &self.rows, &self.cols, &self.by_row, &self.by_col);
+        let core = Core { u: &u, s: &s, m: &m, g: &g, v: &v, pv: &pv };
+        merged_weight(self.dims, &self.gpu, &self.blas, &self.stream, &core, &mut self.ws.fold, w)
+    }
+}
+
+/// The frozen factors and the core's device values, as one forward or merge reads them.
+struct Core<'a, T: Dtype> {
+    u: &'a CudaView<'a, T>,
+    s: &'a CudaView<'a, f32>,
+    m: &'a CudaView<'a, f32>,
+    g: &'a CudaView<'a, f32>,
+    v: &'a CudaView<'a, T>,
+    pv: &'a PatternViews<'a>,
+}
+
+/// `w = (U C) V^T`: C folded into U (`fold`, grown to `d_out x r`) by the core kernel, then one
+/// GEMM. The merged plan's forward and [`CudaLayer::merge_into`] both form W here.
+fn merged_weight<T: Dtype>(
+    dims: Dims,
+    gpu: &crate::cuda::Gpu,
+    blas: &cudarc::cublas::CudaBlas,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    core: &Core<'_, T>,
+    fold: &mut Option<cudarc::driver::CudaSlice<T>>,
+    w: &mut CudaViewMut<'_, T>,
+) -> Result<()> {
+    let Dims { d_out, d_in, r, .. } = dims;
+    let uc = grow(stream, fold, d_out * r)?;
+    let mut uc = uc.slice_mut(..d_out * r);
+    apply(gpu, stream, false, core.pv.bwd(), core.u, &mut uc, core.s, core.m, core.g, d_out, r)?;
+    gemm(
+        blas,
+        w,
+        Mat { data: &uc.as_view(), rows: d_out, cols: r, trans: false },
+        Mat { data: core.v, rows: d_in, cols: r, trans: true },
+        false,
+    )
 }
