@@ -7,7 +7,7 @@
 use crate::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
 use crate::config::{gate_value, Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
-use crate::cpu::sparse::{coefficient_grads, sddmm, CoreIndex};
+use crate::cpu::sparse::{coefficient_grads, sddmm, sddmm_chunks, CoreIndex};
 use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
 use crate::pattern::Omega;
 use crate::plan::{Dims, ExecPlan, Plan};
@@ -410,5 +410,31 @@ impl CpuLayer {
     /// Bytes kept between steps: factors, coefficients, gate, bias (no optimizer state).
     pub fn persistent_bytes(&self) -> usize {
         self.factors.bytes() + 4 * (self.m.len() + 1 + self.bias.as_ref().map_or(0, Vec::len))
+    }
+
+    /// The CPU layer's buffers for `n` tokens, in bytes: (all of them, the saved activations).
+    /// Mirrors [`Workspace`]; saturates instead of overflowing.
+    pub fn workspace_model(&self, n: usize) -> (usize, usize) {
+        let d = self.dims();
+        let (o, i, r, tl) = (d.d_out, d.d_in, d.r, self.index.table_len());
+        let m = |a: usize, b: usize| a.saturating_mul(b);
+        let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
+        let (floats, saved) = match self.plan_for(n) {
+            ExecPlan::Factored | ExecPlan::SmallN => {
+                let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
+                if n > o {
+                    f = f.saturating_add(m(o, r)); // U_C
+                }
+                if n > i {
+                    f = f.saturating_add(m(i, r)); // V_C
+                }
+                (f, m(n, r))
+            }
+            ExecPlan::Merged => {
+                let f = core + m(2, m(o, r)) + m(2, m(o, i)) + m(n, i) + m(sddmm_chunks(o).0, tl); // U_C, Q, W, P, X
+                (f, m(n, i))
+            }
+        };
+        (m(4, floats), m(4, saved))
     }
 }

@@ -11,7 +11,6 @@ use super::registry::{self, Backend, Layer};
 use super::status::{fail, guard, set_last_error, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype, SvftPlan, SVFT_ABI_VERSION};
 use crate::config::{Init, LayerConfig};
-use crate::cpu::sparse::{sddmm_chunks, CoreIndex};
 use crate::cpu::CpuLayer;
 use crate::error::check_finite;
 use crate::pattern::Pattern;
@@ -69,8 +68,7 @@ fn parse_pattern(spec: *const c_char) -> FfiResult<Pattern> {
 }
 
 fn register_cpu(cpu: CpuLayer, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
-    let table_len = CoreIndex::new(cpu.omega()).table_len();
-    register(Backend::Cpu { layer: cpu, table_len }, svd_residual, out)
+    register(Backend::Cpu(cpu), svd_residual, out)
 }
 
 fn register(backend: Backend, svd_residual: f64, out: *mut *mut SvftLayer) -> FfiResult {
@@ -400,8 +398,8 @@ pub unsafe extern "C" fn svft_layer_memory(
         }
         registry::with(layer, |l| {
             let (ws, saved, persistent) = match &l.backend {
-                Backend::Cpu { layer, table_len } => {
-                    let (ws, saved) = workspace_model(layer, *table_len, n);
+                Backend::Cpu(layer) => {
+                    let (ws, saved) = layer.workspace_model(n);
                     (ws, saved, layer.persistent_bytes())
                 }
                 Backend::Cuda(c) => {
@@ -416,32 +414,6 @@ pub unsafe extern "C" fn svft_layer_memory(
             Ok(())
         })
     })
-}
-
-/// The CPU layer's buffers for `n` tokens, in bytes: (all of them, the saved activations).
-/// Mirrors `cpu::layer::Workspace`; saturates instead of overflowing.
-fn workspace_model(l: &CpuLayer, table_len: usize, n: usize) -> (usize, usize) {
-    let d = l.dims();
-    let (o, i, r, tl) = (d.d_out, d.d_in, d.r, table_len);
-    let m = |a: usize, b: usize| a.saturating_mul(b);
-    let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
-    let (floats, saved) = match l.plan_for(n) {
-        ExecPlan::Factored | ExecPlan::SmallN => {
-            let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
-            if n > o {
-                f = f.saturating_add(m(o, r)); // U_C
-            }
-            if n > i {
-                f = f.saturating_add(m(i, r)); // V_C
-            }
-            (f, m(n, r))
-        }
-        ExecPlan::Merged => {
-            let f = core + m(2, m(o, r)) + m(2, m(o, i)) + m(n, i) + m(sddmm_chunks(o).0, tl); // U_C, Q, W, P, X
-            (f, m(n, i))
-        }
-    };
-    (m(4, floats), m(4, saved))
 }
 
 /// Writes `||U diag(s) V^T - W0||_F / ||W0||_F` of the SVD that built the layer (NaN for a
@@ -517,7 +489,7 @@ pub unsafe extern "C" fn svft_layer_calibrate(
             cache: if use_cache != 0 { crate::calibrate::cache_path() } else { None },
         };
         registry::with(layer, |l| match &mut l.backend {
-            Backend::Cpu { layer, .. } => layer.calibrate(&options).map(|_| ()).map_err(Into::into),
+            Backend::Cpu(layer) => layer.calibrate(&options).map(|_| ()).map_err(Into::into),
             Backend::Cuda(c) => c.calibrate(&options),
         })
     })
@@ -536,7 +508,7 @@ pub unsafe extern "C" fn svft_layer_plan_for(layer: *const SvftLayer, n: usize, 
         }
         registry::with(layer, |l| {
             let p = match &l.backend {
-                Backend::Cpu { layer, .. } => layer.plan_for(n),
+                Backend::Cpu(layer) => layer.plan_for(n),
                 Backend::Cuda(c) => c.plan_for(n),
             };
             let v = match p {
@@ -574,8 +546,8 @@ pub unsafe extern "C" fn svft_layer_forward(
 ) -> SvftStatus {
     guard("svft_layer_forward", || {
         registry::with(layer, |l| {
-            let (cpu, table_len) = match &mut l.backend {
-                Backend::Cpu { layer, table_len } => (layer, *table_len),
+            let cpu = match &mut l.backend {
+                Backend::Cpu(layer) => layer,
                 // SAFETY: the caller vouches for the device buffers and the stream.
                 Backend::Cuda(c) => return unsafe { c.forward(dtype, x, x_len, n, y, y_len, stream) },
             };
@@ -588,7 +560,7 @@ pub unsafe extern "C" fn svft_layer_forward(
             check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
             check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
             check_disjoint(&[span("x", x, x_len, 4)?, span("y", y, y_len, 4)?])?;
-            preflight("the forward workspace", workspace_model(cpu, table_len, n).0)?;
+            preflight("the forward workspace", cpu.workspace_model(n).0)?;
             // SAFETY: checked non-null, aligned, sized and disjoint; the caller vouches for
             // the lengths.
             let (x, y) = unsafe {
@@ -628,7 +600,7 @@ pub unsafe extern "C" fn svft_layer_backward(
     guard("svft_layer_backward", || {
         registry::with(layer, |l| {
             let cpu = match &mut l.backend {
-                Backend::Cpu { layer, .. } => layer,
+                Backend::Cpu(layer) => layer,
                 Backend::Cuda(c) => {
                     // SAFETY: the caller vouches for the device buffers and the stream.
                     return unsafe {
@@ -689,7 +661,7 @@ pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m:
             span("m", m.cast(), len, 4)?;
             let from_device;
             let src = match &l.backend {
-                Backend::Cpu { layer, .. } => layer.coefficients(),
+                Backend::Cpu(layer) => layer.coefficients(),
                 Backend::Cuda(c) => {
                     from_device = c.coefficients()?;
                     &from_device
@@ -717,7 +689,7 @@ pub unsafe extern "C" fn svft_layer_set_coefficients(layer: *mut SvftLayer, m: *
             // SAFETY: checked non-null, aligned and sized.
             let m = unsafe { std::slice::from_raw_parts(m, len) };
             match &mut l.backend {
-                Backend::Cpu { layer, .. } => Ok(layer.set_coefficients(m)?),
+                Backend::Cpu(layer) => Ok(layer.set_coefficients(m)?),
                 Backend::Cuda(c) => c.set_coefficients(m),
             }
         })
@@ -750,7 +722,7 @@ pub unsafe extern "C" fn svft_layer_load_parameters(
         registry::with(layer, |l| {
             check_len("m (nnz)", m_len, l.dims().nnz)?;
             match &mut l.backend {
-                Backend::Cpu { layer, .. } => {
+                Backend::Cpu(layer) => {
                     cpu_stream(stream)?;
                     span("m", m.cast(), m_len, 4)?;
                     // SAFETY: checked non-null, aligned and sized.
@@ -788,7 +760,7 @@ pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *m
         // SAFETY: checked non-null and aligned.
         registry::with(layer, |l| {
             let gamma = match &l.backend {
-                Backend::Cpu { layer, .. } => layer.gamma(),
+                Backend::Cpu(layer) => layer.gamma(),
                 Backend::Cuda(c) => c.gamma()?,
             };
             unsafe { out.write(gamma) };
@@ -807,7 +779,7 @@ pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *m
 pub unsafe extern "C" fn svft_layer_set_gamma(layer: *mut SvftLayer, gamma: f32) -> SvftStatus {
     guard("svft_layer_set_gamma", || {
         registry::with(layer, |l| match &mut l.backend {
-            Backend::Cpu { layer, .. } => Ok(layer.set_gamma(gamma)?),
+            Backend::Cpu(layer) => Ok(layer.set_gamma(gamma)?),
             Backend::Cuda(c) => c.set_gamma(gamma),
         })
     })
@@ -832,7 +804,7 @@ pub unsafe extern "C" fn svft_layer_merge(
     guard("svft_layer_merge", || {
         registry::with(layer, |l| {
             let cpu = match &mut l.backend {
-                Backend::Cpu { layer, .. } => layer,
+                Backend::Cpu(layer) => layer,
                 // SAFETY: the caller vouches for the device buffer and the stream.
                 Backend::Cuda(c) => return unsafe { c.merge(dtype, w, w_len, stream) },
             };
@@ -871,7 +843,7 @@ pub unsafe extern "C" fn svft_layer_factors(
         registry::with(layer, |l| {
             let from_device;
             let (fu, fs, fv) = match &l.backend {
-                Backend::Cpu { layer, .. } => {
+                Backend::Cpu(layer) => {
                     let f = layer.factors();
                     (&f.u, &f.s, &f.v)
                 }

@@ -21,11 +21,7 @@ pub struct SvftLayer {
 /// The layer itself, on its backend.
 #[allow(clippy::large_enum_variant)] // one per handle, behind an Arc<Mutex>: size is irrelevant
 pub(crate) enum Backend {
-    Cpu {
-        layer: CpuLayer,
-        /// Length of the CPU layer's gathered core table (for the workspace model).
-        table_len: usize,
-    },
+    Cpu(CpuLayer),
     Cuda(Box<CudaRecord>),
 }
 
@@ -39,25 +35,25 @@ pub(crate) struct Layer {
 impl Layer {
     pub fn kind(&self) -> SvftBackend {
         match self.backend {
-            Backend::Cpu { .. } => SvftBackend::Cpu,
+            Backend::Cpu(_) => SvftBackend::Cpu,
             Backend::Cuda(_) => SvftBackend::Cuda,
         }
     }
     pub fn dims(&self) -> Dims {
         match &self.backend {
-            Backend::Cpu { layer, .. } => layer.dims(),
+            Backend::Cpu(layer) => layer.dims(),
             Backend::Cuda(c) => c.dims(),
         }
     }
     pub fn omega(&self) -> &Omega {
         match &self.backend {
-            Backend::Cpu { layer, .. } => layer.omega(),
+            Backend::Cpu(layer) => layer.omega(),
             Backend::Cuda(c) => c.omega(),
         }
     }
     pub fn gate(&self) -> bool {
         match &self.backend {
-            Backend::Cpu { layer, .. } => layer.config().gate,
+            Backend::Cpu(layer) => layer.config().gate,
             Backend::Cuda(c) => c.gate(),
         }
     }
@@ -66,7 +62,7 @@ impl Layer {
     }
     pub fn set_plan(&mut self, plan: Plan) {
         match &mut self.backend {
-            Backend::Cpu { layer, .. } => layer.set_plan(plan),
+            Backend::Cpu(layer) => layer.set_plan(plan),
             Backend::Cuda(c) => c.set_plan(plan),
         }
     }
