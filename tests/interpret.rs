@@ -377,10 +377,6 @@ fn abi_mut<T: Act>(x: &mut [T]) -> *mut T::Abi {
     x.as_mut_ptr().cast()
 }
 
-fn i32s(x: &[usize]) -> Vec<i32> {
-    x.iter().map(|&v| i32::try_from(v).unwrap()).collect()
-}
-
 fn ok(rc: i32, what: &str) {
     assert_eq!(rc, 0, "{what}: launch wrapper returned {rc}");
 }
@@ -406,31 +402,17 @@ fn ceil_div(a: usize, b: usize) -> u32 {
     a.div_ceil(b) as u32
 }
 
-/// A CSR of the pattern: `ptr[r+1]`, `idx[nnz]` (the other coordinate), `perm[nnz]` (canonical
-/// index k), built with a stable counting sort on `key` (rows: by row; cols: by column).
+/// A CSR of the pattern as the kernels take it (i32): `ptr[r+1]`, `idx[nnz]` (the other
+/// coordinate), `perm[nnz]` (canonical index k); from the pattern's own ([`Omega::csr_by_row`]).
 struct Csr {
     ptr: Vec<i32>,
     idx: Vec<i32>,
     perm: Vec<i32>,
 }
 
-fn csr(r: usize, key: &[u32], other: &[u32]) -> Csr {
-    let mut ptr = vec![0usize; r + 1];
-    for &k in key {
-        ptr[k as usize + 1] += 1;
-    }
-    for i in 0..r {
-        ptr[i + 1] += ptr[i];
-    }
-    let mut next = ptr.clone();
-    let (mut idx, mut perm) = (vec![0usize; key.len()], vec![0usize; key.len()]);
-    for (k, (&a, &b)) in key.iter().zip(other).enumerate() {
-        let e = next[a as usize];
-        next[a as usize] += 1;
-        idx[e] = b as usize;
-        perm[e] = k;
-    }
-    Csr { ptr: i32s(&ptr), idx: i32s(&idx), perm: i32s(&perm) }
+fn csr(c: svft::pattern::Csr) -> Csr {
+    let i32s = |v: &[u32]| v.iter().map(|&x| i32::try_from(x).unwrap()).collect();
+    Csr { ptr: i32s(&c.ptr), idx: i32s(&c.idx), perm: i32s(&c.perm) }
 }
 
 /// One pattern, prepared for the kernels.
@@ -449,12 +431,11 @@ impl Pat {
     fn new(spec: &str, f: &Factors) -> Pat {
         let pattern: Pattern = spec.parse().unwrap();
         let omega = pattern.omega(f).unwrap();
-        let r = f.r;
         let band = pattern.is_banded().then(|| pattern.d());
         let rows: Vec<i32> = omega.rows.iter().map(|&v| v as i32).collect();
         let cols: Vec<i32> = omega.cols.iter().map(|&v| v as i32).collect();
-        let by_row = csr(r, &omega.rows, &omega.cols);
-        let by_col = csr(r, &omega.cols, &omega.rows);
+        let by_row = csr(omega.csr_by_row());
+        let by_col = csr(omega.csr_by_col());
         Pat { name: spec.to_string(), omega, band, rows, cols, by_row, by_col }
     }
     fn nnz(&self) -> usize {
