@@ -12,7 +12,7 @@
 # Fails (exit 1) on any test failure, any sanitizer finding in 1-3, or a planted fault that is
 # NOT caught. Needs g++ and the CUDA headers (cuda_bf16.h, cuda_fp16.h): from $CUDA_HOME/include
 # or <repo>/.toolchain/cuda/include (installed by scripts/install-cuda-toolchain.sh if missing).
-# Takes about 2 to 3 minutes on 2 cores.
+# Takes about 1.5 minutes on 2 cores (mostly compiling).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
