@@ -9,13 +9,15 @@ mod common;
 use cli_support::*;
 use svft::adapter::FactorFile;
 
-/// The device's name, or `None` after checking that `args` fails naming the missing device.
-fn device_or_check_error(test: &str, args: &[&str]) -> Option<String> {
+/// The device's name, or `None` after checking that `args` fails naming CUDA (the error text
+/// also goes to `check`, for what a command adds).
+fn device_or_check_error(test: &str, args: &[&str], check: impl FnOnce(&str)) -> Option<String> {
     match common::gpu_or_skip(test) {
         Some(gpu) => Some(gpu.name().to_string()),
         None => {
             let err = svft_err(args);
             assert!(err.contains("CUDA"), "{test}: {err}");
+            check(&err);
             None
         }
     }
@@ -29,7 +31,7 @@ fn decompose_on_cuda_matches_the_cpu() {
     write_checkpoint(&model, &tensors, None);
     let (gpu_out, cpu_out) = (dir.join("gpu.safetensors"), dir.join("cpu.safetensors"));
     let args = ["decompose", s(&model), "--backend", "cuda", "-o", s(&gpu_out), "--json"];
-    if device_or_check_error("decompose_on_cuda_matches_the_cpu", &args).is_none() {
+    if device_or_check_error("decompose_on_cuda_matches_the_cpu", &args, |_| ()).is_none() {
         return;
     }
     let v = svft_json(&args);
@@ -51,7 +53,7 @@ fn decompose_on_cuda_matches_the_cpu() {
 #[test]
 fn bench_on_cuda_fills_every_row() {
     let args = ["bench", "--backend", "cuda", "--grid", "tiny", "--dtype", "bf16", "--seconds", "0.005", "--json"];
-    let Some(device) = device_or_check_error("bench_on_cuda_fills_every_row", &args) else { return };
+    let Some(device) = device_or_check_error("bench_on_cuda_fills_every_row", &args, |_| ()) else { return };
     let out = svft_in(None, &args);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -72,11 +74,8 @@ fn bench_on_cuda_fills_every_row() {
 #[test]
 fn demo_on_cuda_trains() {
     let args = ["demo", "--backend", "cuda", "--steps", "3", "--tokens", "8", "--json", "--no-plot"];
-    let Some(device) = device_or_check_error("demo_on_cuda_trains", &args) else {
-        let err = svft_err(&args);
-        assert!(err.contains("--backend cuda") && err.contains("no usable CUDA device"), "{err}");
-        return;
-    };
+    let why = |err: &str| assert!(err.contains("--backend cuda") && err.contains("no usable CUDA device"), "{err}");
+    let Some(device) = device_or_check_error("demo_on_cuda_trains", &args, why) else { return };
     let v = svft_json(&args);
     assert_eq!((v["backend"].as_str(), v["device"].as_str()), (Some("cuda"), Some(device.as_str())), "{v}");
     assert_eq!(v["placement"], "layers on device, stack glue on host");

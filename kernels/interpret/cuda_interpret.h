@@ -3,7 +3,8 @@
 // Force-include this header (g++ -x c++ -include kernels/interpret/cuda_interpret.h) or include it
 // before the .cu files. It makes CUDA C++ plain C++17:
 //   - __global__/__device__/__host__/__forceinline__/__launch_bounds__ become ordinary C++;
-//   - threadIdx, blockIdx, blockDim, gridDim are thread_local, set per CPU thread;
+//   - threadIdx, blockIdx, blockDim, gridDim are thread_local: set per CPU thread, or swapped
+//     in and out with each fiber (below);
 //   - a grid runs block by block (blocks one at a time, in x-fastest order); so `__shared__` is
 //     simply `static` (one copy, shared by the threads of the block being run), and
 //     SVFT_DYNAMIC_SMEM points at a buffer of exactly the launch's shared_mem_bytes (ASan sees
@@ -135,9 +136,18 @@ class Barrier {
 #else
 
 // The fibers of the block being run, all on the launching thread. Stacks (128 KiB, a guard page
-// below each so an overflow faults instead of corrupting a neighbour) are kept for reuse.
+// below each so an overflow faults instead of corrupting a neighbour) are kept for the thread's
+// next launch and unmapped when the thread exits (a virtual GPU stream's worker, for one).
 struct Fibers {
   static constexpr size_t kStack = 128 * 1024;
+  Fibers() = default;
+  Fibers(const Fibers&) = delete;
+  Fibers& operator=(const Fibers&) = delete;
+  ~Fibers() {
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    for (Fiber& f : fibers)
+      if (f.stack) munmap(f.stack - page, page + kStack);
+  }
   struct Fiber {
     void* sp = nullptr;
     unsigned char* stack = nullptr;  // guard page + kStack
@@ -373,7 +383,8 @@ inline void Fibers::entry(Fiber* f) {
 
 // run_block(n, f): f(0) .. f(n-1) as fibers on this thread, round robin until all return.
 inline void run_block(unsigned n, const std::function<void(unsigned)>& job) {
-  static thread_local Fibers* fs = new Fibers;  // kept (with its stacks) for the next launch
+  static thread_local Fibers owned;  // kept (with its stacks) for this thread's next launch
+  Fibers* fs = &owned;
   if (fs->fibers.size() < n) fs->fibers.resize(n);
   fs->job = &job;
   for (unsigned t = 0; t < n; ++t) fs->start(fs->fibers[t], t);

@@ -59,18 +59,13 @@ def accepts(c_type, declared):
     base = " ".join(w for w in words if w != "*")
     if depth == 0:
         return declared is SCALARS[base]
-    if depth == 2 or base == "char":
-        # char ** (an out-pointer to a C string), struct SvftLayer ** (an out-handle), char *.
-        if base == "char" and depth == 1:
-            return declared in (ctypes.c_char_p, ctypes.c_void_p)
-        inner = ctypes.c_char_p if base == "char" else ctypes.c_void_p
-        return declared is ctypes.POINTER(inner)
+    if depth == 2:
+        # char ** (an out-pointer to a C string), struct SvftLayer ** (an out-handle).
+        return declared is ctypes.POINTER(ctypes.c_char_p if base == "char" else ctypes.c_void_p)
+    if base == "char":
+        return declared in (ctypes.c_char_p, ctypes.c_void_p)  # a C string, or a buffer to fill
     # One level: an opaque handle or buffer is c_void_p; a typed out-scalar may be POINTER(T).
-    if declared is ctypes.c_void_p:
-        return True
-    if base in SCALARS:
-        return declared is ctypes.POINTER(SCALARS[base])
-    return False
+    return declared is ctypes.c_void_p or (base in SCALARS and declared is ctypes.POINTER(SCALARS[base]))
 
 
 def test_every_header_function_is_declared_with_its_c_types():
