@@ -11,7 +11,8 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use half::bf16;
 
 use svft::bench::bench_factors;
-use svft::cuda::{device_count, events_ms, CudaLayer, CudaShape, Gpu};
+use svft::bench::{events_ms, CudaShape};
+use svft::cuda::{device_count, CudaLayer, Gpu};
 use svft::{LayerConfig, Pattern};
 
 fn cases(c: &mut Criterion) {

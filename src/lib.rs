@@ -32,25 +32,29 @@
 //! assert!(merged.iter().zip(&w).all(|(a, b)| (a - b).abs() < 1e-4));
 //! ```
 
-pub mod adapter;
-pub mod baseline;
-pub mod bench;
-pub mod calibrate;
-pub mod checkpoint;
-pub mod config;
+// The tree is the architecture, bottom up: foundations (error, rng, geometry), the layer core
+// and its math (layer), the backends (cpu, cuda), the file formats (formats), the tools around
+// them (tools), the boundaries (ffi here, the CLI in main.rs). A module imports only from its
+// own group or the groups before it.
+pub mod error;
+pub mod geometry;
+pub mod rng;
+
+pub mod layer;
+
 pub mod cpu;
 pub mod cuda;
-pub mod demo;
-pub mod error;
+
+pub mod formats;
+
+pub mod tools;
+
 pub mod ffi;
-pub mod geometry;
-pub mod memory;
-pub mod pattern;
-pub mod plan;
-pub mod plot;
-pub mod reference;
-pub mod rng;
-pub mod svd;
+
+// The flat paths (`svft::pattern`, `svft::adapter`, ...) the API has always had.
+pub use formats::{adapter, checkpoint};
+pub use layer::{calibrate, config, pattern, plan, reference, svd};
+pub use tools::{baseline, bench, demo, memory, plot};
 
 pub use config::{Init, LayerConfig};
 pub use error::{Error, Result};

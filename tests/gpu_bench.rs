@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::gpu_or_skip;
 use svft::bench::{bench_factors, fixed_plans};
-use svft::cuda::{copy_bandwidth_gb_per_s, CudaLayer, CudaShape};
+use svft::bench::{copy_bandwidth_gb_per_s, CudaShape};
+use svft::cuda::CudaLayer;
 use svft::memory::{self, Shape};
 use svft::{ExecPlan, LayerConfig, Pattern, Plan};
 

@@ -19,9 +19,9 @@ fn bench_one(device: &Device, case: &BenchCase, dtype: &str) -> Result<Row> {
     match device {
         Device::Cpu => run_cpu(case),
         Device::Cuda(gpu) => match dtype {
-            "f32" => svft::cuda::run_cuda::<f32>(gpu, case),
-            "bf16" => svft::cuda::run_cuda::<half::bf16>(gpu, case),
-            "f16" => svft::cuda::run_cuda::<half::f16>(gpu, case),
+            "f32" => svft::bench::run_cuda::<f32>(gpu, case),
+            "bf16" => svft::bench::run_cuda::<half::bf16>(gpu, case),
+            "f16" => svft::bench::run_cuda::<half::f16>(gpu, case),
             _ => unreachable!("checked in run"),
         },
     }
@@ -61,9 +61,9 @@ fn run_grid(a: &BenchArgs, device: &Device, name: &str) -> Result<()> {
     match device {
         Device::Cpu => run_cpu_grid(&grid, budget, &mut on_row)?,
         Device::Cuda(gpu) => match a.dtype.as_str() {
-            "f32" => svft::cuda::run_cuda_grid::<f32>(gpu, &grid, budget, &mut on_row)?,
-            "bf16" => svft::cuda::run_cuda_grid::<half::bf16>(gpu, &grid, budget, &mut on_row)?,
-            "f16" => svft::cuda::run_cuda_grid::<half::f16>(gpu, &grid, budget, &mut on_row)?,
+            "f32" => svft::bench::run_cuda_grid::<f32>(gpu, &grid, budget, &mut on_row)?,
+            "bf16" => svft::bench::run_cuda_grid::<half::bf16>(gpu, &grid, budget, &mut on_row)?,
+            "f16" => svft::bench::run_cuda_grid::<half::f16>(gpu, &grid, budget, &mut on_row)?,
             _ => unreachable!("checked in run"),
         },
     }

@@ -4,15 +4,15 @@
 //! coefficients, gate and a workspace sized on the first call with a given token count, so the
 //! hot path (`forward_into`, `backward_into`) allocates nothing after that call.
 
-use crate::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
-use crate::config::{gate_value, Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::sparse::{coefficient_grads, sddmm, sddmm_chunks, CoreIndex};
 use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
-use crate::pattern::Omega;
-use crate::plan::{Dims, ExecPlan, Plan};
+use crate::layer::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
+use crate::layer::config::{gate_value, Init, LayerConfig};
+use crate::layer::pattern::Omega;
+use crate::layer::plan::{Dims, ExecPlan, Plan};
+use crate::layer::svd::{thin_svd, Factors};
 use crate::rng::Rng;
-use crate::svd::{thin_svd, Factors};
 
 /// Gradients of one backward pass.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,7 +87,7 @@ pub struct CpuLayer {
     svd_residual: Option<f64>,
     ws: Workspace,
     saved: Option<Saved>,
-    /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
+    /// Measured plan timings `Auto` consults (see [`crate::layer::calibrate`]).
     plan_table: Option<PlanTable>,
 }
 

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::pattern::{Csr, Omega};
+use crate::layer::pattern::{Csr, Omega};
 
 /// Row count under which a pass stays on the calling thread (spawning costs more).
 const PAR_MIN_ROWS: usize = 64;
@@ -290,7 +290,7 @@ pub fn coefficient_grads(dc: &[f32], m: &[f32], g: f32, gate: bool, dm: &mut [f3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pattern::Pattern;
+    use crate::layer::pattern::Pattern;
 
     #[test]
     fn csr_groups_and_keeps_canonical_order() {

@@ -1,12 +1,12 @@
-//! [`CudaLayer::calibrate`]: measured plan choice on the device (see [`crate::calibrate`]).
+//! [`CudaLayer::calibrate`]: measured plan choice on the device (see [`crate::layer::calibrate`]).
 
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaSlice;
 
 use super::{driver_err, CudaLayer, Dtype};
-use crate::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
 use crate::error::Result;
-use crate::plan::{ExecPlan, SMALL_N_MAX};
+use crate::layer::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
+use crate::layer::plan::{ExecPlan, SMALL_N_MAX};
 use crate::rng::Rng;
 
 /// A token count's calibration buffers: n, then X, G, Y, dX (in `T`) and dM, dgamma (f32).

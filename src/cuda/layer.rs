@@ -16,14 +16,14 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
 use super::kernels::{gate_from_gamma, CoreArgs, Dtype, SddmmPattern};
 use super::{blas_err, driver_err, Gpu};
-use crate::calibrate::{self, PlanTable};
-use crate::config::{gate_value, Init, LayerConfig};
 use crate::error::{check_finite, check_len, check_positive, Error, Result};
 use crate::geometry::{band_fits, default_token_chunk};
-use crate::pattern::Omega;
-use crate::plan::{Dims, ExecPlan, Plan};
+use crate::layer::calibrate::{self, PlanTable};
+use crate::layer::config::{gate_value, Init, LayerConfig};
+use crate::layer::pattern::Omega;
+use crate::layer::plan::{Dims, ExecPlan, Plan};
+use crate::layer::svd::Factors;
 use crate::rng::Rng;
-use crate::svd::Factors;
 
 /// How the SDDMM reduces over the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,12 +115,12 @@ pub struct CudaLayer<T: Dtype> {
     token_chunk: Option<usize>,
     ws: Workspace<T>,
     saved: Option<Saved>,
-    /// Measured plan timings `Auto` consults (see [`crate::calibrate`]).
+    /// Measured plan timings `Auto` consults (see [`crate::layer::calibrate`]).
     plan_table: Option<PlanTable>,
 }
 
 /// Uploads one of the pattern's CSRs ([`Omega::csr_by_row`], [`Omega::csr_by_col`]).
-fn upload_csr(stream: &Arc<CudaStream>, host: &crate::pattern::Csr) -> Result<DeviceCsr> {
+fn upload_csr(stream: &Arc<CudaStream>, host: &crate::layer::pattern::Csr) -> Result<DeviceCsr> {
     let up = |v: &[u32]| {
         let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
         stream.clone_htod(&v).map_err(|e| driver_err("uploading the pattern", e))

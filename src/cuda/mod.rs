@@ -6,18 +6,16 @@
 //! everywhere; on a machine without a driver or device, [`device_count`] says why, once, and
 //! every entry point returns [`crate::Error::Cuda`] instead of panicking.
 
-mod bench;
 mod calibrate;
 mod device;
 mod kernels;
 mod layer;
 mod svd;
 
-pub use bench::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
+pub use crate::geometry::default_token_chunk;
 pub use device::{device_count, is_virtual_name, kernel_names, kernels_embedded, Gpu};
 pub use kernels::Dtype;
-// The row-major cuBLAS product, for the demo's device LoRA student.
-pub use crate::geometry::default_token_chunk;
+// The row-major cuBLAS product, for the demo's device LoRA student and the bench.
 pub(crate) use kernels::{gemm, Mat};
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
@@ -43,7 +41,7 @@ pub(crate) fn blas_err(what: &str, e: cudarc::cublas::result::CublasError) -> Er
 /// summed on the host in f64.
 pub(crate) fn residual_on_device(
     stream: &std::sync::Arc<cudarc::driver::CudaStream>,
-    f: &crate::svd::Factors,
+    f: &crate::layer::svd::Factors,
     w0: &[f32],
 ) -> crate::Result<f64> {
     let r = f.r;

@@ -14,7 +14,7 @@ use cudarc::driver::{CudaStream, DevicePtrMut};
 
 use super::driver_err;
 use crate::error::{check_len, check_positive, Error, Result};
-use crate::svd::{Decomposition, Factors};
+use crate::layer::svd::{Decomposition, Factors};
 
 fn solver_err(what: &str, status: sys::cusolverStatus_t) -> Result<()> {
     if status == sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
@@ -27,7 +27,7 @@ fn solver_err(what: &str, status: sys::cusolverStatus_t) -> Result<()> {
 }
 
 /// Thin SVD of a row-major `d_out x d_in` f32 weight on the GPU, optionally truncated.
-/// Same contract as [`crate::svd::thin_svd`]: non-finite input, empty shapes and ranks outside
+/// Same contract as [`crate::layer::svd::thin_svd`]: non-finite input, empty shapes and ranks outside
 /// `1..=min(d_out, d_in)` are errors; the residual is measured against the f32 input in f64.
 pub fn thin_svd_cuda(
     stream: &Arc<CudaStream>,

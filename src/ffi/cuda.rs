@@ -27,12 +27,12 @@ use half::{bf16, f16};
 use super::buffers::{check_disjoint, check_len, mul, preflight, read_as_f32, span, Span};
 use super::status::{fail, FfiError, FfiResult, SvftStatus};
 use super::SvftDtype;
-use crate::config::LayerConfig;
 use crate::cuda::{blas_err, device_count, driver_err, CudaLayer, Dtype, Gpu};
 use crate::error::Error;
-use crate::pattern::Omega;
-use crate::plan::{Dims, Plan};
-use crate::svd::{thin_svd, Factors};
+use crate::layer::config::LayerConfig;
+use crate::layer::pattern::Omega;
+use crate::layer::plan::{Dims, Plan};
+use crate::layer::svd::{thin_svd, Factors};
 
 /// The number of CUDA devices, or `CUDA_UNAVAILABLE` with the device probe's reason.
 pub(crate) fn available() -> FfiResult<usize> {
@@ -581,10 +581,10 @@ impl CudaRecord {
     pub fn set_plan(&mut self, plan: Plan) {
         each!(&mut self.inner.layer, l => l.set_plan(plan))
     }
-    pub fn plan_for(&self, n: usize) -> crate::plan::ExecPlan {
+    pub fn plan_for(&self, n: usize) -> crate::layer::plan::ExecPlan {
         each!(&self.inner.layer, l => l.plan_for(n))
     }
-    pub fn calibrate(&mut self, options: &crate::calibrate::CalibrationOptions) -> FfiResult {
+    pub fn calibrate(&mut self, options: &crate::layer::calibrate::CalibrationOptions) -> FfiResult {
         let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
         each!(&mut self.inner.layer, l => l.calibrate(options).map(|_| ()))?;
         Ok(())
@@ -803,14 +803,14 @@ impl CudaRecord {
     }
 
     /// Device bytes for `n` tokens: (every workspace buffer, the saved activations among them),
-    /// from [`crate::memory::svft_chunked`] (fast SDDMM) plus the bias's column of ones;
+    /// from [`crate::tools::memory::svft_chunked`] (fast SDDMM) plus the bias's column of ones;
     /// saturates instead of overflowing.
     pub fn workspace_model(&self, n: usize) -> (usize, usize) {
         let d = self.dims();
         let act = self.inner.layer.dtype().size();
-        let shape = crate::memory::Shape { d_out: d.d_out, d_in: d.d_in, r: d.r, nnz: d.nnz, n, act };
+        let shape = crate::tools::memory::Shape { d_out: d.d_out, d_in: d.d_in, r: d.r, nnz: d.nnz, n, act };
         let (plan, chunk) = each!(&self.inner.layer, l => (l.plan_for(n), l.token_chunk()));
-        let b = crate::memory::svft_chunked(&shape, plan, chunk);
+        let b = crate::tools::memory::svft_chunked(&shape, plan, chunk);
         let ones = if self.inner.has_bias { n.saturating_mul(act) } else { 0 };
         (b.workspace.saturating_add(b.saved).saturating_add(ones), b.saved)
     }

@@ -10,12 +10,12 @@ pub use super::registry::SvftLayer;
 use super::registry::{self, Backend, Layer};
 use super::status::{fail, guard, set_last_error, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype, SvftPlan, SVFT_ABI_VERSION};
-use crate::config::{Init, LayerConfig};
 use crate::cpu::CpuLayer;
 use crate::error::check_finite;
-use crate::pattern::Pattern;
-use crate::plan::{ExecPlan, Plan};
-use crate::svd::{thin_svd, Factors};
+use crate::layer::config::{Init, LayerConfig};
+use crate::layer::pattern::Pattern;
+use crate::layer::plan::{ExecPlan, Plan};
+use crate::layer::svd::{thin_svd, Factors};
 
 /// Parses an `int32_t` backend value. Whether CUDA can run is checked later, after the
 /// checks that need no device, so that bad arguments are reported alike on every machine.
@@ -468,7 +468,7 @@ pub unsafe extern "C" fn svft_layer_calibrate(
 ) -> SvftStatus {
     guard("svft_layer_calibrate", || {
         let tokens = if count == 0 && tokens.is_null() {
-            crate::calibrate::DEFAULT_TOKENS.to_vec()
+            crate::layer::calibrate::DEFAULT_TOKENS.to_vec()
         } else {
             if count == 0 {
                 return fail(SvftStatus::InvalidArgument, "count is 0 but tokens is not NULL");
@@ -483,10 +483,10 @@ pub unsafe extern "C" fn svft_layer_calibrate(
         if !(seconds.is_finite() && (0.0..=60.0).contains(&seconds)) {
             return fail(SvftStatus::InvalidArgument, format!("seconds = {seconds}: expected 0 to 60"));
         }
-        let options = crate::calibrate::CalibrationOptions {
+        let options = crate::layer::calibrate::CalibrationOptions {
             tokens,
             budget: std::time::Duration::from_secs_f64(seconds),
-            cache: if use_cache != 0 { crate::calibrate::cache_path() } else { None },
+            cache: if use_cache != 0 { crate::layer::calibrate::cache_path() } else { None },
         };
         registry::with(layer, |l| match &mut l.backend {
             Backend::Cpu(layer) => layer.calibrate(&options).map(|_| ()).map_err(Into::into),

@@ -10,8 +10,8 @@ use super::cuda::CudaRecord;
 use super::status::{fail, FfiResult, SvftStatus};
 use super::SvftBackend;
 use crate::cpu::CpuLayer;
-use crate::pattern::Omega;
-use crate::plan::{Dims, Plan};
+use crate::layer::pattern::Omega;
+use crate::layer::plan::{Dims, Plan};
 
 /// The C handle type: opaque, only ever seen through a pointer.
 pub struct SvftLayer {

@@ -12,7 +12,7 @@ use crate::cuda::driver_err;
 use crate::cuda::kernels::{apply, gemm, sddmm, sddmm_apply_bwd, skinny_nn, skinny_nt, Dtype, Mat};
 use crate::error::{check_len, check_positive, Error, ForwardMismatch, Result};
 use crate::geometry::{epilogue_blocks, fused_bwd_fits, sddmm_workspace_len, smalln_workspace_len};
-use crate::plan::{Dims, ExecPlan};
+use crate::layer::plan::{Dims, ExecPlan};
 
 impl<T: Dtype> CudaLayer<T> {
     /// `Y = X W^T (+ bias)`: `x` is `n x d_in`, `y` is `n x d_out`, both on this layer's device.

@@ -26,13 +26,15 @@ use std::path::Path;
 
 use serde_json::{json, Map, Value};
 
-use crate::checkpoint::{bytes_to_f32, dtype_name, f32_to_bytes, parse_dtype, round_through, Checkpoint, Dtype};
-use crate::checkpoint::{write_safetensors, OwnedTensor};
-use crate::config::{Init, LayerConfig};
 use crate::cpu::CpuLayer;
 use crate::error::{Error, Result};
-use crate::pattern::{Omega, Pattern, TopKCriterion};
-use crate::svd::Factors;
+use crate::formats::checkpoint::{
+    bytes_to_f32, dtype_name, f32_to_bytes, parse_dtype, round_through, Checkpoint, Dtype,
+};
+use crate::formats::checkpoint::{write_safetensors, OwnedTensor};
+use crate::layer::config::{Init, LayerConfig};
+use crate::layer::pattern::{Omega, Pattern, TopKCriterion};
+use crate::layer::svd::Factors;
 
 /// The version of both file formats this crate writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -293,7 +295,7 @@ impl FactorFile {
             }
             modules.push(info);
         }
-        modules.sort_by(|a, b| crate::checkpoint::natural_cmp(&a.module, &b.module));
+        modules.sort_by(|a, b| crate::formats::checkpoint::natural_cmp(&a.module, &b.module));
         Ok(FactorFile { ckpt, modules })
     }
 
@@ -586,7 +588,7 @@ impl Adapter {
             }
             modules.push(m);
         }
-        modules.sort_by(|a, b| crate::checkpoint::natural_cmp(&a.module, &b.module));
+        modules.sort_by(|a, b| crate::formats::checkpoint::natural_cmp(&a.module, &b.module));
         Ok(Adapter { modules })
     }
 

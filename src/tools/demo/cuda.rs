@@ -23,12 +23,12 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::{Adam, StackLayer};
-use crate::baseline::LoraLayer;
-use crate::config::{Init, LayerConfig};
 use crate::cuda::{blas_err, driver_err, gemm, CudaLayer, Gpu, Mat};
 use crate::error::{check_len, Error, ForwardMismatch, Result};
-use crate::pattern::Pattern;
-use crate::svd::Factors;
+use crate::layer::config::{Init, LayerConfig};
+use crate::layer::pattern::Pattern;
+use crate::layer::svd::Factors;
+use crate::tools::baseline::LoraLayer;
 
 /// A device buffer allocated on first use and grown only when a longer one is asked for.
 #[derive(Default)]

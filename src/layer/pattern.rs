@@ -9,8 +9,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
+use crate::layer::svd::Factors;
 use crate::rng::Rng;
-use crate::svd::Factors;
 
 /// How the TopK pattern scores the pair `(i, j)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -12,16 +12,16 @@ use std::time::Duration;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys::CUevent_flags, CudaSlice, CudaStream};
 
-use super::kernels::{gemm, Dtype, Mat};
-use super::{blas_err, driver_err, CudaLayer, Gpu};
-use crate::bench::{
+use crate::cuda::{blas_err, driver_err, CudaLayer, Gpu};
+use crate::cuda::{gemm, Dtype, Mat};
+use crate::error::{Error, Result};
+use crate::layer::config::LayerConfig;
+use crate::layer::plan::{ExecPlan, Plan};
+use crate::layer::svd::random_factors;
+use crate::tools::bench::{
     bench_factors, bench_values, fixed_plans, plans_to_time, BenchCase, Grid, Row, BENCH_FACTORS_NOTE, LORA_RANK,
 };
-use crate::config::LayerConfig;
-use crate::error::{Error, Result};
-use crate::memory::{self, Shape};
-use crate::plan::{ExecPlan, Plan};
-use crate::svd::random_factors;
+use crate::tools::memory::{self, Shape};
 
 /// Milliseconds of `iters` calls of `f` on `stream`, from CUDA events around them (after the
 /// work already queued). For criterion's `iter_custom` and the copy-bandwidth probe.
@@ -312,7 +312,7 @@ impl<T: Dtype> CudaShape<T> {
             layer_bytes: Some((layer.persistent_bytes(), layer.workspace_bytes())),
             factors_note: self.factors_note,
             unfused_bwd_ms: unfused,
-            auto_measured: crate::calibrate::measured(requested, layer.plan_table(), &dims, n),
+            auto_measured: crate::layer::calibrate::measured(requested, layer.plan_table(), &dims, n),
         })
     }
 }
@@ -356,7 +356,7 @@ pub fn run_cuda_grid<T: Dtype>(
         for &pattern in &grid.patterns {
             let config = LayerConfig::official(pattern);
             let mut layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), &factors, &config, None)?;
-            layer.calibrate(&crate::bench::grid_calibration(grid, budget))?;
+            layer.calibrate(&crate::tools::bench::grid_calibration(grid, budget))?;
             for &n in &grid.tokens {
                 on_row(ctx.row(&mut layer, n, Plan::Auto, &fixed_plans(n, true), budget)?)?;
             }

@@ -3,26 +3,30 @@
 //! the same library in the same process, medians of repeated runs after warm-up.
 //!
 //! One case is one [`Row`]. A row comes from a per-shape context ([`CpuShape`] here,
-//! `cuda::CudaShape` on a GPU) and a layer: the context holds what does not depend on the
+//! [`CudaShape`] on a GPU, in `bench/cuda.rs`) and a layer: the context holds what does not depend on the
 //! pattern or the token count (inputs, LoRA's weights), so the bench grid ([`Grid`]) builds it
 //! once per shape, one layer per pattern, and asks for a row per token count.
+
+mod cuda;
+
+pub use cuda::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
 
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 
-use crate::baseline::{LoraLayer, OfficialLayer};
-use crate::calibrate::CalibrationOptions;
-use crate::config::LayerConfig;
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::CpuLayer;
 use crate::error::{Error, Result};
-use crate::memory::{self, Shape};
-use crate::pattern::Pattern;
-use crate::plan::{ExecPlan, Plan, SMALL_N_MAX};
+use crate::layer::calibrate::CalibrationOptions;
+use crate::layer::config::LayerConfig;
+use crate::layer::pattern::Pattern;
+use crate::layer::plan::{ExecPlan, Plan, SMALL_N_MAX};
+use crate::layer::svd::{random_factors, Factors};
 use crate::rng::Rng;
-use crate::svd::{random_factors, Factors};
+use crate::tools::baseline::{LoraLayer, OfficialLayer};
+use crate::tools::memory::{self, Shape};
 
 /// LoRA rank of the baseline.
 pub const LORA_RANK: usize = 16;
@@ -133,7 +137,7 @@ pub struct Row {
     /// CUDA, band patterns, factored headline with n <= d_in: the same step with the fused
     /// backward (SDDMM + core apply in one pass) turned off, to keep the faster one default.
     pub unfused_bwd_ms: Option<f64>,
-    /// Whether `Auto` resolved from a measured plan table ([`crate::calibrate`]) rather than
+    /// Whether `Auto` resolved from a measured plan table ([`crate::layer::calibrate`]) rather than
     /// the FLOP model alone.
     pub auto_measured: bool,
 }
@@ -321,7 +325,7 @@ pub const BENCH_FACTORS_NOTE: &str = "fast random factors for timing: U, V unifo
 
 /// Frozen factors for timing: U and V with i.i.d. entries of variance `1/rows` (columns of unit
 /// norm in expectation, not orthonormal) and the decaying spectrum of
-/// [`crate::svd::random_factors`]. Milliseconds where QR of Llama-sized Gaussians takes seconds.
+/// [`crate::layer::svd::random_factors`]. Milliseconds where QR of Llama-sized Gaussians takes seconds.
 pub fn bench_factors(d_out: usize, d_in: usize, r: usize, seed: u64) -> Result<Factors> {
     if r == 0 || r > d_out.min(d_in) {
         return Err(Error::Rank { rank: r, max: d_out.min(d_in) });
@@ -397,7 +401,7 @@ impl Grid {
             let r = d_out.min(d_in);
             for &pattern in &self.patterns {
                 let nnz = pattern.size(r)?;
-                let dims = crate::plan::Dims { d_out, d_in, r, nnz };
+                let dims = crate::layer::plan::Dims { d_out, d_in, r, nnz };
                 for &n in &self.tokens {
                     let shape = Shape { d_out, d_in, r, nnz, n, act };
                     out.push((pattern, memory::Report::new(shape, Plan::Auto.resolve(&dims, n), LORA_RANK)));
@@ -530,7 +534,7 @@ impl CpuShape {
             layer_bytes: None,
             factors_note: self.factors_note,
             unfused_bwd_ms: None,
-            auto_measured: crate::calibrate::measured(requested, layer.plan_table(), &dims, n),
+            auto_measured: crate::layer::calibrate::measured(requested, layer.plan_table(), &dims, n),
         })
     }
 }

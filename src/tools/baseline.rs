@@ -8,11 +8,11 @@
 //!   code stores them (`u`: d_out x r, `v`: r x d_in).
 //! - [`LoraLayer`]: `Y = X W0^T + scale (X A^T) B^T` with gradients for A, B and X.
 
-use crate::config::gate_value;
 use crate::cpu::gemm::{gemm, Operand as Op};
-use crate::pattern::Omega;
+use crate::layer::config::gate_value;
+use crate::layer::pattern::Omega;
+use crate::layer::svd::Factors;
 use crate::rng::Rng;
-use crate::svd::Factors;
 
 /// The official layer's forward/backward order, in f32 on the CPU.
 #[derive(Debug)]

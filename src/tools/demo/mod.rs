@@ -20,8 +20,8 @@
 //! Adam on A and B. Same data, steps, schedule (cosine decay) and stack for all.
 //!
 //! **The backend.** [`run_on`] trains the students on the CPU (`CpuLayer`, the faer LoRA of
-//! [`crate::baseline`]) or on a CUDA device (`CudaLayer<f32>`, LoRA through cuBLAS; see
-//! src/demo/cuda.rs). On CUDA the layers run on the device and the stack's glue (tanh, residual
+//! [`crate::tools::baseline`]) or on a CUDA device (`CudaLayer<f32>`, LoRA through cuBLAS; see
+//! src/tools/demo/cuda.rs). On CUDA the layers run on the device and the stack's glue (tanh, residual
 //! adds, loss) and Adam stay on the host, each layer staging its input and output through host
 //! memory once per call; device buffers are allocated on the first step and reused. The teacher, the data and the initial weights come from the same
 //! seeded code on both backends, so a CPU and a CUDA run of one seed see the same batches and
@@ -38,15 +38,15 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::baseline::LoraLayer;
-use crate::config::{Init, LayerConfig};
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::CpuLayer;
 use crate::cuda::Gpu;
 use crate::error::{Error, Result};
-use crate::pattern::{band_size, Pattern};
+use crate::layer::config::{Init, LayerConfig};
+use crate::layer::pattern::{band_size, Pattern};
+use crate::layer::svd::{random_factors, Factors};
 use crate::rng::Rng;
-use crate::svd::{random_factors, Factors};
+use crate::tools::baseline::LoraLayer;
 
 /// One module of the demo stack: its name and (normalised) frozen factors.
 #[derive(Debug, Clone)]
@@ -394,8 +394,8 @@ impl StackLayer for SvftStudent {
         // The factored plan keeps T = X V (n x r); the merged one keeps X (n x d_in).
         let f = self.layer.factors();
         match self.layer.plan_for(n) {
-            crate::plan::ExecPlan::Factored | crate::plan::ExecPlan::SmallN => 4 * n * f.r,
-            crate::plan::ExecPlan::Merged => 4 * n * f.d_in,
+            crate::layer::plan::ExecPlan::Factored | crate::layer::plan::ExecPlan::SmallN => 4 * n * f.r,
+            crate::layer::plan::ExecPlan::Merged => 4 * n * f.d_in,
         }
     }
 }
@@ -824,13 +824,13 @@ pub fn run_on(
 /// Writes the loss curves of a report as a PNG (log y axis).
 pub fn plot_losses(report: &DemoReport, path: &std::path::Path) -> Result<()> {
     const COLORS: [[u8; 3]; 4] = [[31, 119, 180], [214, 39, 40], [44, 160, 44], [148, 103, 189]];
-    let series: Vec<crate::plot::Series<'_>> = report
+    let series: Vec<crate::tools::plot::Series<'_>> = report
         .results
         .iter()
         .zip(COLORS.iter().cycle())
-        .map(|(r, &color)| crate::plot::Series { label: &r.name, color, values: &r.losses })
+        .map(|(r, &color)| crate::tools::plot::Series { label: &r.name, color, values: &r.losses })
         .collect();
-    crate::plot::line_plot_png(path, "SVFT DEMO: TRAINING LOSS", "STEP", "MSE", &series, true)
+    crate::tools::plot::line_plot_png(path, "SVFT DEMO: TRAINING LOSS", "STEP", "MSE", &series, true)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! Measured plan choice: the FLOP model corrected by what a device actually achieves.
 //!
-//! The FLOP model of [`crate::plan`] ranks plans by arithmetic alone. Real plans run at
+//! The FLOP model of [`crate::layer::plan`] ranks plans by arithmetic alone. Real plans run at
 //! different efficiencies (the merged plan also streams two `d_out x d_in` matrices, the
 //! small-n path trades tensor cores for a single pass over U and V), so `Plan::Auto` can be
 //! wrong near a crossover. A [`PlanTable`] holds measured milliseconds per plan at a few token
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
-use crate::plan::{Dims, ExecPlan, Plan};
+use crate::layer::plan::{Dims, ExecPlan, Plan};
 
 /// Token counts calibrated by default: every `n` is within a factor 2 of one of them.
 pub const DEFAULT_TOKENS: [usize; 8] = [1, 4, 16, 64, 256, 1024, 4096, 16384];

@@ -4,8 +4,8 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::Error;
-use crate::pattern::Pattern;
-use crate::plan::Plan;
+use crate::layer::pattern::Pattern;
+use crate::layer::plan::Plan;
 
 /// How the trainable coefficients start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

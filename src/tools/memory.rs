@@ -14,7 +14,7 @@
 
 use serde_json::{json, Value};
 
-use crate::plan::ExecPlan;
+use crate::layer::plan::ExecPlan;
 
 /// A layer and a batch: what the byte counts depend on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -225,8 +225,8 @@ pub fn mib(bytes: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pattern::Pattern;
-    use crate::plan::Dims;
+    use crate::layer::pattern::Pattern;
+    use crate::layer::plan::Dims;
 
     /// A 3x2 layer, r = 2, plain pattern (|Omega| = 2), one bf16 token: every term by hand.
     #[test]

@@ -2,8 +2,8 @@
 //! differentiates through them. Slow on purpose (plain loops, no tricks), so that it is
 //! obviously right; never used on a hot path.
 
-use crate::pattern::Omega;
-use crate::svd::Factors;
+use crate::layer::pattern::Omega;
+use crate::layer::svd::Factors;
 
 /// The adapted layer in f64.
 #[derive(Debug, Clone)]
