@@ -2,15 +2,18 @@
 //!
 //! `Y = X (U C V^T)^T + bias` with `C = diag(s) + g M`. The layer owns its frozen factors,
 //! coefficients, gate and a workspace sized on the first call with a given token count, so the
-//! hot path (`forward_into`, `backward_into`) allocates nothing after that call.
+//! hot path (`forward_into`, `backward_into`) allocates nothing after that call. Shape, pattern,
+//! configuration, plan choice and the forward bookkeeping are the [`LayerCore`] it embeds (and
+//! dereferences to).
 
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::cpu::sparse::{coefficient_grads, sddmm, sddmm_chunks, CoreIndex};
-use crate::error::{check_finite, check_len, check_positive, Error, ForwardMismatch, Result};
+use crate::error::{check_len, check_positive, Result};
 use crate::layer::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
-use crate::layer::config::{gate_value, Init, LayerConfig};
+use crate::layer::config::LayerConfig;
+use crate::layer::core::LayerCore;
 use crate::layer::pattern::Omega;
-use crate::layer::plan::{Dims, ExecPlan, Plan};
+use crate::layer::plan::ExecPlan;
 use crate::layer::svd::{thin_svd, Factors};
 use crate::rng::Rng;
 
@@ -56,13 +59,6 @@ fn sized(v: &mut Vec<f32>, len: usize) -> &mut [f32] {
     v
 }
 
-/// What the last forward pass left for backward.
-#[derive(Debug, Clone, Copy)]
-struct Saved {
-    n: usize,
-    plan: ExecPlan,
-}
-
 /// An SVFT layer on the CPU.
 ///
 /// ```
@@ -77,18 +73,27 @@ struct Saved {
 /// ```
 #[derive(Debug)]
 pub struct CpuLayer {
+    core: LayerCore,
     factors: Factors,
-    omega: Omega,
     index: CoreIndex,
-    config: LayerConfig,
     m: Vec<f32>,
     gamma: f32,
     bias: Option<Vec<f32>>,
     svd_residual: Option<f64>,
     ws: Workspace,
-    saved: Option<Saved>,
-    /// Measured plan timings `Auto` consults (see [`crate::layer::calibrate`]).
-    plan_table: Option<PlanTable>,
+}
+
+impl std::ops::Deref for CpuLayer {
+    type Target = LayerCore;
+    fn deref(&self) -> &LayerCore {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for CpuLayer {
+    fn deref_mut(&mut self) -> &mut LayerCore {
+        &mut self.core
+    }
 }
 
 impl CpuLayer {
@@ -100,36 +105,11 @@ impl CpuLayer {
 
     /// A layer over given factors and an explicit index set (e.g. from an adapter file).
     pub fn with_omega(factors: Factors, omega: Omega, config: &LayerConfig, bias: Option<Vec<f32>>) -> Result<Self> {
-        if omega.r != factors.r {
-            return Err(Error::InvalidArgument(format!(
-                "pattern built for rank {} but the factors have rank {}",
-                omega.r, factors.r
-            )));
-        }
-        check_positive("|Omega|", omega.len())?;
-        if let Some(b) = &bias {
-            check_len("bias", b, factors.d_out)?;
-            check_finite("bias", b)?;
-        }
-        let k = omega.len();
-        let m = match config.init {
-            Init::Zero => vec![0.0; k],
-            Init::Official => Rng::new(config.seed).normal_vec(k, (2.0 / k as f64).sqrt()),
-        };
-        let index = CoreIndex::new(&omega);
-        Ok(CpuLayer {
-            factors,
-            omega,
-            index,
-            config: *config,
-            m,
-            gamma: 0.0,
-            bias,
-            svd_residual: None,
-            ws: Workspace::default(),
-            saved: None,
-            plan_table: None,
-        })
+        LayerCore::check_rank(&omega, factors.r)?;
+        let core = LayerCore::new(factors.d_out, factors.d_in, omega, config, bias.as_deref())?;
+        let m = core.initial_coefficients();
+        let index = CoreIndex::new(core.omega());
+        Ok(CpuLayer { core, factors, index, m, gamma: 0.0, bias, svd_residual: None, ws: Workspace::default() })
     }
 
     /// Decomposes a row-major `d_out x d_in` weight (thin SVD, optionally truncated) and builds
@@ -152,14 +132,6 @@ impl CpuLayer {
     pub fn factors(&self) -> &Factors {
         &self.factors
     }
-    /// The index set of the trainable coefficients.
-    pub fn omega(&self) -> &Omega {
-        &self.omega
-    }
-    /// The configuration the layer was built with.
-    pub fn config(&self) -> &LayerConfig {
-        &self.config
-    }
     /// The frozen bias, if any.
     pub fn bias(&self) -> Option<&[f32]> {
         self.bias.as_deref()
@@ -168,45 +140,9 @@ impl CpuLayer {
     pub fn svd_residual(&self) -> Option<f64> {
         self.svd_residual
     }
-    /// Dimensions for the cost model.
-    pub fn dims(&self) -> Dims {
-        Dims { d_out: self.factors.d_out, d_in: self.factors.d_in, r: self.factors.r, nnz: self.omega.len() }
-    }
-    /// Trainable parameters: |Omega| (+1 with the gate).
-    pub fn trainable_params(&self) -> usize {
-        self.omega.len() + usize::from(self.config.gate)
-    }
-    /// The plan that `forward` runs for `n` tokens: a fixed plan as configured; `Auto` from the
-    /// measured table when the layer holds one that covers `n`, else from the FLOP model.
-    pub fn plan_for(&self, n: usize) -> ExecPlan {
-        calibrate::resolve(self.config.plan, self.plan_table.as_ref(), &self.dims(), n)
-    }
-    /// Overrides the plan choice (a fixed plan ignores any measured table).
-    pub fn set_plan(&mut self, plan: Plan) {
-        self.config.plan = plan;
-        self.saved = None;
-    }
-    /// The measured plan table `Auto` consults, if any.
-    pub fn plan_table(&self) -> Option<&PlanTable> {
-        self.plan_table.as_ref()
-    }
-    /// Installs (or with `None` removes) a measured plan table, e.g. one loaded from a cache.
-    pub fn set_plan_table(&mut self, table: Option<PlanTable>) {
-        self.plan_table = table;
-        self.saved = None;
-    }
     /// What a calibration of this layer is valid for: this CPU, f32, this shape and pattern.
     pub fn calibration_key(&self) -> CalibrationKey {
-        let d = self.dims();
-        CalibrationKey {
-            backend: "cpu".into(),
-            device: super::device_name(),
-            dtype: "f32".into(),
-            d_out: d.d_out,
-            d_in: d.d_in,
-            r: d.r,
-            pattern: self.config.pattern.to_string(),
-        }
+        self.core.calibration_key("cpu", super::device_name(), "f32")
     }
 
     /// Measures the factored and merged plans (forward + backward on random inputs) at each of
@@ -216,7 +152,7 @@ impl CpuLayer {
     /// is not a separate candidate.
     pub fn calibrate(&mut self, options: &CalibrationOptions) -> Result<&PlanTable> {
         let key = self.calibration_key();
-        let configured = self.config.plan;
+        let configured = self.config().plan;
         let (d_out, d_in) = (self.factors.d_out, self.factors.d_in);
         let mut rng = Rng::new(0xca11_b7a7e);
         let plans = [ExecPlan::Factored, ExecPlan::Merged];
@@ -228,7 +164,7 @@ impl CpuLayer {
             &plans,
             options,
             |plan, n| {
-                self.config.plan = plan.into();
+                self.core.set_plan(plan.into());
                 if bufs.as_ref().is_none_or(|b| b.0 != n) {
                     let (x, g) = (rng.normal_vec(n * d_in, 1.0), rng.normal_vec(n * d_out, 1.0));
                     bufs = Some((n, [x, g, vec![0.0; n * d_out], vec![0.0; n * d_in], vec![0.0; nnz]]));
@@ -241,10 +177,9 @@ impl CpuLayer {
             },
             |_, _| true,
         );
-        self.config.plan = configured;
-        self.saved = None;
-        self.plan_table = Some(table?);
-        Ok(self.plan_table.as_ref().expect("set above"))
+        self.core.set_plan(configured);
+        self.core.set_plan_table(Some(table?));
+        Ok(self.core.plan_table().expect("set above"))
     }
     /// The coefficients M, canonical order.
     pub fn coefficients(&self) -> &[f32] {
@@ -252,10 +187,9 @@ impl CpuLayer {
     }
     /// Replaces the coefficients; they must be finite and |Omega| long. Forgets the saved forward.
     pub fn set_coefficients(&mut self, m: &[f32]) -> Result<()> {
-        check_len("coefficients", m, self.m.len())?;
-        check_finite("coefficients", m)?;
+        self.core.check_coefficients(m)?;
         self.m.copy_from_slice(m);
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// The gate parameter gamma (`g = sigmoid(gamma)` when the gate is on).
@@ -264,16 +198,14 @@ impl CpuLayer {
     }
     /// Sets gamma; it must be finite. Forgets the saved forward.
     pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
-        if !gamma.is_finite() {
-            return Err(Error::NonFinite { what: "gamma", index: 0 });
-        }
+        LayerCore::check_gamma(gamma)?;
         self.gamma = gamma;
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// The gate value g in use.
     pub fn gate_value(&self) -> f32 {
-        gate_value(self.config.gate, self.gamma)
+        self.core.gate_for(self.gamma)
     }
 
     /// `Y = X W^T (+ bias)` for `n` tokens; allocates the result.
@@ -313,7 +245,7 @@ impl CpuLayer {
         check_positive("tokens", n)?;
         check_len("X (n x d_in)", x, n * d_in)?;
         check_len("Y (n x d_out)", y, n * d_out)?;
-        self.saved = None;
+        self.core.forget_forward();
         self.gather_core();
         let plan = self.plan_for(n);
         match plan {
@@ -347,7 +279,7 @@ impl CpuLayer {
                 }
             }
         }
-        self.saved = Some(Saved { n, plan });
+        self.core.record_forward(n, plan);
         Ok(())
     }
 
@@ -355,10 +287,7 @@ impl CpuLayer {
     /// Needs the forward pass of the same `n` just before (its saved activations).
     pub fn backward_into(&mut self, g_out: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> Result<f32> {
         let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
-        let saved = self.saved.ok_or(Error::NoForward(ForwardMismatch::Missing))?;
-        if saved.n != n {
-            return Err(Error::NoForward(ForwardMismatch::Tokens { forward: saved.n, backward: n }));
-        }
+        let plan = self.core.forward_plan(n)?;
         check_len("G (n x d_out)", g_out, n * d_out)?;
         check_len("dX (n x d_in)", dx, n * d_in)?;
         check_len("dM (|Omega|)", dm, self.m.len())?;
@@ -366,7 +295,7 @@ impl CpuLayer {
         let g = self.gate_value(); // core values were gathered by forward
         let f = &self.factors;
         let ws = &mut self.ws;
-        match saved.plan {
+        match plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
                 let a = sized(&mut ws.a, n * r);
                 gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
@@ -394,7 +323,7 @@ impl CpuLayer {
                 sddmm(&f.u, q, &self.index, partial, sized(&mut ws.dc, nnz));
             }
         }
-        Ok(coefficient_grads(&ws.dc, &self.m, g, self.config.gate, dm))
+        Ok(coefficient_grads(&ws.dc, &self.m, g, self.core.config().gate, dm))
     }
 
     /// The dense adapted weight `U C V^T`, row-major `d_out x d_in` (bias not included).

@@ -6,6 +6,7 @@ use cudarc::driver::CudaSlice;
 use super::{driver_err, CudaLayer, Dtype};
 use crate::error::Result;
 use crate::layer::calibrate::{self, CalibrationKey, CalibrationOptions, PlanTable};
+use crate::layer::core::LayerCore;
 use crate::layer::plan::{ExecPlan, SMALL_N_MAX};
 use crate::rng::Rng;
 
@@ -15,16 +16,7 @@ type Buffers<T> = (usize, [CudaSlice<T>; 4], [CudaSlice<f32>; 2]);
 impl<T: Dtype> CudaLayer<T> {
     /// What a calibration of this layer is valid for: this GPU, dtype, shape and pattern.
     pub fn calibration_key(&self) -> CalibrationKey {
-        let d = self.dims();
-        CalibrationKey {
-            backend: "cuda".into(),
-            device: self.gpu().name().to_string(),
-            dtype: T::SUFFIX.into(),
-            d_out: d.d_out,
-            d_in: d.d_in,
-            r: d.r,
-            pattern: self.config().pattern.to_string(),
-        }
+        LayerCore::calibration_key(self, "cuda", self.gpu().name().to_string(), T::SUFFIX)
     }
 
     /// Measures every plan (factored, merged, and small-n where `n <= SMALL_N_MAX`) at each of

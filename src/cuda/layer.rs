@@ -4,8 +4,10 @@
 //! work on the stream (no host synchronisation) and allocate nothing after the first call with
 //! a given token count: the workspace grows once and is reused. The factored plan keeps
 //! `T = X V` whole and runs the rest in chunks of [`CudaLayer::token_chunk`] tokens, so its
-//! scratch stops growing with `n` (see [`default_token_chunk`]). This file holds the layer, its
-//! parameters and buffers; the step itself (forward, backward) is in `layer/step.rs`.
+//! scratch stops growing with `n` (see [`default_token_chunk`]). Shape, pattern, configuration,
+//! plan choice and the forward bookkeeping are the [`LayerCore`] it embeds (and dereferences
+//! to). This file holds the layer, its parameters and buffers; the step itself (forward,
+//! backward, merge) is in `layer/step.rs`.
 
 mod step;
 
@@ -16,14 +18,13 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView};
 
 use super::kernels::{gate_from_gamma, CoreArgs, Dtype, SddmmPattern};
 use super::{blas_err, driver_err, Gpu};
-use crate::error::{check_finite, check_len, check_positive, Error, Result};
+use crate::error::{check_len, Error, Result};
 use crate::geometry::{band_fits, default_token_chunk};
-use crate::layer::calibrate::{self, PlanTable};
-use crate::layer::config::{gate_value, Init, LayerConfig};
+use crate::layer::config::LayerConfig;
+use crate::layer::core::LayerCore;
 use crate::layer::pattern::Omega;
-use crate::layer::plan::{Dims, ExecPlan, Plan};
+use crate::layer::plan::Dims;
 use crate::layer::svd::Factors;
-use crate::rng::Rng;
 
 /// How the SDDMM reduces over the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -77,21 +78,13 @@ fn grow<'a, T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     Ok(slot.as_mut().expect("just allocated"))
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Saved {
-    n: usize,
-    plan: ExecPlan,
-}
-
 /// An SVFT layer on a CUDA device, activations and factors in `T` (f32, bf16 or f16).
 #[derive(Debug)]
 pub struct CudaLayer<T: Dtype> {
     gpu: Arc<Gpu>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    dims: Dims,
-    omega: Omega,
-    config: LayerConfig,
+    core: LayerCore,
     band: Option<usize>,
     u: CudaSlice<T>,
     v: CudaSlice<T>,
@@ -114,9 +107,19 @@ pub struct CudaLayer<T: Dtype> {
     /// Tokens per chunk of the factored plan's `n x r` scratch (`None`: [`default_token_chunk`]).
     token_chunk: Option<usize>,
     ws: Workspace<T>,
-    saved: Option<Saved>,
-    /// Measured plan timings `Auto` consults (see [`crate::layer::calibrate`]).
-    plan_table: Option<PlanTable>,
+}
+
+impl<T: Dtype> std::ops::Deref for CudaLayer<T> {
+    type Target = LayerCore;
+    fn deref(&self) -> &LayerCore {
+        &self.core
+    }
+}
+
+impl<T: Dtype> std::ops::DerefMut for CudaLayer<T> {
+    fn deref_mut(&mut self) -> &mut LayerCore {
+        &mut self.core
+    }
 }
 
 /// Uploads one of the pattern's CSRs ([`Omega::csr_by_row`], [`Omega::csr_by_col`]).
@@ -198,27 +201,14 @@ impl<T: Dtype> CudaLayer<T> {
         bias: Option<&[f32]>,
     ) -> Result<Self> {
         let f = factors;
-        if omega.r != f.r {
-            return Err(Error::InvalidArgument(format!(
-                "pattern built for rank {} but the factors have rank {}",
-                omega.r, f.r
-            )));
-        }
-        check_positive("|Omega|", omega.len())?;
-        if let Some(b) = bias {
-            check_len("bias", b, f.d_out)?;
-            check_finite("bias", b)?;
-        }
+        LayerCore::check_rank(&omega, f.r)?;
         for (what, v) in [("d_out", f.d_out), ("d_in", f.d_in), ("|Omega|", omega.len())] {
             if v > i32::MAX as usize / 2 {
                 return Err(Error::InvalidArgument(format!("{what} = {v} is too large for the kernels")));
             }
         }
-        let k = omega.len();
-        let m = match config.init {
-            Init::Zero => vec![0.0f32; k],
-            Init::Official => Rng::new(config.seed).normal_vec(k, (2.0 / k as f64).sqrt()),
-        };
+        let core = LayerCore::new(f.d_out, f.d_in, omega, config, bias)?;
+        let (omega, m) = (core.omega(), core.initial_coefficients());
         let narrow = |x: &[f32]| x.iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>();
         let up_t = |x: &[T]| stream.clone_htod(x).map_err(|e| driver_err("uploading the factors", e));
         let up_f = |x: &[f32]| stream.clone_htod(x).map_err(|e| driver_err("uploading the factors", e));
@@ -235,7 +225,6 @@ impl<T: Dtype> CudaLayer<T> {
         let band = (in_band && band_fits(omega.pattern.d())).then(|| omega.pattern.d());
         let blas = CudaBlas::new(stream.clone()).map_err(|e| blas_err("creating the cuBLAS handle", e))?;
         Ok(CudaLayer {
-            dims: Dims { d_out: f.d_out, d_in: f.d_in, r: f.r, nnz: k },
             u: up_t(&narrow(&f.u))?,
             v: up_t(&narrow(&f.v))?,
             s: up_f(&f.s)?,
@@ -246,10 +235,8 @@ impl<T: Dtype> CudaLayer<T> {
             by_row: upload_csr(&stream, &omega.csr_by_row())?,
             by_col: upload_csr(&stream, &omega.csr_by_col())?,
             gamma: Some(0.0),
-            gate_state: up_f(&[gate_value(config.gate, 0.0), 0.0])?,
+            gate_state: up_f(&[core.gate_for(0.0), 0.0])?,
             band,
-            omega,
-            config: *config,
             sddmm_mode: SddmmMode::Fast,
             fused_backward: true,
             token_chunk: None,
@@ -267,8 +254,7 @@ impl<T: Dtype> CudaLayer<T> {
                 gate_partial: None,
                 skinny: None,
             },
-            saved: None,
-            plan_table: None,
+            core,
             blas,
             gpu,
             stream,
@@ -282,42 +268,6 @@ impl<T: Dtype> CudaLayer<T> {
     /// The stream all work is enqueued on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
-    }
-    /// Dimensions for the cost model.
-    pub fn dims(&self) -> Dims {
-        self.dims
-    }
-    /// The index set of the coefficients.
-    pub fn omega(&self) -> &Omega {
-        &self.omega
-    }
-    /// Trainable parameters: |Omega| (+1 with the gate).
-    pub fn trainable_params(&self) -> usize {
-        self.omega.len() + usize::from(self.config.gate)
-    }
-    /// The layer's configuration (pattern, init, gate, plan).
-    pub fn config(&self) -> &LayerConfig {
-        &self.config
-    }
-    /// The plan `forward` runs for `n` tokens: a fixed plan as configured; `Auto` from the
-    /// measured table when the layer holds one that covers `n` (see [`CudaLayer::calibrate`]),
-    /// else from the FLOP model.
-    pub fn plan_for(&self, n: usize) -> ExecPlan {
-        calibrate::resolve(self.config.plan, self.plan_table.as_ref(), &self.dims, n)
-    }
-    /// Overrides the plan choice (a fixed plan ignores any measured table).
-    pub fn set_plan(&mut self, plan: Plan) {
-        self.config.plan = plan;
-        self.saved = None;
-    }
-    /// The measured plan table `Auto` consults, if any.
-    pub fn plan_table(&self) -> Option<&PlanTable> {
-        self.plan_table.as_ref()
-    }
-    /// Installs (or with `None` removes) a measured plan table.
-    pub fn set_plan_table(&mut self, table: Option<PlanTable>) {
-        self.plan_table = table;
-        self.saved = None;
     }
     /// Chooses the SDDMM reduction (fast by default).
     pub fn set_sddmm_mode(&mut self, mode: SddmmMode) {
@@ -348,7 +298,7 @@ impl<T: Dtype> CudaLayer<T> {
     }
     /// Tokens per chunk of the factored plan's scratch (see [`CudaLayer::set_token_chunk`]).
     pub fn token_chunk(&self) -> usize {
-        self.token_chunk.unwrap_or_else(|| default_token_chunk(self.dims.r))
+        self.token_chunk.unwrap_or_else(|| default_token_chunk(self.core.dims().r))
     }
     /// Whether the band stencil kernels are in use (else the CSR kernels).
     pub fn uses_band_kernels(&self) -> bool {
@@ -362,7 +312,7 @@ impl<T: Dtype> CudaLayer<T> {
     /// The device buffer of the coefficients M (f32, canonical order): an optimizer may update
     /// it in place on the layer's stream.
     pub fn coefficients_mut(&mut self) -> &mut CudaSlice<f32> {
-        self.saved = None;
+        self.core.forget_forward();
         &mut self.m
     }
     /// Copies the coefficients to the host (synchronises the stream).
@@ -371,10 +321,9 @@ impl<T: Dtype> CudaLayer<T> {
     }
     /// Uploads new coefficients; they must be finite and |Omega| long.
     pub fn set_coefficients(&mut self, m: &[f32]) -> Result<()> {
-        check_len("coefficients", m, self.omega.len())?;
-        check_finite("coefficients", m)?;
+        self.core.check_coefficients(m)?;
         self.stream.memcpy_htod(m, &mut self.m).map_err(|e| driver_err("writing the coefficients", e))?;
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// Copies new coefficients from device memory (|Omega| f32) on the layer's stream, without
@@ -382,9 +331,9 @@ impl<T: Dtype> CudaLayer<T> {
     /// [`CudaLayer::set_coefficients`] the values are not checked for finiteness (that would
     /// need a host round trip): a NaN propagates to the outputs as in any device operation.
     pub fn set_coefficients_device(&mut self, m: &CudaView<'_, f32>) -> Result<()> {
-        check_len("coefficients", &vec![(); m.len()], self.omega.len())?;
+        check_len("coefficients", &vec![(); m.len()], self.core.dims().nnz)?;
         self.stream.memcpy_dtod(m, &mut self.m).map_err(|e| driver_err("copying the coefficients", e))?;
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// The gate parameter gamma: the value last set from the host, or read back from the
@@ -398,13 +347,11 @@ impl<T: Dtype> CudaLayer<T> {
     /// Sets gamma from the host (finite); the gate value is computed here and copied to the
     /// device on the layer's stream.
     pub fn set_gamma(&mut self, gamma: f32) -> Result<()> {
-        if !gamma.is_finite() {
-            return Err(Error::NonFinite { what: "gamma", index: 0 });
-        }
-        let state = [gate_value(self.config.gate, gamma), gamma];
+        LayerCore::check_gamma(gamma)?;
+        let state = [self.core.gate_for(gamma), gamma];
         self.stream.memcpy_htod(&state, &mut self.gate_state).map_err(|e| driver_err("writing gamma", e))?;
         self.gamma = Some(gamma);
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// Sets gamma from one f32 in device memory: a one-thread kernel on the layer's stream
@@ -412,16 +359,16 @@ impl<T: Dtype> CudaLayer<T> {
     /// orders `gamma`'s producer before this stream; not checked for finiteness).
     pub fn set_gamma_device(&mut self, gamma: &CudaView<'_, f32>) -> Result<()> {
         check_len("gamma", &vec![(); gamma.len()], 1)?;
-        gate_from_gamma(&self.gpu, &self.stream, gamma, self.config.gate, &mut self.gate_state.slice_mut(..))?;
+        gate_from_gamma(&self.gpu, &self.stream, gamma, self.core.config().gate, &mut self.gate_state.slice_mut(..))?;
         self.gamma = None;
-        self.saved = None;
+        self.core.forget_forward();
         Ok(())
     }
     /// The gate value g in use (1 without the gate); read back from the device after
     /// [`CudaLayer::set_gamma_device`].
     pub fn gate_value(&self) -> Result<f32> {
         match self.gamma {
-            Some(gamma) => Ok(gate_value(self.config.gate, gamma)),
+            Some(gamma) => Ok(self.core.gate_for(gamma)),
             None => self.read_gate_state(0),
         }
     }
@@ -432,7 +379,7 @@ impl<T: Dtype> CudaLayer<T> {
 
     /// Device bytes held between steps: factors, s, M, pattern structures, bias.
     pub fn persistent_bytes(&self) -> usize {
-        let (o, i, r, k) = (self.dims.d_out, self.dims.d_in, self.dims.r, self.omega.len());
+        let Dims { d_out: o, d_in: i, r, nnz: k } = self.core.dims();
         std::mem::size_of::<T>() * ((o + i) * r + self.bias.as_ref().map_or(0, |_| o))
             + 4 * (r + k)
             + 4 * (2 * k + 2 * (r + 1 + 2 * k))

@@ -5,6 +5,7 @@
 
 pub mod calibrate;
 pub mod config;
+pub mod core;
 pub mod pattern;
 pub mod plan;
 pub mod reference;

@@ -7,24 +7,24 @@
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
-use super::{grow, CudaLayer, PatternViews, Saved, SddmmMode};
+use super::{grow, CudaLayer, PatternViews, SddmmMode};
 use crate::cuda::driver_err;
 use crate::cuda::kernels::{apply, gemm, sddmm, sddmm_apply_bwd, skinny_nn, skinny_nt, Dtype, Mat};
-use crate::error::{check_len, check_positive, Error, ForwardMismatch, Result};
+use crate::error::{check_len, check_positive, Error, Result};
 use crate::geometry::{epilogue_blocks, fused_bwd_fits, sddmm_workspace_len, smalln_workspace_len};
 use crate::layer::plan::{Dims, ExecPlan};
 
 impl<T: Dtype> CudaLayer<T> {
     /// `Y = X W^T (+ bias)`: `x` is `n x d_in`, `y` is `n x d_out`, both on this layer's device.
     pub fn forward(&mut self, x: &CudaView<'_, T>, n: usize, y: &mut CudaViewMut<'_, T>) -> Result<()> {
-        let Dims { d_out, d_in, r, .. } = self.dims;
+        let Dims { d_out, d_in, r, .. } = self.core.dims();
         check_positive("tokens", n)?;
         check_len("X (n x d_in)", &vec![(); x.len()], n * d_in)?;
         check_len("Y (n x d_out)", &vec![(); y.len()], n * d_out)?;
         if n > i32::MAX as usize / d_out.max(d_in).max(r) {
             return Err(Error::InvalidArgument(format!("{n} tokens are too many for one call")));
         }
-        self.saved = None;
+        self.core.forget_forward();
         let g = self.gate_state.slice(..1);
         let g = &g;
         let plan = self.plan_for(n);
@@ -97,7 +97,15 @@ impl<T: Dtype> CudaLayer<T> {
             ExecPlan::Merged => {
                 let w = grow(&stream, &mut ws.w, d_out * d_in)?;
                 let core = Core { u: &u, s: &s, m: &m, g, v: &v, pv: &pv };
-                merged_weight(self.dims, gpu, blas, &stream, &core, &mut ws.fold, &mut w.slice_mut(..d_out * d_in))?;
+                merged_weight(
+                    self.core.dims(),
+                    gpu,
+                    blas,
+                    &stream,
+                    &core,
+                    &mut ws.fold,
+                    &mut w.slice_mut(..d_out * d_in),
+                )?;
                 gemm(
                     blas,
                     y,
@@ -125,7 +133,7 @@ impl<T: Dtype> CudaLayer<T> {
                 true,
             )?;
         }
-        self.saved = Some(Saved { n, plan });
+        self.core.record_forward(n, plan);
         Ok(())
     }
 
@@ -139,11 +147,8 @@ impl<T: Dtype> CudaLayer<T> {
         dm: &mut CudaViewMut<'_, f32>,
         dgamma: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let Dims { d_out, d_in, r, nnz } = self.dims;
-        let saved = self.saved.ok_or(Error::NoForward(ForwardMismatch::Missing))?;
-        if saved.n != n {
-            return Err(Error::NoForward(ForwardMismatch::Tokens { forward: saved.n, backward: n }));
-        }
+        let Dims { d_out, d_in, r, nnz } = self.core.dims();
+        let plan = self.core.forward_plan(n)?;
         check_len("G (n x d_out)", &vec![(); g_out.len()], n * d_out)?;
         check_len("dX (n x d_in)", &vec![(); dx.len()], n * d_in)?;
         check_len("dM (|Omega|)", &vec![(); dm.len()], nnz)?;
@@ -161,16 +166,16 @@ impl<T: Dtype> CudaLayer<T> {
         let ws = &mut self.ws;
         let gpu = &self.gpu;
         let blas = &self.blas;
-        let gate = self.config.gate;
+        let gate = self.core.config().gate;
         // Tokens per pass (the small-n path takes the batch whole), and where the backward core
         // goes: on the activations (`A C`) when the batch has fewer elements than V (n <= d_in),
         // else folded into V once; always on the activations on the small-n path (its kernels
         // take V as is). The choice follows n, not the chunk, so chunking moves no extra bytes.
-        let chunk = if saved.plan == ExecPlan::SmallN { n } else { token_chunk.min(n) };
-        let core_on_acts = saved.plan == ExecPlan::SmallN || n <= d_in;
+        let chunk = if plan == ExecPlan::SmallN { n } else { token_chunk.min(n) };
+        let core_on_acts = plan == ExecPlan::SmallN || n <= d_in;
         // The fused pass needs the band kernels and `A C` on the activations.
         let fused_band = self.band.filter(|&d| self.fused_backward && core_on_acts && fused_bwd_fits(d));
-        let sddmm_rows = match saved.plan {
+        let sddmm_rows = match plan {
             ExecPlan::Factored | ExecPlan::SmallN => chunk,
             ExecPlan::Merged => d_out,
         };
@@ -179,9 +184,9 @@ impl<T: Dtype> CudaLayer<T> {
         if !gate {
             stream.memset_zeros(dgamma).map_err(|e| driver_err("zeroing dgamma", e))?;
         }
-        match saved.plan {
+        match plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
-                let small = saved.plan == ExecPlan::SmallN;
+                let small = plan == ExecPlan::SmallN;
                 let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
                 let a = grow(&stream, &mut ws.a, chunk * r)?;
                 let vc = if core_on_acts {
@@ -364,13 +369,13 @@ impl<T: Dtype> CudaLayer<T> {
     /// GEMM), so a merged weight is what `forward` computes with; the device twin of
     /// [`crate::cpu::CpuLayer::merge`]. Only enqueues work.
     pub fn merge_into(&mut self, w: &mut CudaViewMut<'_, T>) -> Result<()> {
-        let Dims { d_out, d_in, .. } = self.dims;
+        let Dims { d_out, d_in, .. } = self.core.dims();
         check_len("W (d_out x d_in)", &vec![(); w.len()], d_out * d_in)?;
         let (u, s, m, v) = (self.u.slice(..), self.s.slice(..), self.m.slice(..), self.v.slice(..));
         let g = self.gate_state.slice(..1);
         let pv = PatternViews::new(self.band, &self.rows, &self.cols, &self.by_row, &self.by_col);
         let core = Core { u: &u, s: &s, m: &m, g: &g, v: &v, pv: &pv };
-        merged_weight(self.dims, &self.gpu, &self.blas, &self.stream, &core, &mut self.ws.fold, w)
+        merged_weight(self.core.dims(), &self.gpu, &self.blas, &self.stream, &core, &mut self.ws.fold, w)
     }
 }
 
