@@ -237,6 +237,17 @@ SvftStatus svft_layer_from_factors(int32_t backend,
 // Any pointer value is accepted.
 SvftStatus svft_layer_destroy(struct SvftLayer *layer);
 
+// For tests of the ABI itself: panics inside the guard, so it returns `SVFT_STATUS_PANIC`
+// with a message, proving that no panic crosses the C boundary.
+SvftStatus svft_selftest_panic(void);
+
+// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
+// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
+//
+// # Safety
+// `out` must be NULL or writable.
+SvftStatus svft_status_name(int32_t status, const char **out);
+
 // Writes the layer's shape: `d_out`, `d_in`, rank `r` and `|Omega|` (`nnz`, the number of
 // coefficients). Each output may be NULL when not wanted.
 //
@@ -401,9 +412,10 @@ SvftStatus svft_layer_set_gamma(struct SvftLayer *layer, float gamma);
 
 // Writes the dense adapted weight `U C V^T` (bias not included), row-major `d_out x d_in`
 // (`w_len` elements of `dtype`: F32 on the CPU backend; the layer's dtype or F32 on CUDA) in
-// the backend's memory space; `stream` as in `svft_layer_forward`. On CUDA, `U C` is formed on
-// the host from the device factors (this waits for the layer's queued work), the product by
-// cuBLAS, ordered on `stream` like a forward.
+// the backend's memory space; `stream` as in `svft_layer_forward`. On CUDA in the layer's dtype,
+// W is formed on the device as the merged plan forms it, ordered on `stream` like a forward
+// (no host synchronisation); F32 from a 16-bit layer forms `U C` on the host in f32 (this waits
+// for the layer's queued work), then the product by an f32 cuBLAS GEMM ordered on `stream`.
 //
 // # Safety
 // `w` must be NULL or valid for `w_len` elements.
@@ -438,17 +450,6 @@ SvftStatus svft_layer_indices(const struct SvftLayer *layer,
                               uint32_t *rows,
                               uint32_t *cols,
                               size_t len);
-
-// For tests of the ABI itself: panics inside the guard, so it returns `SVFT_STATUS_PANIC`
-// with a message, proving that no panic crosses the C boundary.
-SvftStatus svft_selftest_panic(void);
-
-// Writes to `*out` a static NUL-terminated name for `status` (e.g. "SVFT_STATUS_SHAPE").
-// An unknown value is `SVFT_STATUS_INVALID_ARGUMENT`.
-//
-// # Safety
-// `out` must be NULL or writable.
-SvftStatus svft_status_name(int32_t status, const char **out);
 
 // Copies the calling thread's last error message into `buf` (at most `buf_len` bytes including
 // the terminating NUL; longer messages are truncated and still NUL-terminated) and writes its

@@ -49,8 +49,20 @@ fn header_declares_every_export() {
     let header = generate();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/ffi");
     let mut count = 0;
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let src = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    let mut files = vec![];
+    let mut dirs = vec![dir];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    for file in files {
+        let src = std::fs::read_to_string(file).unwrap();
         for name in src.split("extern \"C\" fn ").skip(1).map(|s| s.split('(').next().unwrap().trim()) {
             assert!(header.contains(&format!("{name}(")), "{name} missing from the header");
             count += 1;

@@ -27,12 +27,17 @@
 //!   calls return `SVFT_STATUS_CUDA_UNAVAILABLE`, with the probe's reason in the message.
 
 mod buffers;
+
+mod cpu;
 mod cuda;
 mod exports;
+mod layer;
+mod layer_calls;
 mod registry;
 mod status;
 
 pub use exports::*;
+pub use layer_calls::*;
 pub use status::{svft_last_error, SvftStatus};
 
 /// Bumped whenever a signature or an enumeration value of this header changes incompatibly.

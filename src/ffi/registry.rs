@@ -6,66 +6,20 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use super::cuda::CudaRecord;
+use super::layer::AbiLayer;
 use super::status::{fail, FfiResult, SvftStatus};
-use super::SvftBackend;
-use crate::cpu::CpuLayer;
-use crate::layer::pattern::Omega;
-use crate::layer::plan::{Dims, Plan};
 
 /// The C handle type: opaque, only ever seen through a pointer.
 pub struct SvftLayer {
     _private: [u8; 0],
 }
 
-/// The layer itself, on its backend.
-#[allow(clippy::large_enum_variant)] // one per handle, behind an Arc<Mutex>: size is irrelevant
-pub(crate) enum Backend {
-    Cpu(CpuLayer),
-    Cuda(Box<CudaRecord>),
-}
-
 /// What a handle refers to.
 pub(crate) struct Layer {
-    pub backend: Backend,
+    /// The layer on its backend (chosen once, when the handle was made).
+    pub layer: Box<dyn AbiLayer>,
     /// `||U diag(s) V^T - W0|| / ||W0||` when built from a weight, else NaN.
     pub svd_residual: f64,
-}
-
-impl Layer {
-    pub fn kind(&self) -> SvftBackend {
-        match self.backend {
-            Backend::Cpu(_) => SvftBackend::Cpu,
-            Backend::Cuda(_) => SvftBackend::Cuda,
-        }
-    }
-    pub fn dims(&self) -> Dims {
-        match &self.backend {
-            Backend::Cpu(layer) => layer.dims(),
-            Backend::Cuda(c) => c.dims(),
-        }
-    }
-    pub fn omega(&self) -> &Omega {
-        match &self.backend {
-            Backend::Cpu(layer) => layer.omega(),
-            Backend::Cuda(c) => c.omega(),
-        }
-    }
-    pub fn gate(&self) -> bool {
-        match &self.backend {
-            Backend::Cpu(layer) => layer.config().gate,
-            Backend::Cuda(c) => c.gate(),
-        }
-    }
-    pub fn trainable_params(&self) -> usize {
-        self.dims().nnz + usize::from(self.gate())
-    }
-    pub fn set_plan(&mut self, plan: Plan) {
-        match &mut self.backend {
-            Backend::Cpu(layer) => layer.set_plan(plan),
-            Backend::Cuda(c) => c.set_plan(plan),
-        }
-    }
 }
 
 type Slot = Arc<Mutex<Layer>>;

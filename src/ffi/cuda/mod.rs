@@ -1,0 +1,499 @@
+//! The CUDA backend of the C ABI: a [`crate::cuda::CudaLayer`] of each dtype behind a handle
+//! ([`CudaRecord`], an [`AbiLayer`]), on device pointers and a `CUstream` that belong to the
+//! caller. The twin of `ffi/cpu.rs`; what a device pointer is and how it is borrowed is in
+//! `memory.rs`.
+//!
+//! - Caller buffers are borrowed for one call: the raw `CUdeviceptr` is wrapped as a cudarc
+//!   slice ([`Borrowed`]) that is `leak`ed, never freed, when the call ends (on every path,
+//!   unwinding included).
+//! - Every layer runs on a stream of its own. Around each call that touches device memory
+//!   the caller's stream and the layer's are joined both ways with events: the layer waits for
+//!   the caller's earlier work, the caller's later work waits for the layer. Nothing here
+//!   synchronises the host in forward, backward or merge's GEMM; coefficient reads and writes,
+//!   factor reads and creation do (they copy through host memory).
+//! - Before a device pointer is used, the driver is asked what it is (`cuPointerGetAttributes`
+//!   on its first and last byte): device memory of the layer's device, not host (pageable or
+//!   pinned) and not managed. A host pointer is an `INVALID_ARGUMENT`, never a fault.
+//! - The calling thread's current CUDA context is restored when a call returns.
+
+mod memory;
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::mem::ManuallyDrop;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::cublas::{CudaBlas, GemmConfig};
+use cudarc::driver::sys::{self, CUstream};
+use cudarc::driver::{result, CudaEvent, CudaSlice, CudaView, CudaViewMut};
+use half::{bf16, f16};
+
+use super::buffers::{check_len, mul, preflight, Span};
+use super::layer::{AbiLayer, In, Out};
+use super::status::{fail, FfiError, FfiResult, SvftStatus};
+use super::{SvftBackend, SvftDtype};
+use crate::cuda::{blas_err, device_count, driver_err, CudaLayer, Dtype, Gpu};
+use crate::error::Error;
+use crate::layer::calibrate::CalibrationOptions;
+use crate::layer::config::LayerConfig;
+use crate::layer::core::LayerCore;
+use crate::layer::plan::Dims;
+use crate::layer::svd::{thin_svd, Factors};
+use memory::{device_as_f32, device_buffer, device_buffer_on, dtoh, Borrowed, ContextGuard};
+
+/// The number of CUDA devices, or `CUDA_UNAVAILABLE` with the device probe's reason.
+pub(crate) fn available() -> FfiResult<usize> {
+    device_count().map_err(|e| {
+        let why = match e {
+            Error::Cuda(msg) => msg,
+            other => other.to_string(),
+        };
+        FfiError::new(SvftStatus::CudaUnavailable, format!("the CUDA backend is unavailable: {why}"))
+    })
+}
+
+fn drv(what: &str, e: result::DriverError) -> FfiError {
+    driver_err(what, e).into()
+}
+
+/// One [`Gpu`] per device for the whole process (loading the kernels is not cheap).
+fn gpu(ordinal: usize) -> FfiResult<Arc<Gpu>> {
+    static GPUS: OnceLock<Mutex<HashMap<usize, Arc<Gpu>>>> = OnceLock::new();
+    let mut map = GPUS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(g) = map.get(&ordinal) {
+        return Ok(g.clone());
+    }
+    // Gpu::new turns cudarc's per-buffer event tracking off (the caller's buffers are ordered
+    // with explicit events, see the module doc).
+    let g = Gpu::new(ordinal)?;
+    map.insert(ordinal, g.clone());
+    Ok(g)
+}
+
+/// The `SvftDtype` of a layer computing in `T`.
+fn dtype_of<T: Dtype>() -> SvftDtype {
+    match T::SUFFIX {
+        "bf16" => SvftDtype::Bf16,
+        "f16" => SvftDtype::F16,
+        _ => SvftDtype::F32,
+    }
+}
+
+struct Inner<T: Dtype> {
+    layer: CudaLayer<T>,
+    gpu: Arc<Gpu>,
+    ordinal: usize,
+    has_bias: bool,
+    /// Recorded on the caller's stream on entry; the layer's stream waits on it.
+    entered: CudaEvent,
+    /// Recorded on the layer's stream on exit; the caller's stream waits on it.
+    done: CudaEvent,
+    /// dL/dgamma when the caller passes no buffer for it.
+    dgamma: CudaSlice<f32>,
+}
+
+/// A CUDA layer computing in `T`, with its stream, events and device, as a handle holds it.
+pub(crate) struct CudaRecord<T: Dtype> {
+    inner: ManuallyDrop<Inner<T>>,
+}
+
+impl<T: Dtype> Drop for CudaRecord<T> {
+    fn drop(&mut self) {
+        // Freeing binds the layer's context (cudarc does); put the caller's back afterwards.
+        let guard = ContextGuard::new(Some(&self.inner.gpu));
+        // SAFETY: dropped exactly once, here.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        drop(guard);
+    }
+}
+
+/// The activation dtype a layer computes in: that of its weight or factors, f64 giving f32.
+fn compute_dtype(dt: SvftDtype) -> SvftDtype {
+    if dt == SvftDtype::F64 {
+        SvftDtype::F32
+    } else {
+        dt
+    }
+}
+
+/// Builds the layer on `ordinal` in the dtype `dt` computes in: the only place the CUDA side
+/// of the C ABI matches on a dtype.
+fn build(
+    ordinal: usize,
+    dt: SvftDtype,
+    factors: &Factors,
+    config: &LayerConfig,
+    bias: Option<Vec<f32>>,
+) -> FfiResult<Box<dyn AbiLayer>> {
+    Ok(match compute_dtype(dt) {
+        SvftDtype::Bf16 => Box::new(record::<bf16>(ordinal, factors, config, bias)?),
+        SvftDtype::F16 => Box::new(record::<f16>(ordinal, factors, config, bias)?),
+        _ => Box::new(record::<f32>(ordinal, factors, config, bias)?),
+    })
+}
+
+/// The layer on `ordinal`: uploads the factors on a new stream of its own.
+fn record<T: Dtype>(
+    ordinal: usize,
+    factors: &Factors,
+    config: &LayerConfig,
+    bias: Option<Vec<f32>>,
+) -> FfiResult<CudaRecord<T>> {
+    let gpu = gpu(ordinal)?;
+    let _ctx = ContextGuard::new(Some(&gpu))?;
+    let stream = gpu.context().new_stream().map_err(|e| drv("creating the layer's stream", e))?;
+    let layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), factors, config, bias.as_deref())?;
+    let event = || gpu.context().new_event(None).map_err(|e| drv("creating an event", e));
+    let inner = Inner {
+        entered: event()?,
+        done: event()?,
+        dgamma: stream.alloc_zeros::<f32>(1).map_err(|e| drv("allocating dgamma", e))?,
+        layer,
+        ordinal,
+        has_bias: bias.is_some(),
+        gpu,
+    };
+    Ok(CudaRecord { inner: ManuallyDrop::new(inner) })
+}
+
+/// `svft_layer_from_weight` on CUDA, after the host-side checks: `weight` and `bias` are device
+/// pointers. The weight is copied to the host and decomposed there by the CPU SVD (the same
+/// factors as the CPU backend for the same weight), then the factors are uploaded.
+///
+/// # Safety
+/// `weight` (and `bias` when not NULL) must be valid for their lengths in `dt`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn from_weight(
+    (weight, weight_len): In,
+    dt: SvftDtype,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    config: &LayerConfig,
+    (bias, bias_len): In,
+) -> FfiResult<(Box<dyn AbiLayer>, f64)> {
+    available()?;
+    let _ctx = ContextGuard::new(None)?;
+    let (_, ordinal) = device_buffer("weight", weight, weight_len, dt.size())?;
+    let has_bias = !(bias.is_null() && bias_len == 0);
+    if has_bias {
+        check_len("bias (d_out)", bias_len, d_out)?;
+        device_buffer_on("bias", bias, bias_len, dt.size(), ordinal)?;
+    }
+    let gpu = gpu(ordinal)?;
+    let _bound = ContextGuard::new(Some(&gpu))?;
+    let stream = gpu.context().new_stream().map_err(|e| drv("creating a stream", e))?;
+    // SAFETY (both): checked device buffers of these lengths; the caller vouches for them.
+    let bias = if has_bias { Some(unsafe { device_as_f32(&stream, "bias", bias, dt, bias_len) }?) } else { None };
+    let dec = if dt == SvftDtype::F64 {
+        let w = unsafe { dtoh::<f64>(&stream, "weight", weight, weight_len) }?;
+        thin_svd(&w, d_out, d_in, Some(rank))?
+    } else {
+        let w = unsafe { device_as_f32(&stream, "weight", weight, dt, weight_len) }?;
+        thin_svd(&w, d_out, d_in, Some(rank))?
+    };
+    drop(stream);
+    Ok((build(ordinal, dt, &dec.factors, config, bias)?, dec.residual))
+}
+
+/// `svft_layer_from_factors` on CUDA: `u`, `s`, `v` (and `bias`) are device pointers of `dt`.
+///
+/// # Safety
+/// Pointers must be valid for their lengths in `dt`.
+pub(crate) unsafe fn from_factors(
+    dt: SvftDtype,
+    (d_out, d_in): (usize, usize),
+    [(u, u_len), (s, s_len), (v, v_len)]: [In; 3],
+    config: &LayerConfig,
+    (bias, bias_len): In,
+) -> FfiResult<Box<dyn AbiLayer>> {
+    available()?;
+    let _ctx = ContextGuard::new(None)?;
+    let (_, ordinal) = device_buffer("U", u, u_len, dt.size())?;
+    device_buffer_on("s", s, s_len, dt.size(), ordinal)?;
+    device_buffer_on("V", v, v_len, dt.size(), ordinal)?;
+    let has_bias = !(bias.is_null() && bias_len == 0);
+    if has_bias {
+        check_len("bias (d_out)", bias_len, d_out)?;
+        device_buffer_on("bias", bias, bias_len, dt.size(), ordinal)?;
+    }
+    let gpu = gpu(ordinal)?;
+    let _bound = ContextGuard::new(Some(&gpu))?;
+    let stream = gpu.context().new_stream().map_err(|e| drv("creating a stream", e))?;
+    // SAFETY (all): checked device buffers of these lengths; the caller vouches for them.
+    let (uh, sh, vh) = unsafe {
+        (
+            device_as_f32(&stream, "U", u, dt, u_len)?,
+            device_as_f32(&stream, "s", s, dt, s_len)?,
+            device_as_f32(&stream, "V", v, dt, v_len)?,
+        )
+    };
+    let bias = if has_bias { Some(unsafe { device_as_f32(&stream, "bias", bias, dt, bias_len) }?) } else { None };
+    drop(stream);
+    let factors = Factors::new(d_out, d_in, uh, sh, vh)?;
+    build(ordinal, dt, &factors, config, bias)
+}
+
+/// `W = V U_C^T` in cuBLAS's column-major terms, i.e. the row-major `d_out x d_in`
+/// `W = U_C V^T` from row-major `U_C` (`d_out x r`) and `V` (`d_in x r`).
+fn merge_gemm<E: Dtype>(
+    blas: &CudaBlas,
+    v: &CudaView<'_, E>,
+    uc: &CudaView<'_, E>,
+    w: &mut CudaViewMut<'_, E>,
+    d: Dims,
+) -> FfiResult {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let cfg = GemmConfig {
+        transa: CUBLAS_OP_T,
+        transb: CUBLAS_OP_N,
+        m: d.d_in as i32,
+        n: d.d_out as i32,
+        k: d.r as i32,
+        alpha: E::from_f32(1.0),
+        lda: d.r as i32,
+        ldb: d.r as i32,
+        beta: E::from_f32(0.0),
+        ldc: d.d_in as i32,
+    };
+    // SAFETY: V holds d_in x r, U_C d_out x r and W d_out x d_in elements (checked by callers).
+    unsafe { E::gemm(blas, cfg, v, uc, w) }.map_err(|e| blas_err("merging W = U_C V^T", e).into())
+}
+
+/// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32), on
+/// the layer's stream. In the layer's dtype: [`CudaLayer::merge_into`] (the merged plan's own
+/// fold and GEMM). In f32 from a 16-bit layer, so that W is not rounded to 16 bits: `U C` is
+/// formed on the host in f32 from the device factors and coefficients (synchronises the
+/// layer's stream), then `W = U_C V^T` by an f32 cuBLAS GEMM.
+fn merge_typed<T: Dtype>(
+    l: &mut CudaLayer<T>,
+    own: SvftDtype,
+    out: SvftDtype,
+    w: *mut c_void,
+    w_len: usize,
+) -> FfiResult {
+    let stream = l.stream().clone();
+    if out == own {
+        // SAFETY: a checked device buffer of w_len = d_out x d_in elements of T.
+        let mut wb = unsafe { Borrowed::<T>::new(&stream, w, w_len) };
+        return Ok(l.merge_into(&mut wb.view_mut())?);
+    }
+    debug_assert_eq!(out, SvftDtype::F32);
+    let d = l.dims();
+    let (o, r) = (d.d_out, d.r);
+    let (u_dev, s_dev, v_dev) = l.device_factors();
+    let u = stream.clone_dtoh(u_dev).map_err(|e| drv("reading U", e))?;
+    let s = stream.clone_dtoh(s_dev).map_err(|e| drv("reading s", e))?;
+    let m = l.coefficients()?;
+    let g = l.gate_value()?;
+    let omega = l.omega();
+    let mut uc = vec![0.0f32; o * r];
+    for row in 0..o {
+        let (ur, ucr) = (&u[row * r..(row + 1) * r], &mut uc[row * r..(row + 1) * r]);
+        for j in 0..r {
+            ucr[j] = s[j] * ur[j].to_f32();
+        }
+        for ((&i, &j), &mk) in omega.rows.iter().zip(&omega.cols).zip(&m) {
+            ucr[j as usize] += g * mk * ur[i as usize].to_f32();
+        }
+    }
+    let blas = CudaBlas::new(stream.clone()).map_err(|e| FfiError::from(blas_err("creating a cuBLAS handle", e)))?;
+    let v: Vec<f32> = stream.clone_dtoh(v_dev).map_err(|e| drv("reading V", e))?.iter().map(|x| x.to_f32()).collect();
+    let v = stream.clone_htod(&v).map_err(|e| drv("uploading V", e))?;
+    let uc = stream.clone_htod(&uc).map_err(|e| drv("uploading U C", e))?;
+    // SAFETY: a checked device buffer of w_len = d_out x d_in f32.
+    let mut wb = unsafe { Borrowed::<f32>::new(&stream, w, w_len) };
+    merge_gemm(&blas, &v.as_view(), &uc.as_view(), &mut wb.view_mut(), d)
+}
+
+impl<T: Dtype> CudaRecord<T> {
+    /// Runs `f` on the layer's stream, joined with the caller's `stream` both ways, with the
+    /// layer's context current. The join back happens even when `f` fails.
+    fn on_stream<R>(&mut self, stream: *mut c_void, f: impl FnOnce(&mut Inner<T>) -> FfiResult<R>) -> FfiResult<R> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let caller = stream as CUstream;
+        let inner = &mut *self.inner;
+        let own = inner.layer.stream().clone();
+        // SAFETY: `caller` is the caller's CUstream (NULL: the legacy default stream) of this context.
+        unsafe { result::event::record(inner.entered.cu_event(), caller) }
+            .map_err(|e| drv("recording an event on the caller's stream", e))?;
+        own.wait(&inner.entered).map_err(|e| drv("ordering the layer's stream after the caller's", e))?;
+        let out = f(&mut *inner);
+        let joined =
+            inner.done.record(&own).map_err(|e| drv("recording an event on the layer's stream", e)).and_then(|()| {
+                // SAFETY: as above; the event belongs to this context.
+                unsafe {
+                    result::stream::wait_event(
+                        caller,
+                        inner.done.cu_event(),
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                }
+                .map_err(|e| drv("ordering the caller's stream after the layer's", e))
+            });
+        let out = out?;
+        joined?;
+        Ok(out)
+    }
+
+    /// Runs `f` on the layer with its context current (for calls that synchronise the host).
+    fn bound<R>(&self, f: impl FnOnce(&CudaLayer<T>) -> crate::Result<R>) -> FfiResult<R> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        Ok(f(&self.inner.layer)?)
+    }
+
+    /// As [`CudaRecord::bound`], mutably.
+    fn bound_mut<R>(&mut self, f: impl FnOnce(&mut CudaLayer<T>) -> crate::Result<R>) -> FfiResult<R> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        Ok(f(&mut self.inner.layer)?)
+    }
+}
+
+impl<T: Dtype> AbiLayer for CudaRecord<T> {
+    fn backend(&self) -> SvftBackend {
+        SvftBackend::Cuda
+    }
+    fn core(&self) -> &LayerCore {
+        &self.inner.layer
+    }
+    fn core_mut(&mut self) -> &mut LayerCore {
+        &mut self.inner.layer
+    }
+
+    fn check_dtype(&self, dt: SvftDtype, merged: bool) -> FfiResult {
+        let own = dtype_of::<T>();
+        if dt == own || (merged && dt == SvftDtype::F32) {
+            return Ok(());
+        }
+        let also = if merged { " (or f32)" } else { "" };
+        fail(
+            SvftStatus::UnsupportedDtype,
+            format!(
+                "this CUDA layer computes in {}{also}, not {} (its dtype is the weight's, f64 giving f32)",
+                own.name(),
+                dt.name()
+            ),
+        )
+    }
+    fn check_stream(&self, _stream: *mut c_void) -> FfiResult {
+        Ok(()) // any CUstream of the layer's context, NULL included; the driver checks it in use
+    }
+    fn check_buffer(&self, what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        device_buffer_on(what, p, len, elem, self.inner.ordinal)
+    }
+
+    /// Device bytes: the workspace from [`crate::memory::svft_chunked`] (fast SDDMM) plus the
+    /// bias's column of ones, the saved activations, and what the layer holds between steps
+    /// (with the record's dgamma); saturates instead of overflowing.
+    fn memory(&self, n: usize) -> [usize; 3] {
+        let l = &self.inner.layer;
+        let d = l.dims();
+        let act = std::mem::size_of::<T>();
+        let shape = crate::memory::Shape { d_out: d.d_out, d_in: d.d_in, r: d.r, nnz: d.nnz, n, act };
+        let b = crate::memory::svft_chunked(&shape, l.plan_for(n), l.token_chunk());
+        let ones = if self.inner.has_bias { n.saturating_mul(act) } else { 0 };
+        [b.workspace.saturating_add(b.saved).saturating_add(ones), b.saved, l.persistent_bytes() + 4]
+    }
+    fn calibrate(&mut self, options: &CalibrationOptions) -> FfiResult {
+        self.bound_mut(|l| l.calibrate(options).map(|_| ()))
+    }
+
+    unsafe fn forward(&mut self, (x, x_len): In, n: usize, (y, y_len): Out, stream: *mut c_void) -> FfiResult {
+        self.on_stream(stream, |inner| {
+            let l = &mut inner.layer;
+            let st = l.stream().clone();
+            // SAFETY: checked device buffers of the layer's device and dtype, disjoint.
+            let (xb, mut yb) = unsafe { (Borrowed::<T>::new(&st, x, x_len), Borrowed::<T>::new(&st, y, y_len)) };
+            Ok(l.forward(&xb.view(), n, &mut yb.view_mut())?)
+        })
+    }
+
+    unsafe fn backward(
+        &mut self,
+        (gy, gy_len): In,
+        n: usize,
+        (gx, gx_len): Out,
+        (gm, gm_len): (*mut f32, usize),
+        grad_gamma: *mut f32,
+        stream: *mut c_void,
+    ) -> FfiResult {
+        self.on_stream(stream, |inner| {
+            let l = &mut inner.layer;
+            let st = l.stream().clone();
+            // SAFETY: checked device buffers of the layer's device and dtype, disjoint.
+            let (gyb, mut gxb, mut gmb) = unsafe {
+                (
+                    Borrowed::<T>::new(&st, gy, gy_len),
+                    Borrowed::<T>::new(&st, gx, gx_len),
+                    Borrowed::<f32>::new(&st, gm.cast(), gm_len),
+                )
+            };
+            if grad_gamma.is_null() {
+                let scratch = &mut inner.dgamma;
+                l.backward(&gyb.view(), n, &mut gxb.view_mut(), &mut gmb.view_mut(), &mut scratch.as_view_mut())?;
+            } else {
+                // SAFETY: as above (one f32).
+                let mut ggb = unsafe { Borrowed::<f32>::new(&st, grad_gamma.cast(), 1) };
+                l.backward(&gyb.view(), n, &mut gxb.view_mut(), &mut gmb.view_mut(), &mut ggb.view_mut())?;
+            }
+            Ok(())
+        })
+    }
+
+    unsafe fn merge(&mut self, dt: SvftDtype, (w, w_len): Out, stream: *mut c_void) -> FfiResult {
+        let d = self.inner.layer.dims();
+        preflight("the merge's host copy of U", mul("U", d.d_out, d.r)?.saturating_mul(12))?;
+        self.on_stream(stream, |inner| merge_typed(&mut inner.layer, dtype_of::<T>(), dt, w, w_len))
+    }
+
+    /// M (`m_len` = nnz f32) and, unless NULL, gamma (one f32) copied from device memory on the
+    /// layer's stream after the caller's earlier work (and before its later work); the gate
+    /// value is computed on the device. The host never waits.
+    unsafe fn load_parameters(
+        &mut self,
+        (m, m_len): (*const f32, usize),
+        gamma: *const f32,
+        stream: *mut c_void,
+    ) -> FfiResult {
+        self.on_stream(stream, |inner| {
+            let st = inner.layer.stream().clone();
+            // SAFETY: checked device buffers of the layer's device; read-only here.
+            let mb = unsafe { Borrowed::<f32>::new(&st, m.cast(), m_len) };
+            inner.layer.set_coefficients_device(&mb.view())?;
+            if !gamma.is_null() {
+                // SAFETY: as above (one f32).
+                let gb = unsafe { Borrowed::<f32>::new(&st, gamma.cast(), 1) };
+                inner.layer.set_gamma_device(&gb.view())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn coefficients(&self) -> FfiResult<Cow<'_, [f32]>> {
+        self.bound(|l| l.coefficients()).map(Cow::Owned)
+    }
+    fn set_coefficients(&mut self, m: &[f32]) -> FfiResult {
+        self.bound_mut(|l| l.set_coefficients(m))
+    }
+    fn gamma(&self) -> FfiResult<f32> {
+        self.bound(|l| l.gamma())
+    }
+    fn set_gamma(&mut self, gamma: f32) -> FfiResult {
+        self.bound_mut(|l| l.set_gamma(gamma))
+    }
+    /// As the layer holds them: U and V rounded to its dtype, s in f32 (synchronises).
+    fn factors(&self) -> FfiResult<[Cow<'_, [f32]>; 3]> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let l = &self.inner.layer;
+        let (u, s, v) = l.device_factors();
+        let st = l.stream();
+        let wide = |x: Vec<T>| Cow::Owned(x.into_iter().map(|v| v.to_f32()).collect());
+        Ok([
+            wide(st.clone_dtoh(u).map_err(|e| drv("reading U", e))?),
+            Cow::Owned(st.clone_dtoh(s).map_err(|e| drv("reading s", e))?),
+            wide(st.clone_dtoh(v).map_err(|e| drv("reading V", e))?),
+        ])
+    }
+}
