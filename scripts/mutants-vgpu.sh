@@ -221,8 +221,8 @@ mutant c2 "ws: the SDDMM epilogue launched for one coefficient more than dC and 
   "    let nnz_i = nnz as i32 + 1;" \
   "$ILLEGAL" -- "$PARAMS"
 
-mutant d "join: the C ABI's layer stream no longer waits for the caller's stream" src/ffi/cuda.rs \
-  "        inner.stream.wait(&inner.entered).map_err(|e| drv(\"ordering the layer's stream after the caller's\", e))?;" \
+mutant d "join: the C ABI's layer stream no longer waits for the caller's stream" src/ffi/cuda/mod.rs \
+  "        own.wait(&inner.entered).map_err(|e| drv(\"ordering the layer's stream after the caller's\", e))?;" \
   "" \
   "" "${ADVERSARIAL[@]}" -- "$CYCLE"
 

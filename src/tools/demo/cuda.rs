@@ -22,7 +22,7 @@ use std::sync::Arc;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaSlice, CudaStream};
 
-use super::{Adam, StackLayer};
+use super::stack::{Adam, StackLayer};
 use crate::cuda::{blas_err, driver_err, gemm, CudaLayer, Gpu, Mat};
 use crate::error::{check_len, Error, ForwardMismatch, Result};
 use crate::layer::config::{Init, LayerConfig};
