@@ -379,6 +379,45 @@ impl<T: Dtype> CudaLayer<T> {
     }
 }
 
+impl<T: Dtype> CudaLayer<T> {
+    /// `W = U C V^T` in f32 (`d_out x d_in`, row-major) from a layer of any dtype, with neither
+    /// W nor the fold `U C` rounded to the layer's dtype (there is no mixed-dtype fold kernel):
+    /// `U C` is formed on the host in f32 from the device factors and coefficients, which
+    /// synchronises the layer's stream, then `W = U_C V^T` by an f32 cuBLAS GEMM enqueued on
+    /// it. For a merged weight in the layer's own dtype, [`CudaLayer::merge_into`] stays on the
+    /// device.
+    pub fn merge_into_f32(&mut self, w: &mut CudaViewMut<'_, f32>) -> Result<()> {
+        let Dims { d_out: o, d_in: i, r, .. } = self.core.dims();
+        check_len("W (d_out x d_in)", &vec![(); w.len()], o * i)?;
+        let st = self.stream.clone();
+        let u = st.clone_dtoh(&self.u).map_err(|e| driver_err("reading U", e))?;
+        let s = st.clone_dtoh(&self.s).map_err(|e| driver_err("reading s", e))?;
+        let v: Vec<f32> =
+            st.clone_dtoh(&self.v).map_err(|e| driver_err("reading V", e))?.iter().map(|x| x.to_f32()).collect();
+        let (m, g) = (self.coefficients()?, self.gate_value()?);
+        let omega = self.core.omega();
+        // U_C[row, j] = s_j U[row, j] + g sum over (i, j) in Omega of M_ij U[row, i].
+        let mut uc = vec![0.0f32; o * r];
+        for (ur, ucr) in u.chunks_exact(r).zip(uc.chunks_exact_mut(r)) {
+            for ((c, &uv), &sv) in ucr.iter_mut().zip(ur).zip(&s) {
+                *c = sv * uv.to_f32();
+            }
+            for ((&ri, &cj), &mk) in omega.rows.iter().zip(&omega.cols).zip(&m) {
+                ucr[cj as usize] += g * mk * ur[ri as usize].to_f32();
+            }
+        }
+        let uc = st.clone_htod(&uc).map_err(|e| driver_err("uploading U C", e))?;
+        let v = st.clone_htod(&v).map_err(|e| driver_err("uploading V", e))?;
+        gemm(
+            &self.blas,
+            w,
+            Mat { data: &uc.slice(..), rows: o, cols: r, trans: false },
+            Mat { data: &v.slice(..), rows: i, cols: r, trans: true },
+            false,
+        )
+    }
+}
+
 /// The frozen factors and the core's device values, as one forward or merge reads them.
 struct Core<'a, T: Dtype> {
     u: &'a CudaView<'a, T>,

@@ -24,21 +24,19 @@ use std::ffi::c_void;
 use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::cublas::{CudaBlas, GemmConfig};
 use cudarc::driver::sys::{self, CUstream};
-use cudarc::driver::{result, CudaEvent, CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{result, CudaEvent, CudaSlice};
 use half::{bf16, f16};
 
 use super::buffers::{check_len, mul, preflight, Span};
 use super::layer::{AbiLayer, In, Out};
 use super::status::{fail, FfiError, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype};
-use crate::cuda::{blas_err, device_count, driver_err, CudaLayer, Dtype, Gpu};
+use crate::cuda::{device_count, driver_err, CudaLayer, Dtype, Gpu};
 use crate::error::Error;
 use crate::layer::calibrate::CalibrationOptions;
 use crate::layer::config::LayerConfig;
 use crate::layer::core::LayerCore;
-use crate::layer::plan::Dims;
 use crate::layer::svd::{thin_svd, Factors};
 use memory::{device_as_f32, device_buffer, device_buffer_on, dtoh, Borrowed, ContextGuard};
 
@@ -235,76 +233,19 @@ pub(crate) unsafe fn from_factors(
     build(ordinal, dt, &factors, config, bias)
 }
 
-/// `W = V U_C^T` in cuBLAS's column-major terms, i.e. the row-major `d_out x d_in`
-/// `W = U_C V^T` from row-major `U_C` (`d_out x r`) and `V` (`d_in x r`).
-fn merge_gemm<E: Dtype>(
-    blas: &CudaBlas,
-    v: &CudaView<'_, E>,
-    uc: &CudaView<'_, E>,
-    w: &mut CudaViewMut<'_, E>,
-    d: Dims,
-) -> FfiResult {
-    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-    let cfg = GemmConfig {
-        transa: CUBLAS_OP_T,
-        transb: CUBLAS_OP_N,
-        m: d.d_in as i32,
-        n: d.d_out as i32,
-        k: d.r as i32,
-        alpha: E::from_f32(1.0),
-        lda: d.r as i32,
-        ldb: d.r as i32,
-        beta: E::from_f32(0.0),
-        ldc: d.d_in as i32,
-    };
-    // SAFETY: V holds d_in x r, U_C d_out x r and W d_out x d_in elements (checked by callers).
-    unsafe { E::gemm(blas, cfg, v, uc, w) }.map_err(|e| blas_err("merging W = U_C V^T", e).into())
-}
-
 /// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32), on
-/// the layer's stream. In the layer's dtype: [`CudaLayer::merge_into`] (the merged plan's own
-/// fold and GEMM). In f32 from a 16-bit layer, so that W is not rounded to 16 bits: `U C` is
-/// formed on the host in f32 from the device factors and coefficients (synchronises the
-/// layer's stream), then `W = U_C V^T` by an f32 cuBLAS GEMM.
-fn merge_typed<T: Dtype>(
-    l: &mut CudaLayer<T>,
-    own: SvftDtype,
-    out: SvftDtype,
-    w: *mut c_void,
-    w_len: usize,
-) -> FfiResult {
+/// the layer's stream: [`CudaLayer::merge_into`] in the layer's dtype (the merged plan's own fold
+/// and GEMM), [`CudaLayer::merge_into_f32`] for f32 from a 16-bit layer.
+fn merge_typed<T: Dtype>(l: &mut CudaLayer<T>, out: SvftDtype, w: *mut c_void, w_len: usize) -> FfiResult {
     let stream = l.stream().clone();
-    if out == own {
+    if out == dtype_of::<T>() {
         // SAFETY: a checked device buffer of w_len = d_out x d_in elements of T.
         let mut wb = unsafe { Borrowed::<T>::new(&stream, w, w_len) };
         return Ok(l.merge_into(&mut wb.view_mut())?);
     }
-    debug_assert_eq!(out, SvftDtype::F32);
-    let d = l.dims();
-    let (o, r) = (d.d_out, d.r);
-    let (u_dev, s_dev, v_dev) = l.device_factors();
-    let u = stream.clone_dtoh(u_dev).map_err(|e| drv("reading U", e))?;
-    let s = stream.clone_dtoh(s_dev).map_err(|e| drv("reading s", e))?;
-    let m = l.coefficients()?;
-    let g = l.gate_value()?;
-    let omega = l.omega();
-    let mut uc = vec![0.0f32; o * r];
-    for row in 0..o {
-        let (ur, ucr) = (&u[row * r..(row + 1) * r], &mut uc[row * r..(row + 1) * r]);
-        for j in 0..r {
-            ucr[j] = s[j] * ur[j].to_f32();
-        }
-        for ((&i, &j), &mk) in omega.rows.iter().zip(&omega.cols).zip(&m) {
-            ucr[j as usize] += g * mk * ur[i as usize].to_f32();
-        }
-    }
-    let blas = CudaBlas::new(stream.clone()).map_err(|e| FfiError::from(blas_err("creating a cuBLAS handle", e)))?;
-    let v: Vec<f32> = stream.clone_dtoh(v_dev).map_err(|e| drv("reading V", e))?.iter().map(|x| x.to_f32()).collect();
-    let v = stream.clone_htod(&v).map_err(|e| drv("uploading V", e))?;
-    let uc = stream.clone_htod(&uc).map_err(|e| drv("uploading U C", e))?;
     // SAFETY: a checked device buffer of w_len = d_out x d_in f32.
     let mut wb = unsafe { Borrowed::<f32>::new(&stream, w, w_len) };
-    merge_gemm(&blas, &v.as_view(), &uc.as_view(), &mut wb.view_mut(), d)
+    Ok(l.merge_into_f32(&mut wb.view_mut())?)
 }
 
 impl<T: Dtype> CudaRecord<T> {
@@ -443,9 +384,11 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
     }
 
     unsafe fn merge(&mut self, dt: SvftDtype, (w, w_len): Out, stream: *mut c_void) -> FfiResult {
-        let d = self.inner.layer.dims();
-        preflight("the merge's host copy of U", mul("U", d.d_out, d.r)?.saturating_mul(12))?;
-        self.on_stream(stream, |inner| merge_typed(&mut inner.layer, dtype_of::<T>(), dt, w, w_len))
+        if dt != dtype_of::<T>() {
+            let d = self.inner.layer.dims();
+            preflight("the merge's host copy of U and V", mul("U", d.d_out + d.d_in, d.r)?.saturating_mul(12))?;
+        }
+        self.on_stream(stream, |inner| merge_typed(&mut inner.layer, dt, w, w_len))
     }
 
     /// M (`m_len` = nnz f32) and, unless NULL, gamma (one f32) copied from device memory on the
