@@ -57,6 +57,11 @@ fn register(layer: Box<dyn AbiLayer>, svd_residual: f64, out: *mut *mut SvftLaye
     Ok(())
 }
 
+/// A new layer's configuration from the creation arguments (plan AUTO).
+fn config(pattern: *const c_char, init: i32, gate: bool, seed: u64) -> FfiResult<LayerConfig> {
+    Ok(LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed })
+}
+
 /// Checks `out` and clears `*out`, so that it is NULL on every failure after this point.
 fn take_out(out: *mut *mut SvftLayer) -> FfiResult<*mut *mut SvftLayer> {
     let out = out_ptr("out", out)?;
@@ -166,10 +171,7 @@ pub unsafe extern "C" fn svft_layer_from_weight(
 ) -> SvftStatus {
     guard("svft_layer_from_weight", || {
         let out = take_out(out)?;
-        let backend = parse_backend(backend)?;
-        let dt = parse_dtype(dtype)?;
-        let config =
-            LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
+        let (backend, dt, config) = (parse_backend(backend)?, parse_dtype(dtype)?, config(pattern, init, gate, seed)?);
         if d_out == 0 || d_in == 0 {
             return fail(SvftStatus::Shape, format!("empty weight shape {d_out} x {d_in}"));
         }
@@ -229,10 +231,7 @@ pub unsafe extern "C" fn svft_layer_from_factors(
 ) -> SvftStatus {
     guard("svft_layer_from_factors", || {
         let out = take_out(out)?;
-        let backend = parse_backend(backend)?;
-        let dt = parse_dtype(dtype)?;
-        let config =
-            LayerConfig { pattern: parse_pattern(pattern)?, init: parse_init(init)?, gate, plan: Plan::Auto, seed };
+        let (backend, dt, config) = (parse_backend(backend)?, parse_dtype(dtype)?, config(pattern, init, gate, seed)?);
         if d_out == 0 || d_in == 0 || rank == 0 {
             return fail(SvftStatus::Shape, format!("empty shape: d_out {d_out}, d_in {d_in}, rank {rank}"));
         }

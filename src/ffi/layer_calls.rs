@@ -6,10 +6,23 @@ use std::ffi::c_void;
 
 use super::buffers::{check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, span};
 use super::exports::{parse_plan, SvftLayer};
+use super::layer::AbiLayer;
 use super::registry;
-use super::status::{fail, guard, SvftStatus};
-use super::SvftPlan;
-use crate::layer::plan::ExecPlan;
+use super::status::{fail, guard, FfiResult, SvftStatus};
+use super::{SvftDtype, SvftPlan};
+use crate::layer::plan::{Dims, ExecPlan};
+
+/// The checks forward and backward share: the activation dtype and the stream this layer
+/// takes, a positive token count. Returns the dtype and the layer's dimensions.
+fn step_args(layer: &dyn AbiLayer, dtype: i32, stream: *mut c_void, n: usize) -> FfiResult<(SvftDtype, Dims)> {
+    let dt = parse_dtype(dtype)?;
+    layer.check_dtype(dt, false)?;
+    layer.check_stream(stream)?;
+    if n == 0 {
+        return fail(SvftStatus::Shape, "n (tokens) must be positive");
+    }
+    Ok((dt, layer.core().dims()))
+}
 
 /// Writes the layer's shape: `d_out`, `d_in`, rank `r` and `|Omega|` (`nnz`, the number of
 /// coefficients). Each output may be NULL when not wanted.
@@ -232,13 +245,7 @@ pub unsafe extern "C" fn svft_layer_forward(
     guard("svft_layer_forward", || {
         registry::with(layer, |l| {
             let layer = &mut *l.layer;
-            let dt = parse_dtype(dtype)?;
-            layer.check_dtype(dt, false)?;
-            layer.check_stream(stream)?;
-            let d = layer.core().dims();
-            if n == 0 {
-                return fail(SvftStatus::Shape, "n (tokens) must be positive");
-            }
+            let (dt, d) = step_args(layer, dtype, stream, n)?;
             check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
             check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
             check_disjoint(&[
@@ -277,13 +284,7 @@ pub unsafe extern "C" fn svft_layer_backward(
     guard("svft_layer_backward", || {
         registry::with(layer, |l| {
             let layer = &mut *l.layer;
-            let dt = parse_dtype(dtype)?;
-            layer.check_dtype(dt, false)?;
-            layer.check_stream(stream)?;
-            let d = layer.core().dims();
-            if n == 0 {
-                return fail(SvftStatus::Shape, "n (tokens) must be positive");
-            }
+            let (dt, d) = step_args(layer, dtype, stream, n)?;
             check_len("grad_y (n x d_out)", grad_y_len, mul("grad_y", n, d.d_out)?)?;
             check_len("grad_x (n x d_in)", grad_x_len, mul("grad_x", n, d.d_in)?)?;
             check_len("grad_m (nnz)", grad_m_len, d.nnz)?;

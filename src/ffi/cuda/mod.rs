@@ -155,13 +155,53 @@ fn record<T: Dtype>(
     Ok(CudaRecord { inner: ManuallyDrop::new(inner) })
 }
 
+/// What both CUDA creation paths stage before they build: the device the inputs are on (that
+/// of the first, every other on it too), a stream of the library's own there for the host
+/// copies, and the bias read to the host. The calling thread's context is restored on drop.
+struct Staging {
+    ordinal: usize,
+    stream: Arc<cudarc::driver::CudaStream>,
+    bias: Option<Vec<f32>>,
+    _ctx: ContextGuard,
+}
+
+/// Checks that CUDA runs and that `inputs` (and the bias, unless NULL with length 0) are device
+/// buffers of `dt` on one device, then stages them (see [`Staging`]).
+///
+/// # Safety
+/// The buffers must be valid for their lengths in `dt`.
+unsafe fn stage(
+    dt: SvftDtype,
+    inputs: &[(&'static str, In)],
+    (bias, bias_len): In,
+    d_out: usize,
+) -> FfiResult<Staging> {
+    available()?;
+    let ctx = ContextGuard::new(None)?;
+    let (first, (p, len)) = inputs[0];
+    let (_, ordinal) = device_buffer(first, p, len, dt.size())?;
+    for &(what, (p, len)) in &inputs[1..] {
+        device_buffer_on(what, p, len, dt.size(), ordinal)?;
+    }
+    let has_bias = !(bias.is_null() && bias_len == 0);
+    if has_bias {
+        check_len("bias (d_out)", bias_len, d_out)?;
+        device_buffer_on("bias", bias, bias_len, dt.size(), ordinal)?;
+    }
+    let gpu = gpu(ordinal)?;
+    gpu.context().bind_to_thread().map_err(|e| drv("binding the CUDA context", e))?;
+    let stream = gpu.context().new_stream().map_err(|e| drv("creating a stream", e))?;
+    // SAFETY: a checked device buffer of this length; the caller vouches for it.
+    let bias = if has_bias { Some(unsafe { device_as_f32(&stream, "bias", bias, dt, bias_len) }?) } else { None };
+    Ok(Staging { ordinal, stream, bias, _ctx: ctx })
+}
+
 /// `svft_layer_from_weight` on CUDA, after the host-side checks: `weight` and `bias` are device
 /// pointers. The weight is copied to the host and decomposed there by the CPU SVD (the same
 /// factors as the CPU backend for the same weight), then the factors are uploaded.
 ///
 /// # Safety
 /// `weight` (and `bias` when not NULL) must be valid for their lengths in `dt`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn from_weight(
     (weight, weight_len): In,
     dt: SvftDtype,
@@ -169,30 +209,18 @@ pub(crate) unsafe fn from_weight(
     d_in: usize,
     rank: usize,
     config: &LayerConfig,
-    (bias, bias_len): In,
+    bias: In,
 ) -> FfiResult<(Box<dyn AbiLayer>, f64)> {
-    available()?;
-    let _ctx = ContextGuard::new(None)?;
-    let (_, ordinal) = device_buffer("weight", weight, weight_len, dt.size())?;
-    let has_bias = !(bias.is_null() && bias_len == 0);
-    if has_bias {
-        check_len("bias (d_out)", bias_len, d_out)?;
-        device_buffer_on("bias", bias, bias_len, dt.size(), ordinal)?;
-    }
-    let gpu = gpu(ordinal)?;
-    let _bound = ContextGuard::new(Some(&gpu))?;
-    let stream = gpu.context().new_stream().map_err(|e| drv("creating a stream", e))?;
-    // SAFETY (both): checked device buffers of these lengths; the caller vouches for them.
-    let bias = if has_bias { Some(unsafe { device_as_f32(&stream, "bias", bias, dt, bias_len) }?) } else { None };
+    // SAFETY (all): per the contract; stage() checked the buffers.
+    let st = unsafe { stage(dt, &[("weight", (weight, weight_len))], bias, d_out) }?;
     let dec = if dt == SvftDtype::F64 {
-        let w = unsafe { dtoh::<f64>(&stream, "weight", weight, weight_len) }?;
+        let w = unsafe { dtoh::<f64>(&st.stream, "weight", weight, weight_len) }?;
         thin_svd(&w, d_out, d_in, Some(rank))?
     } else {
-        let w = unsafe { device_as_f32(&stream, "weight", weight, dt, weight_len) }?;
+        let w = unsafe { device_as_f32(&st.stream, "weight", weight, dt, weight_len) }?;
         thin_svd(&w, d_out, d_in, Some(rank))?
     };
-    drop(stream);
-    Ok((build(ordinal, dt, &dec.factors, config, bias)?, dec.residual))
+    Ok((build(st.ordinal, dt, &dec.factors, config, st.bias)?, dec.residual))
 }
 
 /// `svft_layer_from_factors` on CUDA: `u`, `s`, `v` (and `bias`) are device pointers of `dt`.
@@ -202,35 +230,15 @@ pub(crate) unsafe fn from_weight(
 pub(crate) unsafe fn from_factors(
     dt: SvftDtype,
     (d_out, d_in): (usize, usize),
-    [(u, u_len), (s, s_len), (v, v_len)]: [In; 3],
+    [u, s, v]: [In; 3],
     config: &LayerConfig,
-    (bias, bias_len): In,
+    bias: In,
 ) -> FfiResult<Box<dyn AbiLayer>> {
-    available()?;
-    let _ctx = ContextGuard::new(None)?;
-    let (_, ordinal) = device_buffer("U", u, u_len, dt.size())?;
-    device_buffer_on("s", s, s_len, dt.size(), ordinal)?;
-    device_buffer_on("V", v, v_len, dt.size(), ordinal)?;
-    let has_bias = !(bias.is_null() && bias_len == 0);
-    if has_bias {
-        check_len("bias (d_out)", bias_len, d_out)?;
-        device_buffer_on("bias", bias, bias_len, dt.size(), ordinal)?;
-    }
-    let gpu = gpu(ordinal)?;
-    let _bound = ContextGuard::new(Some(&gpu))?;
-    let stream = gpu.context().new_stream().map_err(|e| drv("creating a stream", e))?;
-    // SAFETY (all): checked device buffers of these lengths; the caller vouches for them.
-    let (uh, sh, vh) = unsafe {
-        (
-            device_as_f32(&stream, "U", u, dt, u_len)?,
-            device_as_f32(&stream, "s", s, dt, s_len)?,
-            device_as_f32(&stream, "V", v, dt, v_len)?,
-        )
-    };
-    let bias = if has_bias { Some(unsafe { device_as_f32(&stream, "bias", bias, dt, bias_len) }?) } else { None };
-    drop(stream);
-    let factors = Factors::new(d_out, d_in, uh, sh, vh)?;
-    build(ordinal, dt, &factors, config, bias)
+    // SAFETY (all): per the contract; stage() checked the buffers.
+    let st = unsafe { stage(dt, &[("U", u), ("s", s), ("V", v)], bias, d_out) }?;
+    let read = |what, (p, len): In| unsafe { device_as_f32(&st.stream, what, p, dt, len) };
+    let factors = Factors::new(d_out, d_in, read("U", u)?, read("s", s)?, read("V", v)?)?;
+    build(st.ordinal, dt, &factors, config, st.bias)
 }
 
 /// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32), on
