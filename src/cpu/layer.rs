@@ -342,7 +342,7 @@ impl CpuLayer {
     }
 
     /// The CPU layer's buffers for `n` tokens, in bytes: (all of them, the saved activations).
-    /// Mirrors [`Workspace`]; saturates instead of overflowing.
+    /// Mirrors its `Workspace`; saturates instead of overflowing.
     pub fn workspace_model(&self, n: usize) -> (usize, usize) {
         let d = self.dims();
         let (o, i, r, tl) = (d.d_out, d.d_in, d.r, self.index.table_len());

@@ -36,8 +36,8 @@ const KERNELS_F32: [&str; 3] = ["sddmm_epilogue", "gate_grad_reduce", "gate_from
 /// The dtype suffixes of the per-dtype kernels, in the order [`Gpu`] stores them.
 const DTYPE_SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 
-/// Every kernel [`Gpu::new`] loads from the fatbin, so every name [`Gpu::kernel`] and
-/// [`Gpu::function`] can find.
+/// Every kernel [`Gpu::new`] loads from the fatbin, so every name `Gpu::kernel` and
+/// `Gpu::function` can find.
 /// tests/ptxas.rs checks it against the kernels nvcc compiled: a kernel left out here would
 /// otherwise only fail at its first launch on a GPU.
 pub fn kernel_names() -> Vec<String> {

@@ -15,7 +15,7 @@
 //! The students see only `(X, teacher(X))` pairs: Gaussian inputs, MSE loss.
 //!
 //! **The students.** SVFT with a plain and a banded pattern (Zero init, gate off, so step 0 is
-//! W0 exactly), trained with Adam on M through [`CpuLayer::backward_into`]; LoRA (A Gaussian,
+//! W0 exactly), trained with Adam on M through [`crate::cpu::CpuLayer::backward_into`]; LoRA (A Gaussian,
 //! B = 0) at the rank whose trainable parameter count is closest to banded SVFT's, trained with
 //! Adam on A and B. Same data, steps, schedule (cosine decay) and stack for all.
 //!
