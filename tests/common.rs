@@ -38,7 +38,10 @@ pub fn gpu_log(line: &str) {
     use std::io::Write;
     if let Ok(path) = std::env::var("SVFT_GPU_TEST_LOG") {
         if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "{line}");
+            // One write per line: tests log in parallel, and `writeln!` may split the text and
+            // its newline into two writes, which then interleave (two lines ran together and
+            // the count lost one).
+            let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
 }
