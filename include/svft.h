@@ -338,6 +338,28 @@ SvftStatus svft_layer_forward(struct SvftLayer *layer,
                               size_t y_len,
                               void *stream);
 
+// `svft_layer_forward` that hands the saved activations to the caller instead of keeping them
+// in the layer: also writes `T = X V` (`n x r`, `t_len` elements of `dtype`, same memory space)
+// into `t`, which `svft_layer_backward_saved` takes back. The layer keeps no per-call state, so
+// any number of forwards may be in flight before their backwards, in any order (autograd
+// frameworks: a layer used twice in one graph, activation checkpointing, micro-batches). Always
+// runs the factored order: FACTORED, or SMALL_N where the plan choice picks it; a MERGED choice
+// runs FACTORED here (the merged order would save X and W). Forgets what a plain
+// `svft_layer_forward` saved.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_layer_forward_saving(struct SvftLayer *layer,
+                                     int32_t dtype,
+                                     const void *x,
+                                     size_t x_len,
+                                     size_t n,
+                                     void *y,
+                                     size_t y_len,
+                                     void *t,
+                                     size_t t_len,
+                                     void *stream);
+
 // Backward for the preceding forward of the same `n`: `grad_y` is `dL/dY` (`n x d_out`),
 // `grad_x` receives `dL/dX` (`n x d_in`), both of `dtype`; `grad_m` receives `dL/dM`
 // (`grad_m_len` = nnz f32) and `grad_gamma`, when not NULL, `dL/dgamma` (one f32; 0 without
@@ -358,6 +380,28 @@ SvftStatus svft_layer_backward(struct SvftLayer *layer,
                                size_t grad_m_len,
                                float *grad_gamma,
                                void *stream);
+
+// Backward of a `svft_layer_forward_saving`: `t` is the `T` that forward wrote (`t_len` =
+// `n x r` elements of `dtype`), the other arguments as in `svft_layer_backward`. Uses the
+// layer's current M and gamma, which must be the ones that forward used (hand them over again
+// with `svft_layer_load_parameters` if the layer ran with others since). Needs no preceding
+// call on the layer.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_layer_backward_saved(struct SvftLayer *layer,
+                                     int32_t dtype,
+                                     const void *t,
+                                     size_t t_len,
+                                     const void *grad_y,
+                                     size_t grad_y_len,
+                                     size_t n,
+                                     void *grad_x,
+                                     size_t grad_x_len,
+                                     float *grad_m,
+                                     size_t grad_m_len,
+                                     float *grad_gamma,
+                                     void *stream);
 
 // Copies the coefficients M (`len` = nnz f32, host memory, canonical order: coefficient k
 // belongs to `(rows[k], cols[k])` of `svft_layer_indices`). On CUDA, M lives on the device:

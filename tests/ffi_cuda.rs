@@ -566,6 +566,47 @@ fn cycle<T: Dtype + DeviceRepr>(ctx: &Arc<CudaContext>, dtype: SvftDtype, tol: f
         ctx.synchronize().unwrap();
         assert!(rel_err(&download::<T>(&caller, &y2), &reference.forward(&xw, n)) < tol, "{what}: Y on NULL stream");
 
+        // The stateless pair on the caller's stream: T in the caller's (poisoned) buffer, the
+        // outputs poisoned again; a wrong T length is a shape error.
+        let r = fr.r;
+        let (y3, t_dev) = (upload::<T>(&caller, &vec![f32::NAN; n * o]), upload::<T>(&caller, &vec![f32::NAN; n * r]));
+        let (dx3, dm3) =
+            (upload::<T>(&caller, &vec![f32::NAN; n * i]), caller.clone_htod(&vec![f32::NAN; nnz]).unwrap());
+        let dg3 = caller.clone_htod(&[f32::NAN]).unwrap();
+        caller.synchronize().unwrap();
+        busy(&caller, &mut big_a, &big_b);
+        unsafe {
+            let (xp, yp, tp) = (dptr(&x_dev, &caller), dptr(&y3, &caller), dptr(&t_dev, &caller));
+            let st = svft_layer_forward_saving(layer, dt, xp, n * i, n, yp, n * o, tp, n * r, cs);
+            assert_eq!(st, SvftStatus::Ok, "{what}: forward_saving: {}", last_error());
+            let st = svft_layer_forward_saving(layer, dt, xp, n * i, n, yp, n * o, tp, n * r - 1, cs);
+            assert_eq!(st, SvftStatus::Shape, "{what}: forward_saving with a short T");
+            let st = svft_layer_backward_saved(
+                layer,
+                dt,
+                tp,
+                n * r,
+                dptr(&gy_dev, &caller),
+                n * o,
+                n,
+                dptr(&dx3, &caller),
+                n * i,
+                dptr(&dm3, &caller).cast(),
+                nnz,
+                dptr(&dg3, &caller).cast(),
+                cs,
+            );
+            assert_eq!(st, SvftStatus::Ok, "{what}: backward_saved: {}", last_error());
+        }
+        let errs = [
+            ("saving Y", rel_err(&download::<T>(&caller, &y3), &reference.forward(&xw, n))),
+            ("saved dX", rel_err(&download::<T>(&caller, &dx3), &dx_ref)),
+            ("saved dM", rel_err(&caller.clone_dtoh(&dm3).unwrap(), &dm_ref)),
+        ];
+        for (name, e) in errs {
+            assert!(e < tol, "{what}: {name} relative error {e} (tol {tol})");
+        }
+
         // Memory model and destruction: the caller's buffers stay valid and are freed by the
         // caller (cudarc, at the end of this iteration) exactly once.
         let (mut ws, mut saved, mut persistent) = (0usize, 0usize, 0usize);

@@ -37,6 +37,20 @@ fn check<T: Dtype>(
     tol: f64,
     what: &str,
 ) -> Vec<f32> {
+    check_step(layer, f, bias, n, tol, what, false)
+}
+
+/// As [`check`]; with `saving`, through `forward_saving` / `backward_saved` with the caller's
+/// poisoned `T`, and another saving forward on other inputs in between (nothing may leak).
+fn check_step<T: Dtype>(
+    layer: &mut CudaLayer<T>,
+    f: &svft::svd::Factors,
+    bias: Option<&[f32]>,
+    n: usize,
+    tol: f64,
+    what: &str,
+    saving: bool,
+) -> Vec<f32> {
     let rnd = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| T::from_f32(v).to_f32()).collect() };
     let x = rnd(randn(n * f.d_in, n as u64));
     let gy = rnd(randn(n * f.d_out, n as u64 + 1));
@@ -45,8 +59,20 @@ fn check<T: Dtype>(
     let mut dxd = poisoned_dev(layer, n * f.d_in);
     let mut dmd: CudaSlice<f32> = layer.stream().clone_htod(&vec![f32::NAN; layer.omega().len()]).unwrap();
     let mut dgd: CudaSlice<f32> = layer.stream().clone_htod(&[f32::NAN]).unwrap();
-    layer.forward(&xd.slice(..), n, &mut yd.slice_mut(..)).unwrap();
-    layer.backward(&gd.slice(..), n, &mut dxd.slice_mut(..), &mut dmd.slice_mut(..), &mut dgd.slice_mut(..)).unwrap();
+    if saving {
+        let r = layer.dims().r;
+        let mut td = poisoned_dev(layer, n * r);
+        layer.forward_saving(&xd.slice(..), n, &mut yd.slice_mut(..), &mut td.slice_mut(..)).unwrap();
+        let (x2, mut y2, mut t2) =
+            (upload(layer, &randn(n * f.d_in, 99)), poisoned_dev(layer, n * f.d_out), poisoned_dev(layer, n * r));
+        layer.forward_saving(&x2.slice(..), n, &mut y2.slice_mut(..), &mut t2.slice_mut(..)).unwrap();
+        let (mut dx, mut dm, mut dg) = (dxd.slice_mut(..), dmd.slice_mut(..), dgd.slice_mut(..));
+        layer.backward_saved(&td.slice(..), &gd.slice(..), n, &mut dx, &mut dm, &mut dg).unwrap();
+    } else {
+        layer.forward(&xd.slice(..), n, &mut yd.slice_mut(..)).unwrap();
+        let (mut dx, mut dm, mut dg) = (dxd.slice_mut(..), dmd.slice_mut(..), dgd.slice_mut(..));
+        layer.backward(&gd.slice(..), n, &mut dx, &mut dm, &mut dg).unwrap();
+    }
     let (y, dx) = (download(layer, &yd), download(layer, &dxd));
     let dm = layer.stream().clone_dtoh(&dmd).unwrap();
     let dgamma = layer.stream().clone_dtoh(&dgd).unwrap()[0];
@@ -94,6 +120,33 @@ fn every_case<T: Dtype>(gpu: &Arc<Gpu>, tol: f64, dtype: &str) {
                     for &n in ns {
                         check(&mut layer, &f, bias.as_deref(), n, tol, &what);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The stateless pair (`forward_saving` / `backward_saved`, the PyTorch path) on every plan
+/// choice (merged runs factored), both gates, a few patterns and token counts around the chunks,
+/// each dtype, against the reference.
+#[test]
+fn saving_pair_matches_the_reference() {
+    let Some(gpu) = gpu_or_skip("saving_pair_matches_the_reference") else { return };
+    let stream = gpu.context().new_stream().unwrap();
+    let (d_out, d_in, r) = SHAPES[0];
+    let f = factors(d_out, d_in, r, 7);
+    for spec in ["plain", "banded:2", "random:3:seed=5"] {
+        for plan in [Plan::Factored, Plan::Merged, Plan::SmallN] {
+            for gate in [false, true] {
+                let config = LayerConfig { pattern: spec.parse().unwrap(), init: Init::Official, gate, plan, seed: 2 };
+                let bias = gate.then(|| randn(d_out, 3));
+                let what = format!("saving {d_out}x{d_in} r={r} {spec} {plan} gate={gate}");
+                let mut l32 = CudaLayer::<f32>::new(gpu.clone(), stream.clone(), &f, &config, bias.as_deref()).unwrap();
+                let mut l16 =
+                    CudaLayer::<half::bf16>::new(gpu.clone(), stream.clone(), &f, &config, bias.as_deref()).unwrap();
+                for n in [1, 17, 300] {
+                    check_step(&mut l32, &f, bias.as_deref(), n, F32_TOL, &what, true);
+                    check_step(&mut l16, &f, bias.as_deref(), n, 1e-2, &what, true);
                 }
             }
         }

@@ -53,6 +53,20 @@ fn check_against_reference(layer: &mut CpuLayer, n: usize, seed: u64, what: &str
     let mut merged = layer.merge();
     assert!(rel_err(&merged, &refl.weight()) < F32_TOL, "{what}: merge err");
     merged.clear();
+
+    // The stateless pair (the PyTorch path): the caller keeps T; another forward in between
+    // (on other inputs) must not leak into this backward.
+    let (mut ys, mut t) = (poisoned(n * f.d_out), poisoned(n * f.r));
+    layer.forward_saving(&x, n, &mut ys, &mut t).unwrap();
+    layer.forward_into(&randn(n * f.d_in, seed + 2), n, &mut poisoned(n * f.d_out)).unwrap();
+    let (mut dxs, mut dms) = (poisoned(n * f.d_in), poisoned(layer.omega().len()));
+    let dgs = layer.backward_saved(&t, &gy, n, &mut dxs, &mut dms).unwrap();
+    let plan = layer.saving_plan_for(n);
+    for (name, got, want) in [("Y", &ys, &y_ref), ("dX", &dxs, &dx_ref), ("dM", &dms, &dm_ref)] {
+        assert!(rel_err(got, want) < F32_TOL, "{what} n={n} saving {plan}: {name} err {}", rel_err(got, want));
+    }
+    assert!((dgs as f64 - dgamma_ref).abs() <= F32_TOL * scale.max(f64::MIN_POSITIVE), "{what}: saving dgamma");
+    assert!(matches!(layer.backward_saved(&t[1..], &gy, n, &mut dxs, &mut dms), Err(svft::Error::Shape { .. })));
 }
 
 #[test]

@@ -239,30 +239,63 @@ impl CpuLayer {
         self.index.apply_bwd(&f.u, uc, &f.s, &self.ws.vals_row, &self.ws.vals_col);
     }
 
-    /// Forward into a caller buffer `y` (`n x d_out`); `x` is `n x d_in`.
+    /// Forward into a caller buffer `y` (`n x d_out`); `x` is `n x d_in`. Saves what the next
+    /// [`CpuLayer::backward_into`] of the same `n` needs inside the layer.
     pub fn forward_into(&mut self, x: &[f32], n: usize, y: &mut [f32]) -> Result<()> {
+        self.forward_step(x, n, y, None)
+    }
+
+    /// Forward that hands the saved activations to the caller instead of keeping them: writes
+    /// `Y` into `y` and `T = X V` (`n x r`) into `t`, for [`CpuLayer::backward_saved`]. Runs
+    /// the factored order whatever the plan (the merged plan would save X and W instead), and
+    /// leaves no per-call state in the layer: any number of such forwards may be in flight,
+    /// each backward taking its own `T` (autograd frameworks keep it for the layer).
+    pub fn forward_saving(&mut self, x: &[f32], n: usize, y: &mut [f32], t: &mut [f32]) -> Result<()> {
+        check_len("T (n x r)", t, n.saturating_mul(self.factors.r))?;
+        self.forward_step(x, n, y, Some(t))
+    }
+
+    /// The plan a [`CpuLayer::forward_saving`] / [`CpuLayer::backward_saved`] pair runs for `n`
+    /// tokens: `plan_for(n)`, with the merged plan replaced by the factored one.
+    pub fn saving_plan_for(&self, n: usize) -> ExecPlan {
+        match self.plan_for(n) {
+            ExecPlan::Merged => ExecPlan::Factored,
+            p => p,
+        }
+    }
+
+    /// The forward pass; `saved`: the caller's `T` buffer (stateless), or `None` to save in the
+    /// workspace and record the forward for backward.
+    fn forward_step(&mut self, x: &[f32], n: usize, y: &mut [f32], saved: Option<&mut [f32]>) -> Result<()> {
         let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
         check_positive("tokens", n)?;
         check_len("X (n x d_in)", x, n * d_in)?;
         check_len("Y (n x d_out)", y, n * d_out)?;
         self.core.forget_forward();
         self.gather_core();
-        let plan = self.plan_for(n);
+        let stateless = saved.is_some();
+        let plan = if stateless { self.saving_plan_for(n) } else { self.plan_for(n) };
         match plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
-                let t = sized(&mut self.ws.t, n * r);
+                // T goes to the caller's buffer or the workspace's (taken out while in use).
+                let mut own = std::mem::take(&mut self.ws.t);
+                let t = match saved {
+                    Some(t) => t,
+                    None => sized(&mut own, n * r),
+                };
                 gemm(t, Op::n(x, n, d_in), Op::n(&self.factors.v, d_in, r), false);
                 if n <= d_out {
                     // Apply C to the activations: S = T C^T, Y = S U^T.
                     let f = &self.factors;
                     let s_act = sized(&mut self.ws.core_act, n * r);
-                    self.index.apply_fwd(&self.ws.t, s_act, &f.s, &self.ws.vals_row, &self.ws.vals_col);
+                    self.index.apply_fwd(t, s_act, &f.s, &self.ws.vals_row, &self.ws.vals_col);
                     gemm(y, Op::n(s_act, n, r), Op::t(&f.u, d_out, r), false);
                 } else {
                     // Fold C into U: Y = T U_C^T.
                     self.fold_u();
-                    gemm(y, Op::n(&self.ws.t, n, r), Op::t(&self.ws.uc, d_out, r), false);
+                    gemm(y, Op::n(t, n, r), Op::t(&self.ws.uc, d_out, r), false);
                 }
+                self.ws.t = own;
             }
             ExecPlan::Merged => {
                 self.fold_u();
@@ -279,50 +312,93 @@ impl CpuLayer {
                 }
             }
         }
-        self.core.record_forward(n, plan);
+        if !stateless {
+            self.core.record_forward(n, plan);
+        }
         Ok(())
     }
 
     /// Backward into caller buffers: `dx` (`n x d_in`) and `dm` (|Omega|); returns dgamma.
     /// Needs the forward pass of the same `n` just before (its saved activations).
     pub fn backward_into(&mut self, g_out: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> Result<f32> {
-        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
         let plan = self.core.forward_plan(n)?;
-        check_len("G (n x d_out)", g_out, n * d_out)?;
-        check_len("dX (n x d_in)", dx, n * d_in)?;
-        check_len("dM (|Omega|)", dm, self.m.len())?;
+        self.check_grads(g_out, n, dx, dm)?;
+        match plan {
+            ExecPlan::Factored | ExecPlan::SmallN => {
+                let t = std::mem::take(&mut self.ws.t);
+                let out = self.backward_factored(&t, g_out, n, dx, dm);
+                self.ws.t = t;
+                out
+            }
+            ExecPlan::Merged => self.backward_merged(g_out, n, dx, dm),
+        }
+    }
+
+    /// Backward from the caller's saved `T` (`n x r`, written by [`CpuLayer::forward_saving`]
+    /// for the same `n`) with the layer's current M and gamma, which must be those of that
+    /// forward. Returns dgamma; touches no saved state.
+    pub fn backward_saved(
+        &mut self,
+        t: &[f32],
+        g_out: &[f32],
+        n: usize,
+        dx: &mut [f32],
+        dm: &mut [f32],
+    ) -> Result<f32> {
+        check_positive("tokens", n)?;
+        check_len("T (n x r)", t, n.saturating_mul(self.factors.r))?;
+        self.check_grads(g_out, n, dx, dm)?;
+        self.core.forget_forward(); // the workspace's core tables are re-gathered below
+        self.gather_core();
+        self.backward_factored(t, g_out, n, dx, dm)
+    }
+
+    /// Checks backward's buffers: `G` (`n x d_out`), `dX` (`n x d_in`), `dM` (|Omega|).
+    fn check_grads(&self, g_out: &[f32], n: usize, dx: &[f32], dm: &[f32]) -> Result<()> {
+        check_len("G (n x d_out)", g_out, n.saturating_mul(self.factors.d_out))?;
+        check_len("dX (n x d_in)", dx, n.saturating_mul(self.factors.d_in))?;
+        check_len("dM (|Omega|)", dm, self.m.len())
+    }
+
+    /// The factored backward on `T` (core values already gathered; buffers checked).
+    fn backward_factored(&mut self, t: &[f32], g_out: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> Result<f32> {
+        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
+        let nnz = self.m.len();
+        let g = self.gate_value();
+        let f = &self.factors;
+        let ws = &mut self.ws;
+        let a = sized(&mut ws.a, n * r);
+        gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
+        let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(n));
+        sddmm(a, t, &self.index, partial, sized(&mut ws.dc, nnz));
+        if n <= d_in {
+            // dX = (A C) V^T
+            let ac = sized(&mut ws.core_act, n * r);
+            self.index.apply_bwd(a, ac, &f.s, &ws.vals_row, &ws.vals_col);
+            gemm(dx, Op::n(ac, n, r), Op::t(&f.v, d_in, r), false);
+        } else {
+            // dX = A V_C^T with V_C = V C^T
+            let vc = sized(&mut ws.vc, d_in * r);
+            self.index.apply_fwd(&f.v, vc, &f.s, &ws.vals_row, &ws.vals_col);
+            gemm(dx, Op::n(a, n, r), Op::t(vc, d_in, r), false);
+        }
+        Ok(coefficient_grads(&ws.dc, &self.m, g, self.core.config().gate, dm))
+    }
+
+    /// The merged plan's backward from its saved X and W (buffers checked).
+    fn backward_merged(&mut self, g_out: &[f32], n: usize, dx: &mut [f32], dm: &mut [f32]) -> Result<f32> {
+        let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
         let nnz = self.m.len();
         let g = self.gate_value(); // core values were gathered by forward
         let f = &self.factors;
         let ws = &mut self.ws;
-        match plan {
-            ExecPlan::Factored | ExecPlan::SmallN => {
-                let a = sized(&mut ws.a, n * r);
-                gemm(a, Op::n(g_out, n, d_out), Op::n(&f.u, d_out, r), false);
-                let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(n));
-                sddmm(a, &ws.t, &self.index, partial, sized(&mut ws.dc, nnz));
-                if n <= d_in {
-                    // dX = (A C) V^T
-                    let ac = sized(&mut ws.core_act, n * r);
-                    self.index.apply_bwd(a, ac, &f.s, &ws.vals_row, &ws.vals_col);
-                    gemm(dx, Op::n(ac, n, r), Op::t(&f.v, d_in, r), false);
-                } else {
-                    // dX = A V_C^T with V_C = V C^T
-                    let vc = sized(&mut ws.vc, d_in * r);
-                    self.index.apply_fwd(&f.v, vc, &f.s, &ws.vals_row, &ws.vals_col);
-                    gemm(dx, Op::n(a, n, r), Op::t(vc, d_in, r), false);
-                }
-            }
-            ExecPlan::Merged => {
-                gemm(dx, Op::n(g_out, n, d_out), Op::n(&ws.w, d_out, d_in), false);
-                let p = sized(&mut ws.p, d_out * d_in);
-                gemm(p, Op::t(g_out, n, d_out), Op::n(&ws.x, n, d_in), false);
-                let q = sized(&mut ws.q, d_out * r);
-                gemm(q, Op::n(p, d_out, d_in), Op::n(&f.v, d_in, r), false);
-                let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(d_out));
-                sddmm(&f.u, q, &self.index, partial, sized(&mut ws.dc, nnz));
-            }
-        }
+        gemm(dx, Op::n(g_out, n, d_out), Op::n(&ws.w, d_out, d_in), false);
+        let p = sized(&mut ws.p, d_out * d_in);
+        gemm(p, Op::t(g_out, n, d_out), Op::n(&ws.x, n, d_in), false);
+        let q = sized(&mut ws.q, d_out * r);
+        gemm(q, Op::n(p, d_out, d_in), Op::n(&f.v, d_in, r), false);
+        let partial = sized(&mut ws.partial, self.index.sddmm_partial_len(d_out));
+        sddmm(&f.u, q, &self.index, partial, sized(&mut ws.dc, nnz));
         Ok(coefficient_grads(&ws.dc, &self.m, g, self.core.config().gate, dm))
     }
 

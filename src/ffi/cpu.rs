@@ -118,17 +118,31 @@ impl AbiLayer for CpuLayer {
         Ok(())
     }
 
-    unsafe fn forward(&mut self, (x, x_len): In, n: usize, (y, y_len): Out, _stream: *mut c_void) -> FfiResult {
+    unsafe fn forward(
+        &mut self,
+        (x, x_len): In,
+        n: usize,
+        (y, y_len): Out,
+        saved: Option<Out>,
+        _stream: *mut c_void,
+    ) -> FfiResult {
         preflight("the forward workspace", self.workspace_model(n).0)?;
         // SAFETY: checked host buffers, disjoint; the caller vouches for the lengths.
         let (x, y) = unsafe {
             (std::slice::from_raw_parts(x.cast::<f32>(), x_len), std::slice::from_raw_parts_mut(y.cast::<f32>(), y_len))
         };
-        Ok(self.forward_into(x, n, y)?)
+        match saved {
+            // SAFETY: as above.
+            Some((t, t_len)) => {
+                Ok(self.forward_saving(x, n, y, unsafe { std::slice::from_raw_parts_mut(t.cast::<f32>(), t_len) })?)
+            }
+            None => Ok(self.forward_into(x, n, y)?),
+        }
     }
 
     unsafe fn backward(
         &mut self,
+        saved: Option<In>,
         (gy, gy_len): In,
         n: usize,
         (gx, gx_len): Out,
@@ -144,7 +158,13 @@ impl AbiLayer for CpuLayer {
                 std::slice::from_raw_parts_mut(gm, gm_len),
             )
         };
-        let dgamma = self.backward_into(gy, n, gx, gm)?;
+        let dgamma = match saved {
+            // SAFETY: a checked host buffer, disjoint from the outputs.
+            Some((t, t_len)) => {
+                self.backward_saved(unsafe { std::slice::from_raw_parts(t.cast::<f32>(), t_len) }, gy, n, gx, gm)?
+            }
+            None => self.backward_into(gy, n, gx, gm)?,
+        };
         if !grad_gamma.is_null() {
             // SAFETY: checked by the caller of this method.
             unsafe { grad_gamma.write(dgamma) };

@@ -45,17 +45,21 @@ pub(crate) trait AbiLayer: Send {
     /// Measured plan choice (see `svft_layer_calibrate`).
     fn calibrate(&mut self, options: &CalibrationOptions) -> FfiResult;
 
-    /// `Y = X W^T (+ bias)`.
+    /// `Y = X W^T (+ bias)`; with `saved`, `T = X V` (`n x r`) goes there instead of into the
+    /// layer (the stateless pair, `svft_layer_forward_saving`).
     ///
     /// # Safety
     /// Buffers checked as the trait doc says and valid for their lengths; `stream` checked.
-    unsafe fn forward(&mut self, x: In, n: usize, y: Out, stream: *mut c_void) -> FfiResult;
-    /// dX, dM and (unless NULL) dgamma for the preceding forward of `n` tokens.
+    unsafe fn forward(&mut self, x: In, n: usize, y: Out, saved: Option<Out>, stream: *mut c_void) -> FfiResult;
+    /// dX, dM and (unless NULL) dgamma for the preceding forward of `n` tokens, or with `saved`
+    /// for the forward whose `T` it is.
     ///
     /// # Safety
     /// As [`AbiLayer::forward`]; `grad_gamma` NULL or one checked f32.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn backward(
         &mut self,
+        saved: Option<In>,
         grad_y: In,
         n: usize,
         grad_x: Out,

@@ -242,19 +242,62 @@ pub unsafe extern "C" fn svft_layer_forward(
     y_len: usize,
     stream: *mut c_void,
 ) -> SvftStatus {
-    guard("svft_layer_forward", || {
-        registry::with(layer, |l| {
-            let layer = &mut *l.layer;
-            let (dt, d) = step_args(layer, dtype, stream, n)?;
-            check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
-            check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
-            check_disjoint(&[
-                layer.check_buffer("x", x, x_len, dt.size())?,
-                layer.check_buffer("y", y, y_len, dt.size())?,
-            ])?;
-            // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
-            unsafe { layer.forward((x, x_len), n, (y, y_len), stream) }
-        })
+    guard("svft_layer_forward", || forward_call(layer, dtype, (x, x_len), n, (y, y_len), None, stream))
+}
+
+/// `svft_layer_forward` that hands the saved activations to the caller instead of keeping them
+/// in the layer: also writes `T = X V` (`n x r`, `t_len` elements of `dtype`, same memory space)
+/// into `t`, which `svft_layer_backward_saved` takes back. The layer keeps no per-call state, so
+/// any number of forwards may be in flight before their backwards, in any order (autograd
+/// frameworks: a layer used twice in one graph, activation checkpointing, micro-batches). Always
+/// runs the factored order: FACTORED, or SMALL_N where the plan choice picks it; a MERGED choice
+/// runs FACTORED here (the merged order would save X and W). Forgets what a plain
+/// `svft_layer_forward` saved.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_forward_saving(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    x: *const c_void,
+    x_len: usize,
+    n: usize,
+    y: *mut c_void,
+    y_len: usize,
+    t: *mut c_void,
+    t_len: usize,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_forward_saving", || {
+        forward_call(layer, dtype, (x, x_len), n, (y, y_len), Some((t, t_len)), stream)
+    })
+}
+
+/// Both forwards after the guard: checks once, then calls the layer.
+fn forward_call(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    (x, x_len): (*const c_void, usize),
+    n: usize,
+    (y, y_len): (*mut c_void, usize),
+    saved: Option<(*mut c_void, usize)>,
+    stream: *mut c_void,
+) -> FfiResult {
+    registry::with(layer, |l| {
+        let layer = &mut *l.layer;
+        let (dt, d) = step_args(layer, dtype, stream, n)?;
+        check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
+        check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
+        let mut spans =
+            vec![layer.check_buffer("x", x, x_len, dt.size())?, layer.check_buffer("y", y, y_len, dt.size())?];
+        if let Some((t, t_len)) = saved {
+            check_len("t (n x r)", t_len, mul("t", n, d.r)?)?;
+            spans.push(layer.check_buffer("t", t, t_len, dt.size())?);
+        }
+        check_disjoint(&spans)?;
+        // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
+        unsafe { layer.forward((x, x_len), n, (y, y_len), saved, stream) }
     })
 }
 
@@ -282,26 +325,79 @@ pub unsafe extern "C" fn svft_layer_backward(
     stream: *mut c_void,
 ) -> SvftStatus {
     guard("svft_layer_backward", || {
-        registry::with(layer, |l| {
-            let layer = &mut *l.layer;
-            let (dt, d) = step_args(layer, dtype, stream, n)?;
-            check_len("grad_y (n x d_out)", grad_y_len, mul("grad_y", n, d.d_out)?)?;
-            check_len("grad_x (n x d_in)", grad_x_len, mul("grad_x", n, d.d_in)?)?;
-            check_len("grad_m (nnz)", grad_m_len, d.nnz)?;
-            let mut spans = vec![
-                layer.check_buffer("grad_y", grad_y, grad_y_len, dt.size())?,
-                layer.check_buffer("grad_x", grad_x, grad_x_len, dt.size())?,
-                layer.check_buffer("grad_m", grad_m.cast(), grad_m_len, 4)?,
-            ];
-            if !grad_gamma.is_null() {
-                spans.push(layer.check_buffer("grad_gamma", grad_gamma.cast(), 1, 4)?);
-            }
-            check_disjoint(&spans)?;
-            // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
-            unsafe {
-                layer.backward((grad_y, grad_y_len), n, (grad_x, grad_x_len), (grad_m, grad_m_len), grad_gamma, stream)
-            }
-        })
+        let grads = Grads { grad_y: (grad_y, grad_y_len), grad_x: (grad_x, grad_x_len), grad_m: (grad_m, grad_m_len) };
+        backward_call(layer, dtype, None, n, grads, grad_gamma, stream)
+    })
+}
+
+/// Backward of a `svft_layer_forward_saving`: `t` is the `T` that forward wrote (`t_len` =
+/// `n x r` elements of `dtype`), the other arguments as in `svft_layer_backward`. Uses the
+/// layer's current M and gamma, which must be the ones that forward used (hand them over again
+/// with `svft_layer_load_parameters` if the layer ran with others since). Needs no preceding
+/// call on the layer.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_backward_saved(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    t: *const c_void,
+    t_len: usize,
+    grad_y: *const c_void,
+    grad_y_len: usize,
+    n: usize,
+    grad_x: *mut c_void,
+    grad_x_len: usize,
+    grad_m: *mut f32,
+    grad_m_len: usize,
+    grad_gamma: *mut f32,
+    stream: *mut c_void,
+) -> SvftStatus {
+    guard("svft_layer_backward_saved", || {
+        let grads = Grads { grad_y: (grad_y, grad_y_len), grad_x: (grad_x, grad_x_len), grad_m: (grad_m, grad_m_len) };
+        backward_call(layer, dtype, Some((t, t_len)), n, grads, grad_gamma, stream)
+    })
+}
+
+/// Backward's gradient buffers as the caller passed them.
+struct Grads {
+    grad_y: (*const c_void, usize),
+    grad_x: (*mut c_void, usize),
+    grad_m: (*mut f32, usize),
+}
+
+/// Both backwards after the guard: checks once, then calls the layer.
+fn backward_call(
+    layer: *mut SvftLayer,
+    dtype: i32,
+    saved: Option<(*const c_void, usize)>,
+    n: usize,
+    Grads { grad_y, grad_x, grad_m }: Grads,
+    grad_gamma: *mut f32,
+    stream: *mut c_void,
+) -> FfiResult {
+    registry::with(layer, |l| {
+        let layer = &mut *l.layer;
+        let (dt, d) = step_args(layer, dtype, stream, n)?;
+        check_len("grad_y (n x d_out)", grad_y.1, mul("grad_y", n, d.d_out)?)?;
+        check_len("grad_x (n x d_in)", grad_x.1, mul("grad_x", n, d.d_in)?)?;
+        check_len("grad_m (nnz)", grad_m.1, d.nnz)?;
+        let mut spans = vec![
+            layer.check_buffer("grad_y", grad_y.0, grad_y.1, dt.size())?,
+            layer.check_buffer("grad_x", grad_x.0, grad_x.1, dt.size())?,
+            layer.check_buffer("grad_m", grad_m.0.cast(), grad_m.1, 4)?,
+        ];
+        if !grad_gamma.is_null() {
+            spans.push(layer.check_buffer("grad_gamma", grad_gamma.cast(), 1, 4)?);
+        }
+        if let Some((t, t_len)) = saved {
+            check_len("t (n x r)", t_len, mul("t", n, d.r)?)?;
+            spans.push(layer.check_buffer("t", t, t_len, dt.size())?);
+        }
+        check_disjoint(&spans)?;
+        // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
+        unsafe { layer.backward(saved, grad_y, n, grad_x, grad_m, grad_gamma, stream) }
     })
 }
 

@@ -16,7 +16,45 @@ use crate::layer::plan::{Dims, ExecPlan};
 
 impl<T: Dtype> CudaLayer<T> {
     /// `Y = X W^T (+ bias)`: `x` is `n x d_in`, `y` is `n x d_out`, both on this layer's device.
+    /// Saves what the next [`CudaLayer::backward`] of the same `n` needs inside the layer.
     pub fn forward(&mut self, x: &CudaView<'_, T>, n: usize, y: &mut CudaViewMut<'_, T>) -> Result<()> {
+        self.forward_step(x, n, y, None)
+    }
+
+    /// Forward that hands the saved activations to the caller instead of keeping them: writes
+    /// `Y` into `y` and `T = X V` (`n x r`) into `t`, for [`CudaLayer::backward_saved`]. Runs
+    /// the factored family whatever the plan ([`CudaLayer::saving_plan_for`]) and leaves no
+    /// per-call state in the layer, so any number of such forwards may be in flight.
+    pub fn forward_saving(
+        &mut self,
+        x: &CudaView<'_, T>,
+        n: usize,
+        y: &mut CudaViewMut<'_, T>,
+        t: &mut CudaViewMut<'_, T>,
+    ) -> Result<()> {
+        check_len("T (n x r)", &vec![(); t.len()], n.saturating_mul(self.core.dims().r))?;
+        self.forward_step(x, n, y, Some(t))
+    }
+
+    /// The plan a [`CudaLayer::forward_saving`] / [`CudaLayer::backward_saved`] pair runs for
+    /// `n` tokens: `plan_for(n)`, with the merged plan (which saves X and W) replaced by the
+    /// factored one.
+    pub fn saving_plan_for(&self, n: usize) -> ExecPlan {
+        match self.plan_for(n) {
+            ExecPlan::Merged => ExecPlan::Factored,
+            p => p,
+        }
+    }
+
+    /// The forward pass; `saved`: the caller's `T` (stateless), or `None` to save inside the
+    /// layer and record the forward for backward.
+    fn forward_step(
+        &mut self,
+        x: &CudaView<'_, T>,
+        n: usize,
+        y: &mut CudaViewMut<'_, T>,
+        saved: Option<&mut CudaViewMut<'_, T>>,
+    ) -> Result<()> {
         let Dims { d_out, d_in, r, .. } = self.core.dims();
         check_positive("tokens", n)?;
         check_len("X (n x d_in)", &vec![(); x.len()], n * d_in)?;
@@ -27,7 +65,8 @@ impl<T: Dtype> CudaLayer<T> {
         self.core.forget_forward();
         let g = self.gate_state.slice(..1);
         let g = &g;
-        let plan = self.plan_for(n);
+        let stateless = saved.is_some();
+        let plan = if stateless { self.saving_plan_for(n) } else { self.plan_for(n) };
         let token_chunk = self.token_chunk();
         let stream = self.stream.clone();
         let u = self.u.slice(..);
@@ -43,21 +82,25 @@ impl<T: Dtype> CudaLayer<T> {
                 // SmallN: the same order with the dense products in the skinny kernels (they
                 // stream U and V once per 16 tokens), and C always on the activations.
                 let small = plan == ExecPlan::SmallN;
-                let t = grow(&stream, &mut ws.t, n * r)?;
+                // T goes to the caller's buffer, or to the workspace's for backward.
+                let mut t_buf = match saved {
+                    Some(t) => t.slice_mut(..n * r),
+                    None => grow(&stream, &mut ws.t, n * r)?.slice_mut(..n * r),
+                };
                 if small {
                     let elem = std::mem::size_of::<T>();
                     let work = grow(&stream, &mut ws.skinny, smalln_workspace_len(d_out, d_in, r, n, elem))?;
-                    skinny_nn(gpu, &stream, x, &v, &mut t.slice_mut(..n * r), &mut work.slice_mut(..), n, d_in, r)?;
+                    skinny_nn(gpu, &stream, x, &v, &mut t_buf, &mut work.slice_mut(..), n, d_in, r)?;
                 } else {
                     gemm(
                         blas,
-                        &mut t.slice_mut(..n * r),
+                        &mut t_buf,
                         Mat { data: x, rows: n, cols: d_in, trans: false },
                         Mat { data: &v, rows: d_in, cols: r, trans: false },
                         false,
                     )?;
                 }
-                let t = t.slice(..n * r);
+                let t = t_buf.as_view();
                 let chunk = if small { n } else { token_chunk.min(n) };
                 if small || n <= d_out {
                     // C on the activations (fewer elements than U when n <= d_out), `chunk`
@@ -133,7 +176,9 @@ impl<T: Dtype> CudaLayer<T> {
                 true,
             )?;
         }
-        self.core.record_forward(n, plan);
+        if !stateless {
+            self.core.record_forward(n, plan);
+        }
         Ok(())
     }
 
@@ -147,8 +192,42 @@ impl<T: Dtype> CudaLayer<T> {
         dm: &mut CudaViewMut<'_, f32>,
         dgamma: &mut CudaViewMut<'_, f32>,
     ) -> Result<()> {
-        let Dims { d_out, d_in, r, nnz } = self.core.dims();
         let plan = self.core.forward_plan(n)?;
+        self.backward_step(None, plan, g_out, n, dx, dm, dgamma)
+    }
+
+    /// Backward from the caller's saved `t` (`n x r`, written by [`CudaLayer::forward_saving`]
+    /// for the same `n`), with the layer's current M and gamma, which must be that forward's.
+    /// Writes as [`CudaLayer::backward`] does; touches no state a forward saved in the layer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_saved(
+        &mut self,
+        t: &CudaView<'_, T>,
+        g_out: &CudaView<'_, T>,
+        n: usize,
+        dx: &mut CudaViewMut<'_, T>,
+        dm: &mut CudaViewMut<'_, f32>,
+        dgamma: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        check_positive("tokens", n)?;
+        check_len("T (n x r)", &vec![(); t.len()], n.saturating_mul(self.core.dims().r))?;
+        let plan = self.saving_plan_for(n);
+        self.backward_step(Some(t), plan, g_out, n, dx, dm, dgamma)
+    }
+
+    /// The backward pass of `plan`; `saved`: the caller's `T`, or `None` for the layer's own.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_step(
+        &mut self,
+        saved: Option<&CudaView<'_, T>>,
+        plan: ExecPlan,
+        g_out: &CudaView<'_, T>,
+        n: usize,
+        dx: &mut CudaViewMut<'_, T>,
+        dm: &mut CudaViewMut<'_, f32>,
+        dgamma: &mut CudaViewMut<'_, f32>,
+    ) -> Result<()> {
+        let Dims { d_out, d_in, r, nnz } = self.core.dims();
         check_len("G (n x d_out)", &vec![(); g_out.len()], n * d_out)?;
         check_len("dX (n x d_in)", &vec![(); dx.len()], n * d_in)?;
         check_len("dM (|Omega|)", &vec![(); dm.len()], nnz)?;
@@ -187,7 +266,10 @@ impl<T: Dtype> CudaLayer<T> {
         match plan {
             ExecPlan::Factored | ExecPlan::SmallN => {
                 let small = plan == ExecPlan::SmallN;
-                let t = ws.t.as_ref().expect("forward saved T").slice(..n * r);
+                let t = match saved {
+                    Some(t) => t.slice(..n * r),
+                    None => ws.t.as_ref().expect("forward saved T").slice(..n * r),
+                };
                 let a = grow(&stream, &mut ws.a, chunk * r)?;
                 let vc = if core_on_acts {
                     None

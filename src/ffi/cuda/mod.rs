@@ -349,18 +349,33 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
         self.bound_mut(|l| l.calibrate(options).map(|_| ()))
     }
 
-    unsafe fn forward(&mut self, (x, x_len): In, n: usize, (y, y_len): Out, stream: *mut c_void) -> FfiResult {
+    unsafe fn forward(
+        &mut self,
+        (x, x_len): In,
+        n: usize,
+        (y, y_len): Out,
+        saved: Option<Out>,
+        stream: *mut c_void,
+    ) -> FfiResult {
         self.on_stream(stream, |inner| {
             let l = &mut inner.layer;
             let st = l.stream().clone();
             // SAFETY: checked device buffers of the layer's device and dtype, disjoint.
             let (xb, mut yb) = unsafe { (Borrowed::<T>::new(&st, x, x_len), Borrowed::<T>::new(&st, y, y_len)) };
-            Ok(l.forward(&xb.view(), n, &mut yb.view_mut())?)
+            match saved {
+                Some((t, t_len)) => {
+                    // SAFETY: as above.
+                    let mut tb = unsafe { Borrowed::<T>::new(&st, t, t_len) };
+                    Ok(l.forward_saving(&xb.view(), n, &mut yb.view_mut(), &mut tb.view_mut())?)
+                }
+                None => Ok(l.forward(&xb.view(), n, &mut yb.view_mut())?),
+            }
         })
     }
 
     unsafe fn backward(
         &mut self,
+        saved: Option<In>,
         (gy, gy_len): In,
         n: usize,
         (gx, gx_len): Out,
@@ -379,13 +394,18 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
                     Borrowed::<f32>::new(&st, gm.cast(), gm_len),
                 )
             };
-            if grad_gamma.is_null() {
-                let scratch = &mut inner.dgamma;
-                l.backward(&gyb.view(), n, &mut gxb.view_mut(), &mut gmb.view_mut(), &mut scratch.as_view_mut())?;
-            } else {
-                // SAFETY: as above (one f32).
-                let mut ggb = unsafe { Borrowed::<f32>::new(&st, grad_gamma.cast(), 1) };
-                l.backward(&gyb.view(), n, &mut gxb.view_mut(), &mut gmb.view_mut(), &mut ggb.view_mut())?;
+            // SAFETY: as above (the saved T read-only, n x r of the layer's dtype).
+            let tb = saved.map(|(t, t_len)| unsafe { Borrowed::<T>::new(&st, t, t_len) });
+            // SAFETY: as above (one f32).
+            let mut ggb = (!grad_gamma.is_null()).then(|| unsafe { Borrowed::<f32>::new(&st, grad_gamma.cast(), 1) });
+            let mut dgamma = match ggb.as_mut() {
+                Some(b) => b.view_mut(),
+                None => inner.dgamma.as_view_mut(),
+            };
+            let (gy, mut gx, mut gm) = (gyb.view(), gxb.view_mut(), gmb.view_mut());
+            match &tb {
+                Some(t) => l.backward_saved(&t.view(), &gy, n, &mut gx, &mut gm, &mut dgamma)?,
+                None => l.backward(&gy, n, &mut gx, &mut gm, &mut dgamma)?,
             }
             Ok(())
         })
