@@ -273,6 +273,26 @@ int main(void) {
     EXPECT(NO_FORWARD, svft_layer_backward(layer, F32, gy, (N - 1) * O, N - 1, dx, (N - 1) * I, dm, nnz, NULL, NULL));
     EXPECT(OK, svft_layer_backward(layer, F32, gy, N * O, N, dx, N * I, dm, nnz, &gamma, NULL));
 
+    /* The stateless pair: T (N x R) in the caller's buffer, checked like every other buffer. */
+    static float t[N * 5]; /* N x R, R = 5 */
+    EXPECT(NULL_POINTER, svft_layer_forward_saving(layer, F32, x, N * I, N, y, N * O, NULL, N * R, NULL));
+    EXPECT(SHAPE, svft_layer_forward_saving(layer, F32, x, N * I, N, y, N * O, t, N * R - 1, NULL));
+    EXPECT(MISALIGNED, svft_layer_forward_saving(layer, F32, x, N * I, N, y, N * O, (float *)((char *)t + 2), N * R,
+                                                 NULL));
+    EXPECT(INVALID_ARGUMENT, svft_layer_forward_saving(layer, F32, x, N * I, N, big, N * O, big + 1, N * R, NULL));
+    EXPECT(INVALID_ARGUMENT, svft_layer_forward_saving(layer, F32, x, N * I, N, y, N * O, t, N * R, stream));
+    EXPECT(OK, svft_layer_forward_saving(layer, F32, x, N * I, N, y, N * O, t, N * R, NULL));
+    EXPECT(NO_FORWARD, svft_layer_backward(layer, F32, gy, N * O, N, dx, N * I, dm, nnz, NULL, NULL));
+    EXPECT(NULL_POINTER, svft_layer_backward_saved(layer, F32, NULL, N * R, gy, N * O, N, dx, N * I, dm, nnz, NULL,
+                                                   NULL));
+    EXPECT(SHAPE, svft_layer_backward_saved(layer, F32, t, N * R + 1, gy, N * O, N, dx, N * I, dm, nnz, NULL, NULL));
+    EXPECT(SHAPE, svft_layer_backward_saved(layer, F32, t, N * R, gy, N * O, N, dx, N * I, dm, nnz - 1, NULL, NULL));
+    EXPECT(INVALID_ARGUMENT, svft_layer_backward_saved(layer, F32, t, N * R, gy, N * O, N, t, N * I, dm, nnz, NULL,
+                                                       NULL));
+    EXPECT(INVALID_HANDLE, svft_layer_backward_saved(forged, F32, t, N * R, gy, N * O, N, dx, N * I, dm, nnz, NULL,
+                                                     NULL));
+    EXPECT(OK, svft_layer_backward_saved(layer, F32, t, N * R, gy, N * O, N, dx, N * I, dm, nnz, &gamma, NULL));
+
     /* Coefficients and gate. */
     EXPECT(NULL_POINTER, svft_layer_get_coefficients(layer, NULL, nnz));
     EXPECT(SHAPE, svft_layer_get_coefficients(layer, m, nnz - 1));
