@@ -7,8 +7,9 @@ mod cli_support;
 use std::path::{Path, PathBuf};
 
 use cli_support::*;
-use svft::adapter::{Adapter, FactorFile};
+use svft::adapter::{module_seed, Adapter, FactorFile};
 use svft::checkpoint::Checkpoint;
+use svft::Pattern;
 
 /// A model, its factor file and a zero-init adapter in a fresh directory.
 fn setup(name: &str, dt: Dt, seed_shift: u64) -> (PathBuf, Vec<T>, PathBuf, PathBuf) {
@@ -63,7 +64,19 @@ fn adapter_round_trip_is_exact() {
             assert_eq!(x.gamma.to_bits(), y.gamma.to_bits());
         }
         assert_eq!(a.modules[0].gate, init == "official");
-        assert_eq!(a.modules[0].pattern.to_string(), pattern);
+        // Seeds per module: module_seed(5, name) for the init; a random pattern's own seed 7
+        // is the base of each module's (so modules differ), other patterns are as given.
+        for m in &a.modules {
+            assert_eq!(m.seed, module_seed(5, &m.module), "{}", m.module);
+            let want = match pattern.parse::<Pattern>().unwrap() {
+                Pattern::Random { d, .. } => Pattern::Random { d, seed: module_seed(7, &m.module) },
+                p => p,
+            };
+            assert_eq!(m.pattern, want, "{}", m.module);
+        }
+        if pattern.starts_with("random") {
+            assert_ne!(a.modules[0].rows, a.modules[1].rows, "random patterns differ per module");
+        }
         // s_row / s_col are i64 tensors, as in the official layer.
         let ck = Checkpoint::open(&path).unwrap();
         let e = ck.get("encoder.layer.0.attention.self.query.s_row").unwrap();

@@ -3,10 +3,10 @@
 use regex::Regex;
 use serde_json::{json, Value};
 
-use svft::adapter::{Adapter, AdapterModule, FactorFile, ADAPTER_FORMAT, FACTORS_FORMAT};
+use svft::adapter::{module_pattern, module_seed, Adapter, AdapterModule, FactorFile, ADAPTER_FORMAT, FACTORS_FORMAT};
 use svft::checkpoint::{dtype_name, Checkpoint};
 use svft::cpu::CpuLayer;
-use svft::{Error, Init, LayerConfig, Result};
+use svft::{Error, Init, LayerConfig, Pattern, Result};
 
 use super::{InitAdapterArgs, InspectArgs};
 
@@ -19,17 +19,21 @@ pub fn init_adapter(a: InitAdapterArgs) -> Result<()> {
         None => None,
     };
     let gate = a.gate.unwrap_or(a.init == Init::Official);
+    let pattern: Pattern = a.pattern.parse()?;
+    // `random:D:seed=S` names S; `random:D` takes --seed as the base of its per-module seeds.
+    let explicit_seed = a.pattern.trim().split(':').nth(2).is_some();
     let mut adapter = Adapter::default();
-    for (i, info) in factors.modules().iter().enumerate() {
+    for info in factors.modules() {
         if select.as_ref().is_some_and(|re| !re.is_match(&info.module)) {
             continue;
         }
         let f = factors.load(&info.module)?;
+        // Per-module seeds (svft::adapter::module_seed), shared with the Python package.
         let config = LayerConfig {
-            pattern: a.pattern,
+            pattern: module_pattern(pattern, explicit_seed, a.seed, &info.module),
             init: a.init,
             gate,
-            seed: a.seed.wrapping_add(i as u64),
+            seed: module_seed(a.seed, &info.module),
             ..Default::default()
         };
         let layer = CpuLayer::new(f, &config, None)
@@ -44,7 +48,7 @@ pub fn init_adapter(a: InitAdapterArgs) -> Result<()> {
         "wrote {}: {} modules, pattern {}, init {}, gate {}, {} trainable parameters",
         a.output.display(),
         adapter.modules.len(),
-        a.pattern,
+        pattern,
         a.init,
         if gate { "on" } else { "off" },
         adapter.trainable_params()

@@ -179,21 +179,28 @@ pub struct InitAdapterArgs {
     /// Output adapter file.
     #[arg(short, long)]
     pub output: PathBuf,
-    /// plain, banded:D, random:D[:seed=S], topk:D[:official]
-    #[arg(long, default_value = "banded:2")]
-    pub pattern: Pattern,
+    /// plain, banded:D, random:D[:seed=S], topk:D[:official]. A random pattern differs per module:
+    /// module `name` draws with seed module_seed(S, name) (S: the spec's seed, else --seed).
+    #[arg(long, default_value = "banded:2", value_parser = pattern_spec)]
+    pub pattern: String,
     /// zero (the adapted model equals the base) or official (Kaiming-normal M, gate at 0.5).
     #[arg(long, default_value = "zero")]
     pub init: svft::Init,
     /// Use the gate g = sigmoid(gamma): true or false (default: on with --init official, off with zero).
     #[arg(long)]
     pub gate: Option<bool>,
-    /// Seed of the official init (module i uses seed + i).
+    /// Seed of the official init: module `name` uses module_seed(seed, name) =
+    /// splitmix64(seed ^ fnv1a64(name)) (`svft::adapter::module_seed`, as the Python package).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Regex of the modules to adapt (default: every module of the factor file).
     #[arg(long)]
     pub modules: Option<String>,
+}
+
+/// A pattern spec checked at parsing but kept as written (whether it names a seed matters).
+fn pattern_spec(spec: &str) -> std::result::Result<String, String> {
+    spec.parse::<Pattern>().map(|_| spec.to_string()).map_err(|e| e.to_string())
 }
 
 #[derive(Args, Debug, Clone)]

@@ -36,7 +36,10 @@ use crate::layer::pattern::{Omega, Pattern, TopKCriterion};
 use crate::layer::svd::Factors;
 
 use super::meta::{base_metadata, check_format, file_err, Fields};
-pub use super::meta::{factors_checksum, module_name, Fnv1a, ADAPTER_FORMAT, FACTORS_FORMAT, FORMAT_VERSION};
+pub use super::meta::{
+    factors_checksum, module_name, module_pattern, module_seed, splitmix64, Fnv1a, ADAPTER_FORMAT, FACTORS_FORMAT,
+    FORMAT_VERSION,
+};
 
 // ---------------------------------------------------------------------------------------------
 // Factor files

@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::formats::checkpoint::Checkpoint;
+use crate::layer::pattern::Pattern;
 use crate::layer::svd::Factors;
 
 /// The version of both file formats this crate writes and reads.
@@ -43,6 +44,43 @@ impl Fnv1a {
     /// `fnv1a64:` and 16 hex digits.
     pub fn finish(&self) -> String {
         format!("fnv1a64:{:016x}", self.0)
+    }
+}
+
+/// SplitMix64's output for the state `x` (one step: add the golden-ratio increment, then mix):
+/// a bijection of u64 with good avalanche, the same function that seeds [`crate::rng::Rng`].
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The seed one module gets from a base seed: `splitmix64(seed ^ fnv1a64(module))`, with
+/// `fnv1a64` over the name's UTF-8 bytes (64-bit FNV-1a, the checksums' hash) and all
+/// arithmetic wrapping on u64. `module` is the module's name as the files write it (the
+/// weight's tensor name without `.weight`, which is also its qualified name in a PyTorch model).
+///
+/// `svft init-adapter` and the Python package (`svft.files.module_seed`) both use it, so the
+/// same seed gives the same adapter either way: M's official init of module `name` is seeded
+/// with `module_seed(seed, name)`, and a random pattern `random:D:seed=S` becomes, for that
+/// module, `random:D:seed={module_seed(S, name)}` (`random:D` without a seed takes `S = seed`).
+/// Every module thus gets its own pattern, as the official code's fresh draw per layer does.
+pub fn module_seed(seed: u64, module: &str) -> u64 {
+    let mut h = Fnv1a::default();
+    h.write(module.as_bytes());
+    splitmix64(seed ^ h.0)
+}
+
+/// The pattern one module gets from a config's pattern (see [`module_seed`]): a random
+/// pattern's seed is derived per module from `S` (the spec's seed when `explicit_seed`, else
+/// `seed`); every other pattern is the same for every module.
+pub fn module_pattern(pattern: Pattern, explicit_seed: bool, seed: u64, module: &str) -> Pattern {
+    match pattern {
+        Pattern::Random { d, seed: s } => {
+            Pattern::Random { d, seed: module_seed(if explicit_seed { s } else { seed }, module) }
+        }
+        other => other,
     }
 }
 
@@ -138,5 +176,50 @@ impl Fields<'_> {
     }
     pub(super) fn u64(&self, key: &str) -> Result<u64> {
         self.obj.get(key).and_then(Value::as_u64).ok_or_else(|| self.missing(key))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_seed_is_pinned() {
+        // FNV-1a's published vectors, then splitmix64 on top. The Python twin
+        // (python/tests/test_adapter_files.py) checks the same values: a change on either side
+        // changes every random pattern and init ever saved, so it must be deliberate.
+        let fnv = |s: &str| {
+            let mut h = Fnv1a::default();
+            h.write(s.as_bytes());
+            h.0
+        };
+        assert_eq!(fnv(""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv("a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv("foobar"), 0x8594_4171_f739_67e8);
+        assert_eq!(splitmix64(0), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(module_seed(0, ""), splitmix64(0xcbf2_9ce4_8422_2325));
+        let names = ["encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key", "fc1"];
+        let seeds: Vec<u64> = names.iter().map(|n| module_seed(42, n)).collect();
+        assert_eq!(seeds, vec![GOLDEN[0], GOLDEN[1], GOLDEN[2]], "{seeds:#x?}");
+        // Distinct names, distinct seeds; another base seed, other seeds.
+        assert!(seeds[0] != seeds[1] && seeds[1] != seeds[2]);
+        assert_ne!(module_seed(43, names[0]), seeds[0]);
+    }
+
+    // module_seed(42, name) for the three names above (also pinned in the Python test).
+    const GOLDEN: [u64; 3] = [0x9967_b7f4_c372_61c1, 0xfe88_6824_35df_a0a1, 0x300f_459b_e75a_e763];
+
+    #[test]
+    fn module_pattern_derives_random_seeds_only() {
+        let name = "model.layers.3.mlp.up_proj";
+        assert_eq!(module_pattern(Pattern::Banded { d: 2 }, false, 9, name), Pattern::Banded { d: 2 });
+        assert_eq!(
+            module_pattern(Pattern::Random { d: 4, seed: 0 }, false, 9, name),
+            Pattern::Random { d: 4, seed: module_seed(9, name) }
+        );
+        assert_eq!(
+            module_pattern(Pattern::Random { d: 4, seed: 7 }, true, 9, name),
+            Pattern::Random { d: 4, seed: module_seed(7, name) }
+        );
     }
 }
