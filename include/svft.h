@@ -230,6 +230,38 @@ SvftStatus svft_layer_from_factors(int32_t backend,
                                    size_t bias_len,
                                    struct SvftLayer **out);
 
+// `svft_layer_from_factors` with an explicit index set: coefficient k sits at `(rows[k],
+// cols[k])` of the `rank x rank` core, `nnz` pairs (host memory on every backend; duplicates
+// are separate coefficients whose values add up). `pattern` names the set: for "plain" and
+// "banded:D" the indices must be that band's own, complete and in row-major order (as
+// `svft_layer_indices` reports them); "random:D" or "topk:D" name any other set, e.g. one
+// imported from the official implementation (its `s_row` / `s_col`), which draws its random
+// patterns from the framework's generator. Rows and cols must be below `rank`.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_layer_from_factors_indexed(int32_t backend,
+                                           int32_t dtype,
+                                           size_t d_out,
+                                           size_t d_in,
+                                           size_t rank,
+                                           const void *u,
+                                           size_t u_len,
+                                           const void *s,
+                                           size_t s_len,
+                                           const void *v,
+                                           size_t v_len,
+                                           const char *pattern,
+                                           const uint32_t *rows,
+                                           const uint32_t *cols,
+                                           size_t nnz,
+                                           int32_t init,
+                                           bool gate,
+                                           uint64_t seed,
+                                           const void *bias,
+                                           size_t bias_len,
+                                           struct SvftLayer **out);
+
 // Destroys a layer. Later calls with the handle (including a second destroy) return
 // `SVFT_STATUS_INVALID_HANDLE`.
 //

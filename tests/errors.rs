@@ -49,6 +49,18 @@ fn impossible_patterns_are_errors() {
     assert!(matches!(Omega::from_indices(Pattern::Plain, 3, vec![0, 1], vec![0]), Err(Error::Shape { .. })));
     assert!(matches!(Omega::from_indices(Pattern::Plain, 3, vec![0, 3], vec![0, 1]), Err(Error::InvalidArgument(_))));
     assert!(matches!(Omega::from_indices(Pattern::Plain, 1, vec![0, 0], vec![0, 0]), Err(Error::PatternSize { .. })));
+    // A band spec names only its own band, complete and in row-major order (a stencil).
+    assert!(Omega::from_indices(Pattern::Plain, 3, vec![0, 1, 2], vec![0, 1, 2]).is_ok());
+    assert!(matches!(
+        Omega::from_indices(Pattern::Plain, 3, vec![1, 0, 2], vec![1, 0, 2]),
+        Err(Error::InvalidArgument(_))
+    ));
+    assert!(matches!(
+        Omega::from_indices(Pattern::Banded { d: 1 }, 3, vec![0, 1], vec![0, 1]),
+        Err(Error::InvalidArgument(_))
+    ));
+    let rand = Pattern::Random { d: 1, seed: 0 };
+    assert!(Omega::from_indices(rand, 3, vec![2, 2, 0], vec![1, 1, 0]).is_ok(), "any set under a random label");
     let cfg = LayerConfig { pattern: Pattern::Banded { d: 9 }, ..Default::default() };
     assert!(matches!(CpuLayer::new(f.clone(), &cfg, None), Err(Error::PatternSize { .. })));
     let omega = Pattern::Plain.omega_for_rank(4).unwrap();

@@ -13,6 +13,7 @@ use crate::error::check_finite;
 use crate::layer::calibrate::CalibrationOptions;
 use crate::layer::config::LayerConfig;
 use crate::layer::core::LayerCore;
+use crate::layer::pattern::Omega;
 use crate::layer::svd::{thin_svd, Factors};
 
 /// `svft_layer_from_weight` on the CPU, after the shared checks: the SVD of the host weight
@@ -54,6 +55,7 @@ pub(crate) unsafe fn from_factors(
     (d_out, d_in): (usize, usize),
     [u, s, v]: [In; 3],
     config: &LayerConfig,
+    omega: Option<Omega>,
     bias: In,
 ) -> FfiResult<CpuLayer> {
     // SAFETY: per the contract.
@@ -65,7 +67,11 @@ pub(crate) unsafe fn from_factors(
             read_as_f32("V", v.0, dt, v.1)?,
         )
     };
-    Ok(CpuLayer::new(Factors::new(d_out, d_in, u, s, v)?, config, bias)?)
+    let factors = Factors::new(d_out, d_in, u, s, v)?;
+    Ok(match omega {
+        Some(omega) => CpuLayer::with_omega(factors, omega, config, bias)?,
+        None => CpuLayer::new(factors, config, bias)?,
+    })
 }
 
 /// An optional host bias (`NULL` with length 0: none) as f32.

@@ -13,7 +13,7 @@ use super::status::{fail, guard, set_last_error, FfiResult, SvftStatus};
 use super::{cpu, cuda};
 use super::{SvftBackend, SvftDtype, SVFT_ABI_VERSION};
 use crate::layer::config::{Init, LayerConfig};
-use crate::layer::pattern::Pattern;
+use crate::layer::pattern::{Omega, Pattern};
 use crate::layer::plan::Plan;
 
 /// Parses an `int32_t` backend value. Whether CUDA can run is checked later, after the
@@ -230,30 +230,106 @@ pub unsafe extern "C" fn svft_layer_from_factors(
     out: *mut *mut SvftLayer,
 ) -> SvftStatus {
     guard("svft_layer_from_factors", || {
-        let out = take_out(out)?;
-        let (backend, dt, config) = (parse_backend(backend)?, parse_dtype(dtype)?, config(pattern, init, gate, seed)?);
-        if d_out == 0 || d_in == 0 || rank == 0 {
-            return fail(SvftStatus::Shape, format!("empty shape: d_out {d_out}, d_in {d_in}, rank {rank}"));
-        }
-        if rank > d_out.min(d_in) {
-            return fail(SvftStatus::InvalidArgument, format!("rank {rank} exceeds min(d_out, d_in)"));
-        }
-        check_len("U (d_out x rank)", u_len, mul("U", d_out, rank)?)?;
-        check_len("s (rank)", s_len, rank)?;
-        check_len("V (d_in x rank)", v_len, mul("V", d_in, rank)?)?;
-        span("U", u, u_len, dt.size())?;
-        span("s", s, s_len, dt.size())?;
-        span("V", v, v_len, dt.size())?;
-        preflight("the factors", (u_len + s_len + v_len).saturating_mul(8))?;
-        let bias = check_bias(bias, bias_len, dt, d_out)?;
-        let factors = [(u, u_len), (s, s_len), (v, v_len)];
-        // SAFETY (both): checked spans; the caller vouches for the buffers' lengths.
-        let layer: Box<dyn AbiLayer> = match backend {
-            SvftBackend::Cpu => Box::new(unsafe { cpu::from_factors(dt, (d_out, d_in), factors, &config, bias) }?),
-            SvftBackend::Cuda => unsafe { cuda::from_factors(dt, (d_out, d_in), factors, &config, bias) }?,
-        };
-        register(layer, f64::NAN, out)
+        let args = FactorArgs { backend, dtype, d_out, d_in, rank, u: (u, u_len), s: (s, s_len), v: (v, v_len) };
+        from_factors_call(args, pattern, None, (init, gate, seed), (bias, bias_len), out)
     })
+}
+
+/// `svft_layer_from_factors` with an explicit index set: coefficient k sits at `(rows[k],
+/// cols[k])` of the `rank x rank` core, `nnz` pairs (host memory on every backend; duplicates
+/// are separate coefficients whose values add up). `pattern` names the set: for "plain" and
+/// "banded:D" the indices must be that band's own, complete and in row-major order (as
+/// `svft_layer_indices` reports them); "random:D" or "topk:D" name any other set, e.g. one
+/// imported from the official implementation (its `s_row` / `s_col`), which draws its random
+/// patterns from the framework's generator. Rows and cols must be below `rank`.
+///
+/// # Safety
+/// Pointers must be NULL or valid for the sizes given.
+#[no_mangle]
+pub unsafe extern "C" fn svft_layer_from_factors_indexed(
+    backend: i32,
+    dtype: i32,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    u: *const c_void,
+    u_len: usize,
+    s: *const c_void,
+    s_len: usize,
+    v: *const c_void,
+    v_len: usize,
+    pattern: *const c_char,
+    rows: *const u32,
+    cols: *const u32,
+    nnz: usize,
+    init: i32,
+    gate: bool,
+    seed: u64,
+    bias: *const c_void,
+    bias_len: usize,
+    out: *mut *mut SvftLayer,
+) -> SvftStatus {
+    guard("svft_layer_from_factors_indexed", || {
+        let args = FactorArgs { backend, dtype, d_out, d_in, rank, u: (u, u_len), s: (s, s_len), v: (v, v_len) };
+        if nnz == 0 {
+            return fail(SvftStatus::Shape, "nnz (the number of index pairs) must be positive");
+        }
+        span("rows", rows.cast(), nnz, 4)?;
+        span("cols", cols.cast(), nnz, 4)?;
+        preflight("the index set", nnz.saturating_mul(8))?;
+        // SAFETY: checked non-null, aligned and sized; the caller vouches for nnz elements.
+        let indices =
+            unsafe { (std::slice::from_raw_parts(rows, nnz).to_vec(), std::slice::from_raw_parts(cols, nnz).to_vec()) };
+        from_factors_call(args, pattern, Some(indices), (init, gate, seed), (bias, bias_len), out)
+    })
+}
+
+/// The factor arguments both factor constructors take.
+struct FactorArgs {
+    backend: i32,
+    dtype: i32,
+    d_out: usize,
+    d_in: usize,
+    rank: usize,
+    u: In,
+    s: In,
+    v: In,
+}
+
+/// Both factor constructors after the guard: checks once, then builds on the backend.
+fn from_factors_call(
+    a: FactorArgs,
+    pattern: *const c_char,
+    indices: Option<(Vec<u32>, Vec<u32>)>,
+    (init, gate, seed): (i32, bool, u64),
+    (bias, bias_len): In,
+    out: *mut *mut SvftLayer,
+) -> FfiResult {
+    let FactorArgs { backend, dtype, d_out, d_in, rank, u, s, v } = a;
+    let out = take_out(out)?;
+    let (backend, dt, config) = (parse_backend(backend)?, parse_dtype(dtype)?, config(pattern, init, gate, seed)?);
+    if d_out == 0 || d_in == 0 || rank == 0 {
+        return fail(SvftStatus::Shape, format!("empty shape: d_out {d_out}, d_in {d_in}, rank {rank}"));
+    }
+    if rank > d_out.min(d_in) {
+        return fail(SvftStatus::InvalidArgument, format!("rank {rank} exceeds min(d_out, d_in)"));
+    }
+    check_len("U (d_out x rank)", u.1, mul("U", d_out, rank)?)?;
+    check_len("s (rank)", s.1, rank)?;
+    check_len("V (d_in x rank)", v.1, mul("V", d_in, rank)?)?;
+    span("U", u.0, u.1, dt.size())?;
+    span("s", s.0, s.1, dt.size())?;
+    span("V", v.0, v.1, dt.size())?;
+    preflight("the factors", (u.1 + s.1 + v.1).saturating_mul(8))?;
+    let bias = check_bias(bias, bias_len, dt, d_out)?;
+    // The explicit index set, checked against the pattern and the rank before any upload.
+    let omega = indices.map(|(rows, cols)| Omega::from_indices(config.pattern, rank, rows, cols)).transpose()?;
+    // SAFETY (both): checked spans; the caller vouches for the buffers' lengths.
+    let layer: Box<dyn AbiLayer> = match backend {
+        SvftBackend::Cpu => Box::new(unsafe { cpu::from_factors(dt, (d_out, d_in), [u, s, v], &config, omega, bias) }?),
+        SvftBackend::Cuda => unsafe { cuda::from_factors(dt, (d_out, d_in), [u, s, v], &config, omega, bias) }?,
+    };
+    register(layer, f64::NAN, out)
 }
 
 /// Destroys a layer. Later calls with the handle (including a second destroy) return

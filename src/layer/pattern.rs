@@ -220,6 +220,18 @@ impl Omega {
         if let Some(bad) = rows.iter().chain(&cols).position(|&x| x as usize >= r) {
             return Err(Error::InvalidArgument(format!("pattern index {bad} is out of range for rank {r}")));
         }
+        // A band is a stencil (the CUDA band kernels find coefficients by position): its index
+        // set must be the band's own, complete and in row-major order.
+        if pattern.is_banded() {
+            pattern.size(r)?;
+            let (br, bc) = band_indices(r, pattern.d());
+            if rows != br || cols != bc {
+                return Err(Error::InvalidArgument(format!(
+                    "the indices are not the {pattern} band of rank {r} in row-major order \
+                     (name another index set with a random pattern spec)"
+                )));
+            }
+        }
         Ok(Omega { pattern, r, rows, cols })
     }
 

@@ -181,6 +181,33 @@ int main(void) {
     EXPECT(UNSUPPORTED_DTYPE, FROM_FACTORS(CPU, 4, O, I, R, u, O * R, s, R, v, I * R, "plain"));
     EXPECT(MISALIGNED, FROM_FACTORS(CPU, F32, O, I, R, u, O * R, (float *)((char *)s + 1), R, v, I * R, "plain"));
     EXPECT(PATTERN, FROM_FACTORS(CPU, F32, O, I, R, u, O * R, s, R, v, I * R, "random:1:seed=x"));
+
+    /* Creation from factors with an explicit index set. */
+#define FROM_INDEXED(pat, rp, cp, k)                                                                               \
+    svft_layer_from_factors_indexed(CPU, F32, O, I, R, u, O * R, s, R, v, I * R, pat, rp, cp, k, 0, false, 0, NULL, \
+                                    0, &out)
+    uint32_t ix_rows[4] = {4, 0, 2, 4}, ix_cols[4] = {1, 3, 2, 1}, got_rows[4], got_cols[4];
+    uint32_t diag[5] = {0, 1, 2, 3, 4}, swapped[5] = {1, 0, 2, 3, 4};
+    EXPECT(SHAPE, FROM_INDEXED("random:1", ix_rows, ix_cols, 0));
+    EXPECT(NULL_POINTER, FROM_INDEXED("random:1", NULL, ix_cols, 4));
+    EXPECT(MISALIGNED, FROM_INDEXED("random:1", (uint32_t *)((char *)ix_rows + 1), ix_cols, 4));
+    EXPECT(PATTERN, FROM_INDEXED("random:1:seed=x", ix_rows, ix_cols, 4));
+    ix_rows[0] = R;
+    EXPECT(INVALID_ARGUMENT, FROM_INDEXED("random:1", ix_rows, ix_cols, 4)); /* row out of range */
+    ix_rows[0] = 4;
+    EXPECT(INVALID_ARGUMENT, FROM_INDEXED("plain", ix_rows, ix_cols, 4));    /* not the plain band */
+    EXPECT(INVALID_ARGUMENT, FROM_INDEXED("plain", swapped, diag, 5)); /* the band, wrong order */
+    EXPECT(OK, FROM_INDEXED("plain", diag, diag, 5));
+    EXPECT(OK, svft_layer_destroy(out));
+    EXPECT(OK, FROM_INDEXED("random:1", ix_rows, ix_cols, 4)); /* duplicates allowed: (4, 1) twice */
+    EXPECT(OK, svft_layer_indices(out, got_rows, got_cols, 4));
+    checks++;
+    if (memcmp(ix_rows, got_rows, sizeof ix_rows) != 0 || memcmp(ix_cols, got_cols, sizeof ix_cols) != 0) {
+        failures++;
+        printf("FAIL line %d: the layer's indices are not the ones given\n", __LINE__);
+    }
+    EXPECT(OK, svft_layer_destroy(out));
+
     s[1] = NAN;
     EXPECT(NON_FINITE, FROM_FACTORS(CPU, F32, O, I, R, u, O * R, s, R, v, I * R, "plain"));
 

@@ -37,6 +37,7 @@ use crate::error::Error;
 use crate::layer::calibrate::CalibrationOptions;
 use crate::layer::config::LayerConfig;
 use crate::layer::core::LayerCore;
+use crate::layer::pattern::Omega;
 use crate::layer::svd::{thin_svd, Factors};
 use memory::{device_as_f32, device_buffer, device_buffer_on, dtoh, Borrowed, ContextGuard};
 
@@ -122,12 +123,17 @@ fn build(
     dt: SvftDtype,
     factors: &Factors,
     config: &LayerConfig,
+    omega: Option<Omega>,
     bias: Option<Vec<f32>>,
 ) -> FfiResult<Box<dyn AbiLayer>> {
+    let omega = match omega {
+        Some(o) => o,
+        None => config.pattern.omega(factors)?,
+    };
     Ok(match compute_dtype(dt) {
-        SvftDtype::Bf16 => Box::new(record::<bf16>(ordinal, factors, config, bias)?),
-        SvftDtype::F16 => Box::new(record::<f16>(ordinal, factors, config, bias)?),
-        _ => Box::new(record::<f32>(ordinal, factors, config, bias)?),
+        SvftDtype::Bf16 => Box::new(record::<bf16>(ordinal, factors, omega, config, bias)?),
+        SvftDtype::F16 => Box::new(record::<f16>(ordinal, factors, omega, config, bias)?),
+        _ => Box::new(record::<f32>(ordinal, factors, omega, config, bias)?),
     })
 }
 
@@ -135,13 +141,14 @@ fn build(
 fn record<T: Dtype>(
     ordinal: usize,
     factors: &Factors,
+    omega: Omega,
     config: &LayerConfig,
     bias: Option<Vec<f32>>,
 ) -> FfiResult<CudaRecord<T>> {
     let gpu = gpu(ordinal)?;
     let _ctx = ContextGuard::new(Some(&gpu))?;
     let stream = gpu.context().new_stream().map_err(|e| drv("creating the layer's stream", e))?;
-    let layer = CudaLayer::<T>::new(gpu.clone(), stream.clone(), factors, config, bias.as_deref())?;
+    let layer = CudaLayer::<T>::with_omega(gpu.clone(), stream.clone(), factors, omega, config, bias.as_deref())?;
     let event = || gpu.context().new_event(None).map_err(|e| drv("creating an event", e));
     let inner = Inner {
         entered: event()?,
@@ -220,7 +227,7 @@ pub(crate) unsafe fn from_weight(
         let w = unsafe { device_as_f32(&st.stream, "weight", weight, dt, weight_len) }?;
         thin_svd(&w, d_out, d_in, Some(rank))?
     };
-    Ok((build(st.ordinal, dt, &dec.factors, config, st.bias)?, dec.residual))
+    Ok((build(st.ordinal, dt, &dec.factors, config, None, st.bias)?, dec.residual))
 }
 
 /// `svft_layer_from_factors` on CUDA: `u`, `s`, `v` (and `bias`) are device pointers of `dt`.
@@ -232,13 +239,14 @@ pub(crate) unsafe fn from_factors(
     (d_out, d_in): (usize, usize),
     [u, s, v]: [In; 3],
     config: &LayerConfig,
+    omega: Option<Omega>,
     bias: In,
 ) -> FfiResult<Box<dyn AbiLayer>> {
     // SAFETY (all): per the contract; stage() checked the buffers.
     let st = unsafe { stage(dt, &[("U", u), ("s", s), ("V", v)], bias, d_out) }?;
     let read = |what, (p, len): In| unsafe { device_as_f32(&st.stream, what, p, dt, len) };
     let factors = Factors::new(d_out, d_in, read("U", u)?, read("s", s)?, read("V", v)?)?;
-    build(st.ordinal, dt, &factors, config, st.bias)
+    build(st.ordinal, dt, &factors, config, omega, st.bias)
 }
 
 /// Writes `U C V^T` into the caller's device buffer `w` (`out` is the layer's dtype or f32), on
