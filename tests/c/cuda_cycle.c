@@ -298,6 +298,51 @@ int main(void) {
         }
     }
 
+    /* A layer over saved factors (device memory) and an explicit index set with a duplicate
+     * pair, against the same call on the CPU: the indices kept as given, the same Y. */
+    {
+        SvftLayer *cpu = NULL, *gpu = NULL;
+        const size_t r = D_IN;
+        CHECK(svft_layer_from_weight(SVFT_BACKEND_CPU, w0, SVFT_DTYPE_F32, D_OUT * D_IN, D_OUT, D_IN, 0, "plain",
+                                     SVFT_INIT_ZERO, false, 0, NULL, 0, &cpu));
+        float *u = host_f32(D_OUT * r, false), *s = host_f32(r, false), *v = host_f32(D_IN * r, false);
+        CHECK(svft_layer_factors(cpu, u, D_OUT * r, s, r, v, D_IN * r));
+        CHECK(svft_layer_destroy(cpu));
+        CUdeviceptr u_d = dev_alloc(D_OUT * r), s_d = dev_alloc(r), v_d = dev_alloc(D_IN * r);
+        CU(cuMemcpyHtoD(u_d, u, D_OUT * r * sizeof(float)));
+        CU(cuMemcpyHtoD(s_d, s, r * sizeof(float)));
+        CU(cuMemcpyHtoD(v_d, v, D_IN * r * sizeof(float)));
+        uint32_t rows[] = {3, 0, 22, 3, 11}, cols[] = {2, 17, 22, 2, 0}, got_rows[5], got_cols[5];
+#define INDEXED(backend, up, sp, vp, pat, outp)                                                                  \
+    svft_layer_from_factors_indexed(backend, SVFT_DTYPE_F32, D_OUT, D_IN, r, up, D_OUT * r, sp, r, vp, D_IN * r, \
+                                    pat, rows, cols, 5, SVFT_INIT_OFFICIAL, true, 9, NULL, 0, outp)
+        const void *ud = (const void *)(uintptr_t)u_d, *sd = (const void *)(uintptr_t)s_d;
+        const void *vd = (const void *)(uintptr_t)v_d;
+        CHECK(INDEXED(SVFT_BACKEND_CUDA, ud, sd, vd, "random:1", &gpu));
+        CHECK(INDEXED(SVFT_BACKEND_CPU, u, s, v, "random:1", &cpu));
+        SvftLayer *none = NULL;
+        expect_status(INDEXED(SVFT_BACKEND_CUDA, ud, sd, vd, "banded:1", &none), SVFT_STATUS_INVALID_ARGUMENT,
+                      "an explicit set that is not the band its spec names");
+        CHECK(svft_layer_indices(gpu, got_rows, got_cols, 5));
+        expect(memcmp(rows, got_rows, sizeof rows) == 0 && memcmp(cols, got_cols, sizeof cols) == 0,
+               "the CUDA layer's indices are not the ones given");
+        CHECK(svft_layer_set_gamma(gpu, GAMMA));
+        CHECK(svft_layer_set_gamma(cpu, GAMMA));
+        CU(cuMemsetD32Async(y_d, POISON, N * D_OUT, stream));
+        CHECK(svft_layer_forward(gpu, SVFT_DTYPE_F32, (const void *)(uintptr_t)x_d, N * D_IN, N,
+                                 (void *)(uintptr_t)y_d, N * D_OUT, cs));
+        CU(cuMemcpyDtoHAsync(y, y_d, N * D_OUT * sizeof(float), stream));
+        CU(cuStreamSynchronize(stream));
+        CHECK(svft_layer_forward(cpu, SVFT_DTYPE_F32, x, N * D_IN, N, y_ref, N * D_OUT, NULL));
+        expect_close("explicit index set", "Y", y, y_ref, N * D_OUT);
+        CHECK(svft_layer_destroy(gpu));
+        CHECK(svft_layer_destroy(cpu));
+        CU(cuMemFree(u_d));
+        CU(cuMemFree(s_d));
+        CU(cuMemFree(v_d));
+        free(u), free(s), free(v);
+    }
+
     /* No error pending on the context (a fault in the library's work would be sticky here). */
     CU(cuCtxSynchronize());
     CU(cuCtxGetCurrent(&current));
