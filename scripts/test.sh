@@ -6,7 +6,8 @@
 #    to compile (or spills registers, see tests) a failure rather than a warning.
 # 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
 #    report checks, and the kernels run on CPU threads in interpret mode).
-# 3. Runs the Python package's tests over the C ABI (scripts/test-python.sh).
+# 3. Installs the Python package (pip install ., reusing the build of step 2) into a venv of pinned
+#    packages and runs its NumPy and PyTorch tests over the C ABI (scripts/test-python.sh).
 # 4. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
 # 5. Runs every GPU test against the virtual GPU, vgpu/ (scripts/test-vgpu.sh), and proves they
 #    catch planted host-side bugs (scripts/mutants-vgpu.sh).
@@ -23,8 +24,8 @@ echo "== cargo test (release, interpret mode on)"
 cargo build --release --features interpret --lib
 cargo test --release --features interpret
 
-echo "== Python package (NumPy tests over the C ABI; PyTorch tests skip without torch)"
-SVFT_CARGO_ARGS="--features interpret" scripts/test-python.sh
+echo "== Python package: pip install . into a pinned venv; NumPy and PyTorch tests (only CUDA-device skips)"
+SVFT_CARGO_FEATURES=interpret scripts/test-python.sh
 
 echo "== kernels under ThreadSanitizer and AddressSanitizer"
 scripts/sanitize-kernels.sh
