@@ -3,8 +3,13 @@
 - `Layer`: the NumPy-level API (CPU backend; float32 activations).
 - `SVFTLinear` (in `svft.nn`, imported lazily so NumPy users never import torch): a
   `torch.nn.Module` whose autograd function calls the C ABI on CPU and CUDA tensors.
+- `SVFTConfig`, `get_svft_model` (alias `inject`), `SVFTModel`, `load_adapter` (in
+  `svft.peft`, lazily too): PEFT-style adaptation of any torch model.
+- `svft.files` (NumPy only): the CLI's factor and adapter files, checksums, per-module seeds.
 
-The shared library is found through $SVFT_LIB, else the repository's target/release/libsvft.so.
+The shared library (libsvft, the crate's C ABI) is the one `pip install .` built and installed
+inside this package; $SVFT_LIB overrides it, and a source checkout used in place falls back to
+the repository's target/release/libsvft.so (`library_path()` says which one is used).
 """
 
 import ctypes
@@ -14,6 +19,7 @@ from .layer import Layer
 
 __all__ = [
     "Layer", "SvftError", "SVFTLinear", "version", "backend_available", "backend_unavailable_reason", "library_path",
+    "SVFTConfig", "SVFTModel", "get_svft_model", "inject", "load_adapter",
 ]
 
 
@@ -41,9 +47,16 @@ def backend_unavailable_reason(backend):
     return last_error() or f"the {backend} backend is unavailable"
 
 
+_PEFT_NAMES = ("SVFTConfig", "SVFTModel", "get_svft_model", "inject", "load_adapter")
+
+
 def __getattr__(name):
     if name == "SVFTLinear":
         from .nn import SVFTLinear
 
         return SVFTLinear
+    if name in _PEFT_NAMES:  # PyTorch, PEFT-style (svft.peft): imported lazily too
+        from . import peft
+
+        return getattr(peft, name)
     raise AttributeError(name)

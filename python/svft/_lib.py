@@ -1,7 +1,12 @@
-"""Loads the svft shared library and declares the C ABI of include/svft.h for ctypes."""
+"""Loads the svft shared library and declares the C ABI of include/svft.h for ctypes.
+
+The library is found by `library_path()`: $SVFT_LIB, else the copy `pip install .` put inside
+this package, else target/release/ of the source checkout.
+"""
 
 import ctypes
 import os
+import sysconfig
 import threading
 from ctypes import POINTER, c_bool, c_char_p, c_double, c_float, c_int32, c_size_t, c_uint32, c_uint64, c_void_p
 from pathlib import Path
@@ -44,6 +49,10 @@ _SIGNATURES = {
         c_int32, c_int32, c_size_t, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t,
         c_char_p, c_int32, c_bool, c_uint64, c_void_p, c_size_t, _handle_p,
     ],
+    "svft_layer_from_factors_indexed": [
+        c_int32, c_int32, c_size_t, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t,
+        c_char_p, c_void_p, c_void_p, c_size_t, c_int32, c_bool, c_uint64, c_void_p, c_size_t, _handle_p,
+    ],
     "svft_layer_destroy": [c_void_p],
     "svft_layer_shape": [c_void_p, _c_size_p, _c_size_p, _c_size_p, _c_size_p],
     "svft_layer_info": [c_void_p, POINTER(c_int32), POINTER(c_bool), _c_size_p],
@@ -55,6 +64,13 @@ _SIGNATURES = {
     "svft_layer_forward": [c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p],
     "svft_layer_backward": [
         c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_void_p,
+    ],
+    "svft_layer_forward_saving": [
+        c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p,
+    ],
+    "svft_layer_backward_saved": [
+        c_void_p, c_int32, c_void_p, c_size_t, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t,
+        c_void_p, c_void_p,
     ],
     "svft_layer_get_coefficients": [c_void_p, c_void_p, c_size_t],
     "svft_layer_set_coefficients": [c_void_p, c_void_p, c_size_t],
@@ -71,17 +87,29 @@ _lib = None
 
 
 def library_path():
-    """$SVFT_LIB, else target/release/libsvft.so of the repository this package sits in."""
+    """Where libsvft is loaded from, the first of:
+    1. $SVFT_LIB (an override: any build of the library);
+    2. the library installed inside this package (`pip install .` puts it next to this file as
+       libsvft<EXT_SUFFIX>, e.g. libsvft.cpython-311-x86_64-linux-gnu.so: setuptools-rust names
+       it like an extension module, see setup.py);
+    3. target/release/ of the source checkout this package sits in (python/svft, run in place
+       after `cargo build --release --lib`)."""
     env = os.environ.get("SVFT_LIB")
     if env:
         return Path(env)
-    root = Path(__file__).resolve().parents[2]
+    here = Path(__file__).resolve().parent
+    installed = here / ("libsvft" + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
+    if installed.exists():
+        return installed
+    root = here.parents[1]
     for name in ("libsvft.so", "libsvft.dylib", "svft.dll"):
         candidate = root / "target" / "release" / name
         if candidate.exists():
             return candidate
     raise OSError(
-        "libsvft not found: build it with `cargo build --release --lib` or point SVFT_LIB at libsvft.so"
+        f"libsvft not found: not installed in {here} (`pip install .` from the checkout builds and installs it), "
+        f"nor built in {root / 'target' / 'release'} (`cargo build --release --lib`); "
+        "or point SVFT_LIB at a libsvft.so"
     )
 
 

@@ -90,6 +90,28 @@ class Layer:
         )
         return cls(out.value)
 
+    @classmethod
+    def from_factors_ptr(cls, backend, dtype_code, d_out, d_in, rank, u_ptr, s_ptr, v_ptr, pattern, init, gate,
+                         bias_ptr, bias_len, seed=0, rows=None, cols=None):
+        """`from_factors` on raw addresses (host on "cpu", device on "cuda"): u (d_out x rank),
+        s (rank), v (d_in x rank) and the bias (d_out, or NULL) all of one dtype; on CUDA the
+        layer goes to their device and computes in that dtype. With `rows`, `cols` (host
+        integer arrays) the index set is theirs, named by `pattern` (svft_layer_from_factors_indexed:
+        a band spec must match them exactly; "random:D" names any other set)."""
+        out = ctypes.c_void_p()
+        head = (BACKENDS[backend], dtype_code, d_out, d_in, rank, u_ptr, d_out * rank, s_ptr, rank, v_ptr,
+                d_in * rank, pattern.encode())
+        tail = (INITS[init], bool(gate), seed, bias_ptr, bias_len, ctypes.byref(out))
+        if rows is None:
+            call("svft_layer_from_factors", *head, *tail)
+        else:
+            r = np.ascontiguousarray(np.asarray(rows).reshape(-1), dtype=np.uint32)
+            c = np.ascontiguousarray(np.asarray(cols).reshape(-1), dtype=np.uint32)
+            if r.size != c.size:
+                raise ValueError(f"rows and cols differ in length ({r.size} and {c.size})")
+            call("svft_layer_from_factors_indexed", *head, _addr(r), _addr(c), r.size, *tail)
+        return cls(out.value)
+
     # ---- lifetime -----------------------------------------------------------------------
     def close(self):
         """Destroys the handle (idempotent on the Python side)."""
@@ -220,6 +242,19 @@ class Layer:
         call(
             "svft_layer_backward", self.handle, dtype_code, gy_ptr, gy_len, n, dx_ptr, dx_len, dm_ptr, self.nnz,
             dgamma_ptr, stream,
+        )
+
+    def forward_saving_ptr(self, dtype_code, x_ptr, x_len, n, y_ptr, y_len, t_ptr, t_len, stream=None):
+        """Forward that writes the saved activations T = X V (n x rank, the activations' dtype)
+        to `t_ptr` instead of keeping them in the layer (see svft_layer_forward_saving)."""
+        call("svft_layer_forward_saving", self.handle, dtype_code, x_ptr, x_len, n, y_ptr, y_len, t_ptr, t_len, stream)
+
+    def backward_saved_ptr(self, dtype_code, t_ptr, t_len, gy_ptr, gy_len, n, dx_ptr, dx_len, dm_ptr, dgamma_ptr,
+                           stream=None):
+        """Backward of a `forward_saving_ptr` from its T, with the layer's current M and gamma."""
+        call(
+            "svft_layer_backward_saved", self.handle, dtype_code, t_ptr, t_len, gy_ptr, gy_len, n, dx_ptr, dx_len,
+            dm_ptr, self.nnz, dgamma_ptr, stream,
         )
 
     def merge_ptr(self, dtype_code, w_ptr, w_len, stream=None):

@@ -8,7 +8,6 @@ import ctypes
 import re
 from pathlib import Path
 
-import _support  # noqa: F401  (puts python/ on the import path)
 from svft import _lib
 
 HEADER = Path(__file__).resolve().parents[2] / "include" / "svft.h"

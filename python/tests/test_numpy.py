@@ -1,8 +1,7 @@
 """NumPy tests of the svft package on the CPU backend: forward/backward/merge against a NumPy
-f64 reference, construction paths, parameters, and errors. Run: python3 -m pytest python/tests
-(or python3 python/tests/run.py without pytest)."""
+f64 reference, construction paths, parameters, and errors. Run: scripts/test-python.sh (installs
+the package into its venv, then runs pytest on python/tests)."""
 
-import _support  # noqa: F401  (sets sys.path)
 from _support import reference, rel_err
 
 import numpy as np

@@ -1,24 +1,16 @@
-"""PyTorch tests of svft.nn.SVFTLinear (run where PyTorch exists; skipped with the reason
-otherwise): gradcheck, equality with a plain-PyTorch implementation of the official layer's
-math (forward, backward, merged weight), merge() to nn.Linear, and a timing of both. CPU tensors
-always; CUDA tensors when a GPU and the library's CUDA backend are both there."""
+"""PyTorch tests of svft.nn.SVFTLinear (PyTorch is pinned in python/requirements-test.txt: a
+missing one fails): gradcheck, equality with a plain-PyTorch implementation of the official
+layer's math (forward, backward, merged weight), merge() to nn.Linear, and a timing of both. CPU
+tensors always; CUDA tensors when torch sees a GPU (the library's CUDA backend must then run)."""
 
 import time
 
-import _support
-from _support import Skip
-
-try:
-    import torch
-    from torch import nn
-except ImportError as e:  # the NumPy-only CI
-    print(f"skipping the PyTorch tests: {e}")
-    raise Skip(f"PyTorch is not installed ({e})")
+import torch
+from torch import nn
 
 import svft
-from svft.nn import SVFTLinear, _SVFTFunction
-
-assert _support  # sys.path
+from _support import Skip
+from svft.nn import SVFTLinear, svft_linear
 
 
 class OfficialSVFT(nn.Module):
@@ -53,8 +45,9 @@ def _devices():
     yield torch.device("cpu")
     if not torch.cuda.is_available():
         print("CUDA tensors skipped: torch.cuda.is_available() is False")
-    elif not svft.backend_available("cuda"):
-        print(f"CUDA tensors skipped: libsvft's CUDA backend is unavailable: {svft.backend_unavailable_reason('cuda')}")
+    elif not svft.backend_available("cuda"):  # a GPU the library cannot use fails, never passes
+        raise RuntimeError(f"torch sees a GPU but libsvft's CUDA backend is unavailable: "
+                           f"{svft.backend_unavailable_reason('cuda')}")
     else:
         yield torch.device("cuda")
 
@@ -95,7 +88,7 @@ def test_gradcheck():
             inputs = (x, m) + ((gamma,) if gate else ())
 
             def f(x, m, gamma=None):
-                return _SVFTFunction.apply(x, m, gamma, ours)
+                return svft_linear(x, m, gamma, ours._layer)
 
             import warnings
 
