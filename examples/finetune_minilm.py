@@ -54,6 +54,7 @@ python/requirements-test.txt) and matplotlib 3.11.2 for the PNG (without it, no 
 import argparse
 import bz2
 import csv
+import gc
 import importlib.util
 import json
 import os
@@ -73,10 +74,10 @@ METHODS = ["head", "svft-plain", "svft-banded2", "lora"]
 TARGETS = r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
 # Learning-rate grids (validation-selected); --quick uses the single QUICK_LR per method.
 GRIDS = {
-    "head": [1e-2, 3e-2, 1e-1],
-    "svft-plain": [1e-2, 3e-2, 1e-1],
-    "svft-banded2": [1e-2, 3e-2, 1e-1],
-    "lora": [3e-4, 1e-3, 3e-3],
+    "head": [3e-3, 1e-2, 3e-2, 1e-1],
+    "svft-plain": [3e-3, 1e-2, 3e-2, 1e-1],
+    "svft-banded2": [3e-3, 1e-2, 3e-2, 1e-1],
+    "lora": [3e-4, 1e-3, 3e-3, 1e-2],
 }
 # --quick: 60 steps of 16 over 500 training examples, validation 200, test 400, one learning
 # rate per method (the best validation accuracy of short runs made while writing this script).
@@ -347,6 +348,8 @@ def worker(spec_path):
     if len(lrs) > 1:
         for lr in lrs:
             if grid:  # a fresh model per grid point (the first one uses the model built above)
+                del model
+                gc.collect()
                 model, _ = build(method, mdir, seed)
             t0 = time.perf_counter()
             losses, _ = train(model, data["train"], grid_batches, lr, pad_id, f"{method} lr={lr:g} grid",
@@ -357,9 +360,12 @@ def worker(spec_path):
             print(f"[{method}] grid lr={lr:g}: validation accuracy {acc:.4f} ({len(val_grid)} examples, "
                   f"{len(grid_batches)} steps, {grid[-1]['seconds']:.0f} s)", flush=True)
         best = max(grid, key=lambda g: (g["val_acc"], -g["final_loss"]))["lr"]
+        del model
+        gc.collect()
         model, _ = build(method, mdir, seed)
     else:
         best = lrs[0]
+    load = os.getloadavg()[0]
     t0 = time.perf_counter()
     losses, times = train(model, data["train"], final_batches, best, pad_id, f"{method} lr={best:g}",
                           spec["log_every"])
@@ -372,6 +378,7 @@ def worker(spec_path):
         "adapter_params": trainable - head_params, "adapted_modules": adapted, "val_acc": val_acc,
         "test_acc": test_acc, "ms_per_step_median": statistics.median(times), "train_seconds": train_s,
         "peak_rss_mib": peak, "train_rss_mib": peak - rss_loaded, "losses": losses,
+        "loadavg_1min_final_start_end": [load, os.getloadavg()[0]],
         "n": {k: len(v) for k, v in data.items()},
         "mean_tokens_per_batch": statistics.fmean(sum(len(data["train"][i][0]) for i in b) for b in final_batches),
     }
@@ -406,7 +413,7 @@ def cpu_model():
 
 def markdown(results, settings):
     lines = [
-        "| method | trainable params | test acc | val acc | lr (val-chosen) | ms/step (median) | peak RSS MiB | RSS growth in training MiB |",
+        "| method | trainable params | test acc | val acc | lr | ms/step (median) | peak RSS MiB | RSS growth in training MiB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
@@ -423,7 +430,7 @@ def markdown(results, settings):
         f"warm-up + linear decay, clip 1.0, seed {s['seed']}.",
         (f"Learning rate per method: best validation accuracy of {s['grid_steps']}-step runs over "
          + "; ".join(f"{m}: {', '.join(f'{x:g}' for x in s['grids'][m])}" for m in s['methods'])
-         + (f" (the first {s['grid_val_size']} validation examples)." if s['grid_val_size'] else ".")
+         + (f" (the first {min(s['grid_val_size'], s['n']['val'])} validation examples)." if s['grid_val_size'] else ".")
          if any(len(s['grids'][m]) > 1 for m in s['methods']) else
          "Learning rate per method: fixed (" + ", ".join(f"{m} {s['grids'][m][0]:g}" for m in s['methods'])
          + "), no grid" + (" (--quick: chosen on validation while writing the script)." if s['quick'] else ".")),
@@ -448,7 +455,7 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         y = r["losses"]
-        k = max(1, len(y) // 25)
+        k = max(1, len(y) // 10)
         smooth = [sum(y[max(0, i - k + 1):i + 1]) / len(y[max(0, i - k + 1):i + 1]) for i in range(len(y))]
         line, = ax.plot(range(1, len(y) + 1), y, alpha=0.25, linewidth=0.8)
         ax.plot(range(1, len(y) + 1), smooth, color=line.get_color(),
@@ -467,7 +474,7 @@ def plot(results, path):
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, help="final-run steps (default 100; --quick 60)")
-    p.add_argument("--grid-steps", type=int, help="steps of each learning-rate trial (default steps/3)")
+    p.add_argument("--grid-steps", type=int, help="steps of each learning-rate trial (default steps/4)")
     p.add_argument("--batch-size", type=int, help="default 32 (--quick 16)")
     p.add_argument("--max-len", type=int, default=64, help="tokens per sentence at most (default 64)")
     p.add_argument("--train-size", type=int, help="training examples (default 0: all, about 9.7k; --quick 500)")
@@ -493,7 +500,7 @@ def parse(argv):
     for key, value in (QUICK if q else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.grid_steps = args.grid_steps or max(1, args.steps // 3)
+    args.grid_steps = args.grid_steps or max(1, args.steps // 4)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
