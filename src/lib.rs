@@ -5,7 +5,8 @@
 //! pattern, `W = U (diag(s) + g M) V^T`. See `SVFT.md` (shared with the project) for the math.
 //!
 //! The tree, bottom up (each group imports only from itself and the groups above it here):
-//! - [`error`], [`rng`], [`geometry`]: foundations (the kernels' launch geometry included).
+//! - [`error`], [`alloc`], [`rng`], [`geometry`]: foundations (fallible allocation of sizes from
+//!   outside, the kernels' launch geometry included).
 //! - [`layer`]: the layer core and its math: [`layer::core::LayerCore`] (what both layers
 //!   embed), [`config`], [`pattern`] (patterns and index sets), [`plan`] (plans and their FLOP
 //!   model), [`calibrate`] (measured plan choice), [`svd`] (the thin SVD, [`svd::Factors`]),
@@ -35,6 +36,7 @@
 // and its math (layer), the backends (cpu, cuda), the file formats (formats), the tools around
 // them (tools), the boundaries (ffi here, the CLI in main.rs). A module imports only from its
 // own group or the groups before it.
+pub mod alloc;
 pub mod error;
 pub mod geometry;
 pub mod rng;

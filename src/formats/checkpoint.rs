@@ -18,6 +18,7 @@ use safetensors::tensor::TensorInfo;
 pub use safetensors::Dtype;
 
 use crate::error::{Error, Result};
+pub use crate::formats::writer::{check_not_an_input, write_safetensors, OwnedTensor};
 
 /// Which 2-D weights are adapted unless `--targets` says otherwise: the attention and MLP
 /// projections of the common transformer families (BERT, Llama/Mistral, GPT-2, GPT-NeoX,
@@ -111,13 +112,14 @@ pub fn dtype_size(dtype: Dtype) -> usize {
 
 /// Converts little-endian f32/bf16/f16 bytes to f32.
 pub fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
-    let out = match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+    let mut out = crate::alloc::try_with_capacity("f32 values", bytes.len() / dtype_size(dtype).max(1))?;
+    match dtype {
+        Dtype::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
         Dtype::BF16 => {
-            bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
         }
         Dtype::F16 => {
-            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
+            out.extend(bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()))
         }
         other => {
             return Err(Error::InvalidArgument(format!(
@@ -131,10 +133,11 @@ pub fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Result<Vec<f32>> {
 
 /// Converts f32 values to little-endian bytes of `dtype` (f32, bf16 or f16; round to nearest even).
 pub fn f32_to_bytes(dtype: Dtype, values: &[f32]) -> Result<Vec<u8>> {
-    let out = match dtype {
-        Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes()).collect(),
+    let mut out = crate::alloc::try_with_capacity("tensor bytes", values.len().saturating_mul(dtype_size(dtype)))?;
+    match dtype {
+        Dtype::F32 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        Dtype::BF16 => out.extend(values.iter().flat_map(|&v| half::bf16::from_f32(v).to_bits().to_le_bytes())),
+        Dtype::F16 => out.extend(values.iter().flat_map(|&v| half::f16::from_f32(v).to_bits().to_le_bytes())),
         other => {
             return Err(Error::InvalidArgument(format!(
                 "cannot write weights as {}: expected f32, bf16 or f16",
@@ -309,6 +312,16 @@ impl Checkpoint {
             let shard = shard.as_str().ok_or_else(|| {
                 file_err(index, format!("corrupt checkpoint index: shard of `{tensor}` is not a string"))
             })?;
+            // A shard lives beside its index: a path that leaves the folder is not a shard.
+            let plain = Path::new(shard).components().all(|c| matches!(c, std::path::Component::Normal(_)));
+            if !plain {
+                return Err(file_err(
+                    index,
+                    format!(
+                        "corrupt checkpoint index: shard `{shard}` of `{tensor}` is not a file name beside the index"
+                    ),
+                ));
+            }
             if !shard_names.iter().any(|s| s == shard) {
                 shard_names.push(shard.to_string());
             }
@@ -354,6 +367,14 @@ impl Checkpoint {
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// Every file it was read from: the index (if sharded) and each shard.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let mut files: Vec<PathBuf> = self.shards.iter().map(|s| s.path.clone()).collect();
+        if !files.contains(&self.path) {
+            files.insert(0, self.path.clone());
+        }
+        files
+    }
     /// Number of shard files (1 for a single file).
     pub fn shard_count(&self) -> usize {
         self.shards.len()
@@ -381,7 +402,8 @@ impl Checkpoint {
         let path = &self.shards[e.shard].path;
         let mut file = File::open(path).map_err(|err| io_err(path, err))?;
         file.seek(SeekFrom::Start(e.start)).map_err(|err| io_err(path, err))?;
-        let mut buf = vec![0u8; e.len as usize];
+        let len = usize::try_from(e.len).map_err(|_| file_err(path, format!("tensor `{name}` exceeds memory")))?;
+        let mut buf = crate::alloc::try_zeroed(&format!("tensor `{name}` of {}", path.display()), len)?;
         file.read_exact(&mut buf).map_err(|err| {
             if err.kind() == std::io::ErrorKind::UnexpectedEof {
                 file_err(path, format!("truncated while reading tensor `{name}`"))
@@ -421,34 +443,6 @@ impl Checkpoint {
             .filter(|e| e.dims2().is_some() && e.is_float_weight() && targets.is_match(&e.name))
             .collect()
     }
-}
-
-/// One tensor to write: name, dtype, shape and little-endian bytes.
-pub type OwnedTensor = (String, Dtype, Vec<usize>, Vec<u8>);
-
-/// Writes a safetensors file (through a temporary file renamed into place, so a reader never
-/// sees half a file) with the given `__metadata__`.
-pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor], metadata: HashMap<String, String>) -> Result<()> {
-    let mut views = Vec::with_capacity(tensors.len());
-    for (name, dtype, shape, bytes) in tensors {
-        let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)
-            .map_err(|e| Error::InvalidArgument(format!("tensor `{name}`: {e}")))?;
-        views.push((name.as_str(), view));
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    }
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| match e {
-        safetensors::SafeTensorError::IoError(source) => io_err(path, source),
-        other => file_err(path, format!("cannot write: {other}")),
-    })?;
-    // The temporary file it was written through is private (0600); make it an ordinary file.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(path, e))?;
-    }
-    Ok(())
 }
 
 /// Compiles a `--targets` regex, or the [`DEFAULT_TARGETS`] when `None`.

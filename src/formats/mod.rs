@@ -4,3 +4,4 @@
 pub mod adapter;
 pub mod checkpoint;
 mod meta;
+mod writer;
