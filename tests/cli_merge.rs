@@ -311,7 +311,7 @@ fn wrong_base_and_damaged_files_are_named_errors() {
     assert!(err.contains("checksum"), "{err}");
     // Unknown factor file version.
     let f99 = copy(&factors, &dir.join("f99.safetensors"));
-    set_metadata(&f99, "format_version", "2");
+    set_metadata(&f99, "format_version", "1");
     let err = merge(&f99, &adapter);
-    assert!(err.contains("unsupported factor file format version `2`"), "{err}");
+    assert!(err.contains("unsupported factor file format version `1`"), "{err}");
 }

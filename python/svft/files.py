@@ -1,16 +1,16 @@
 """The CLI's file formats in NumPy: factor files and adapter files (safetensors), their FNV-1a
 checksums, and the per-module seeds `svft init-adapter` uses. No torch needed.
 
-Formats (as `src/formats/adapter.rs` writes and reads them, format version 1):
+Formats (as `src/formats/adapter.rs` writes and reads them, format version 2):
 
 - **Factor file**: `{module}.svft_u` (d_out x r), `{module}.svft_s` (r), `{module}.svft_v`
   (d_in x r), f32 or the model's bf16/f16; metadata `format = svft-factors`, `format_version`,
   `crate_version`, `source`, `storage_dtype`, and `modules` (JSON): `{module: {weight, d_out,
-  d_in, rank, dtype, checksum, residual}}`.
+  d_in, rank, dtype, checksum, residual, meta_checksum}}`.
 - **Adapter file**: `{module}.s_edge` (M, f32), `{module}.gate` (gamma, f32, shape [1]),
   `{module}.s_row` / `{module}.s_col` (i64); metadata `format = svft-adapter`, ..., and
   `modules`: `{module: {weight, pattern, rank, topk_criterion, init, gate, seed, d_out, d_in,
-  dtype, base_checksum, data_checksum}}`.
+  dtype, base_checksum, data_checksum, meta_checksum}}`.
 
 A module's name is its weight's tensor name without `.weight`: for a checkpoint saved from a
 PyTorch model (`model.state_dict()`, `save_pretrained`), that is the module's qualified name in
@@ -18,7 +18,8 @@ PyTorch model (`model.state_dict()`, `save_pretrained`), that is the module's qu
 
 Checksums are 64-bit FNV-1a, written `fnv1a64:` and 16 hex digits. The base checksum runs over
 d_out, d_in, r (u64 little-endian), then the f32 bit patterns of U, s, V (row-major) as stored;
-the data checksum over M and gamma (f32), then rows and cols (i64). They are computed in pure
+the data checksum over M and gamma (f32), then rows and cols (i64); the meta checksum over every
+other field of the module's metadata (`meta_checksum` below), so no field can be edited unseen. They are computed in pure
 Python here (a few MB/s): factor files' recorded checksums are trusted unless `verify=True`.
 
 Seeds: `module_seed(seed, name) = splitmix64(seed ^ fnv1a64(name.encode()))` (u64 arithmetic),
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FACTORS_FORMAT = "svft-factors"
 ADAPTER_FORMAT = "svft-adapter"
 _M64 = (1 << 64) - 1
@@ -111,6 +112,72 @@ def data_checksum(coefficients, gamma, rows, cols):
     return f"fnv1a64:{h:016x}"
 
 
+def meta_checksum(obj):
+    """The checksum of one module's metadata dict: FNV-1a over `key=value\\n` for every key but
+    `meta_checksum`, keys sorted, strings as UTF-8, ints in decimal, bools as true/false, floats
+    as their f64 bit pattern in 16 hex digits (src/formats/meta.rs `meta_checksum`)."""
+    h = _FNV_OFFSET
+    for k in sorted(obj):
+        if k == "meta_checksum":
+            continue
+        v = obj[k]
+        if isinstance(v, bool):
+            text = "true" if v else "false"
+        elif isinstance(v, int):
+            text = str(v)
+        elif isinstance(v, float):
+            text = f"{struct.unpack('<Q', struct.pack('<d', v))[0]:016x}"
+        elif isinstance(v, str):
+            text = v
+        else:
+            text = json.dumps(v, separators=(",", ":"))
+        h = fnv1a64(f"{k}={text}\n".encode(), h)
+    return f"fnv1a64:{h:016x}"
+
+
+def file_checksum(metadata):
+    """The checksum of a whole `__metadata__` string map: FNV-1a over `key=value\\n` for every key
+    but `file_checksum`, sorted (src/formats/meta.rs `file_checksum`)."""
+    h = _FNV_OFFSET
+    for k in sorted(metadata):
+        if k != "file_checksum":
+            h = fnv1a64(f"{k}={metadata[k]}\n".encode(), h)
+    return f"fnv1a64:{h:016x}"
+
+
+def seal_file(metadata):
+    """Adds (or renews) `file_checksum`; call it after the last change to the metadata."""
+    metadata = {str(k): str(v) for k, v in metadata.items() if k != "file_checksum"}
+    metadata["file_checksum"] = file_checksum(metadata)
+    return metadata
+
+
+def _sealed(obj):
+    obj = dict(obj)
+    obj["meta_checksum"] = meta_checksum(obj)
+    return obj
+
+
+def _check_module(path, name, info, keys):
+    """What every module entry must satisfy (as the Rust reader checks it)."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: corrupt metadata for `{name}`")
+    for key in keys:
+        if key not in info:
+            raise ValueError(f"{path}: corrupt metadata: module `{name}` lacks `{key}`")
+    got = meta_checksum(info)
+    if info.get("meta_checksum") != got:
+        raise ValueError(f"{path}: corrupt metadata: the fields of module `{name}` have checksum {got} but the "
+                         f"file records {info.get('meta_checksum')} (edited or damaged)")
+    if module_name(info["weight"]) != name:
+        raise ValueError(f"{path}: corrupt metadata: module `{name}` names the weight `{info['weight']}`, which is "
+                         f"not its own")
+    d_out, d_in, rank = (info[k] for k in ("d_out", "d_in", "rank"))
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (d_out, d_in, rank)) or not (
+            d_out > 0 and d_in > 0 and 0 < rank <= min(d_out, d_in)):
+        raise ValueError(f"{path}: corrupt metadata: module `{name}` is {d_out}x{d_in} of rank {rank}")
+
+
 # ---- safetensors --------------------------------------------------------------------------------
 _ST_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2", "I64": "<i8", "I32": "<i4", "U8": "u1",
               "I8": "i1", "BOOL": "?"}
@@ -172,7 +239,8 @@ def write_safetensors(path, tensors, metadata):
         chunks.append(raw)
         offset += len(raw)
     header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
+    # Sorted keys: the same tensors and metadata give the same bytes (as the CLI's writer).
+    text = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     text += b" " * (-len(text) % 8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -209,6 +277,9 @@ def _check_format(path, meta, want):
     if meta.get("format_version") != str(FORMAT_VERSION):
         raise ValueError(f"{path}: unsupported {what} format version `{meta.get('format_version')}` "
                          f"(this package reads version {FORMAT_VERSION})")
+    if meta.get("file_checksum") != file_checksum(meta):
+        raise ValueError(f"{path}: corrupt metadata: it has checksum {file_checksum(meta)} but the file records "
+                         f"{meta.get('file_checksum')} (edited or damaged)")
     try:
         modules = json.loads(meta["modules"])
     except (KeyError, ValueError) as e:
@@ -242,9 +313,7 @@ class FactorFile:
         self.metadata = meta
         self.modules = _check_format(self.path, meta, FACTORS_FORMAT)
         for name, info in self.modules.items():
-            for key in ("weight", "d_out", "d_in", "rank", "dtype", "checksum"):
-                if key not in info:
-                    raise ValueError(f"{self.path}: corrupt metadata: module `{name}` lacks `{key}`")
+            _check_module(self.path, name, info, ("weight", "d_out", "d_in", "rank", "dtype", "checksum", "residual"))
             for suffix, shape in (("u", (info["d_out"], info["rank"])), ("s", (info["rank"],)),
                                   ("v", (info["d_in"], info["rank"]))):
                 t = self._tensors.get(f"{name}.svft_{suffix}")
@@ -271,13 +340,16 @@ def write_factors(path, modules, source="python"):
     for name, m in modules.items():
         u, s, v = (np.ascontiguousarray(m[k], np.float32) for k in ("u", "s", "v"))
         sums[name] = factors_checksum(u, s, v)
-        meta[name] = {"weight": m.get("weight", f"{name}.weight"), "d_out": u.shape[0], "d_in": v.shape[0],
-                      "rank": s.size, "dtype": m.get("dtype", "f32"), "checksum": sums[name],
-                      "residual": float(m.get("residual", 0.0))}
+        meta[name] = _sealed({"weight": m.get("weight", f"{name}.weight"), "d_out": int(u.shape[0]),
+                              "d_in": int(v.shape[0]), "rank": int(s.size), "dtype": m.get("dtype", "f32"),
+                              "checksum": sums[name], "residual": float(m.get("residual", 0.0))})
+        if module_name(meta[name]["weight"]) != name:
+            raise ValueError(f"module `{name}`: its weight must be `{name}.weight` (or `{name}`), not "
+                             f"`{meta[name]['weight']}`")
         tensors[f"{name}.svft_u"], tensors[f"{name}.svft_s"], tensors[f"{name}.svft_v"] = u, s, v
     metadata = _base_metadata(FACTORS_FORMAT, meta)
     metadata.update(source=str(source), storage_dtype="f32")
-    write_safetensors(path, tensors, metadata)
+    write_safetensors(path, tensors, seal_file(metadata))
     return sums
 
 
@@ -298,6 +370,9 @@ def read_adapter(path):
     modules = _check_format(path, meta, ADAPTER_FORMAT)
     out = {}
     for name, info in modules.items():
+        _check_module(path, name, info, ("weight", "pattern", "rank", "topk_criterion", "init", "gate", "seed",
+                                         "d_out", "d_in", "dtype", "base_checksum", "data_checksum"))
+
         def get(suffix, dtype):
             t = tensors.get(f"{name}.{suffix}")
             if t is None:
@@ -338,13 +413,15 @@ def write_adapter(path, modules):
         gamma = np.float32(m["gamma"])
         if m["dtype"] not in ("f32", "bf16", "f16"):
             raise ValueError(f"module `{name}`: the adapter format records f32, bf16 or f16 weights, not {m['dtype']}")
-        meta[name] = {
+        if module_name(m["weight"]) != name:
+            raise ValueError(f"module `{name}`: its weight must be `{name}.weight` (or `{name}`), not `{m['weight']}`")
+        meta[name] = _sealed({
             "weight": m["weight"], "pattern": m["pattern"], "rank": int(m["rank"]),
             "topk_criterion": _criterion(m["pattern"]), "init": m["init"], "gate": bool(m["gate"]),
             "seed": int(m["seed"]) & _M64, "d_out": int(m["d_out"]), "d_in": int(m["d_in"]), "dtype": m["dtype"],
             "base_checksum": m["base_checksum"], "data_checksum": data_checksum(coeffs, gamma, rows, cols),
-        }
+        })
         tensors[f"{name}.s_edge"] = coeffs
         tensors[f"{name}.gate"] = np.asarray([gamma], np.float32)
         tensors[f"{name}.s_row"], tensors[f"{name}.s_col"] = rows, cols
-    write_safetensors(path, tensors, _base_metadata(ADAPTER_FORMAT, meta))
+    write_safetensors(path, tensors, seal_file(_base_metadata(ADAPTER_FORMAT, meta)))

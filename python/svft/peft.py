@@ -311,7 +311,7 @@ def write_adapter_with_extra(path, entries, extra):
         raise ValueError(f"modules_to_save tensors clash with the adapter's: {clash}")
     tensors.update({k: np.ascontiguousarray(v, np.float32) for k, v in extra.items()})
     meta["modules_to_save"] = ",".join(sorted(extra))
-    files.write_safetensors(path, tensors, meta)
+    files.write_safetensors(path, tensors, files.seal_file(meta))
 
 
 def _check_entry(module, entry, path, fname, check_base=True):

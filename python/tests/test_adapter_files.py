@@ -79,6 +79,19 @@ def _checkpoint(path, seed=0):
     return tensors
 
 
+def test_meta_checksum_is_pinned_and_matches_rust():
+    # The same object and value as src/formats/meta.rs `meta_checksum_is_pinned_and_covers_every_field`.
+    obj = {"weight": "fc1.weight", "d_out": 12, "d_in": 7, "rank": 7, "dtype": "bf16",
+           "checksum": "fnv1a64:0123456789abcdef", "residual": 1.5e-7, "gate": True, "seed": 2**64 - 1,
+           "meta_checksum": "ignored"}
+    assert files.meta_checksum(obj) == "fnv1a64:95150d8bbf921c56"
+    src = (ROOT / "src" / "formats" / "meta.rs").read_text()
+    assert '"fnv1a64:95150d8bbf921c56"' in src, "the Rust pin changed: change both"
+    for key in obj:
+        if key != "meta_checksum":
+            assert files.meta_checksum({**obj, key: "other"}) != files.meta_checksum(obj), key
+
+
 def test_module_seed_is_pinned_and_matches_rust():
     # FNV-1a's published vectors, SplitMix64, and the golden values of src/formats/meta.rs.
     assert files.fnv1a64(b"") == 0xCBF29CE484222325

@@ -4,7 +4,7 @@ use regex::Regex;
 use serde_json::{json, Value};
 
 use svft::adapter::{module_pattern, module_seed, Adapter, AdapterModule, FactorFile, ADAPTER_FORMAT, FACTORS_FORMAT};
-use svft::checkpoint::{dtype_name, Checkpoint};
+use svft::checkpoint::{check_not_an_input, dtype_name, Checkpoint};
 use svft::cpu::CpuLayer;
 use svft::{Error, Init, LayerConfig, Pattern, Result};
 
@@ -12,6 +12,7 @@ use super::{InitAdapterArgs, InspectArgs};
 
 pub fn init_adapter(a: InitAdapterArgs) -> Result<()> {
     let factors = FactorFile::open(&a.factors)?;
+    check_not_an_input(&a.output, &[("factor file", a.factors.clone())])?;
     let select = match &a.modules {
         Some(spec) => Some(
             Regex::new(spec).map_err(|e| Error::InvalidArgument(format!("invalid --modules regex `{spec}`: {e}")))?,
@@ -58,6 +59,9 @@ pub fn init_adapter(a: InitAdapterArgs) -> Result<()> {
 
 pub fn inspect(a: InspectArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&a.file)?;
+    // A file that records an SVFT file checksum is described only if the checksum holds (an
+    // edited `format` must not pass a damaged adapter off as a plain checkpoint).
+    svft::adapter::verify_file_checksum(&a.file, &ckpt)?;
     let format = ckpt.metadata().get("format").cloned().unwrap_or_default();
     let v: Value = if format == ADAPTER_FORMAT {
         let ad = Adapter::load(&a.file)?;

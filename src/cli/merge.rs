@@ -4,8 +4,11 @@ use std::collections::HashMap;
 
 use serde_json::json;
 
-use svft::adapter::{Adapter, FactorFile};
-use svft::checkpoint::{dtype_name, f32_to_bytes, write_safetensors, Checkpoint, OwnedTensor};
+use svft::adapter::{check_decomposes, Adapter, FactorFile};
+use svft::alloc::{checked_len, try_zeroed};
+use svft::checkpoint::{
+    check_not_an_input, dtype_name, f32_to_bytes, round_through, write_safetensors, Checkpoint, OwnedTensor,
+};
 use svft::cpu::gemm::{gemm, Operand as Op};
 use svft::{Error, Result};
 
@@ -16,13 +19,23 @@ pub fn run(a: MergeArgs) -> Result<()> {
     let adapter = Adapter::load(&a.adapter)?;
     adapter.check_base(&factors)?;
     let model = a.model.as_ref().map(Checkpoint::open).transpose()?;
+    let mut inputs = vec![("factor file", a.factors.clone()), ("adapter", a.adapter.clone())];
+    if let Some(ck) = &model {
+        inputs.extend(ck.files().into_iter().map(|f| ("model file", f)));
+    }
+    check_not_an_input(&a.output, &inputs)?;
     let pb = progress_bar(adapter.modules.len() as u64, "merge");
     let mut tensors: Vec<OwnedTensor> = Vec::new();
     let mut rows = Vec::new();
     for m in &adapter.modules {
         pb.set_message(m.module.clone());
         let f = factors.load(&m.module)?;
-        // W0: the original weight when the model is given, else U diag(s) V^T.
+        let info = factors.get(&m.module).expect("check_base found it");
+        let numel = checked_len(&format!("merged `{}`", m.weight), &[m.d_out, m.d_in])?;
+        // W0: the original weight when the model is given, else U diag(s) V^T. The merged
+        // weight keeps the model's dtype (the adapter's, which check_base matched to the
+        // factor file's, when there is no model).
+        let mut dtype = m.dtype;
         let w0 = match &model {
             Some(ck) => {
                 let e = ck.get(&m.weight).ok_or_else(|| Error::File {
@@ -38,24 +51,45 @@ pub fn run(a: MergeArgs) -> Result<()> {
                         ),
                     });
                 }
-                ck.read_f32(&m.weight)?
+                dtype = e.dtype;
+                let w0 = ck.read_f32(&m.weight)?;
+                check_decomposes(info, &f, &w0, e.dtype, ck.path())?;
+                w0
             }
             None => {
                 let us: Vec<f32> =
                     f.u.chunks_exact(f.r).flat_map(|row| row.iter().zip(&f.s).map(|(u, s)| u * s)).collect();
-                let mut w0 = vec![0.0f32; f.d_out * f.d_in];
+                let mut w0 = try_zeroed::<f32>(&format!("`{}`", m.weight), numel)?;
                 gemm(&mut w0, Op::n(&us, f.d_out, f.r), Op::t(&f.v, f.d_in, f.r), false);
                 w0
             }
         };
         let mut layer = m.to_layer(f)?;
-        let w = layer.merge();
+        let mut w = try_zeroed::<f32>(&format!("merged `{}`", m.weight), numel)?;
+        layer.merge_into(&mut w)?;
+        // A merged weight the output dtype cannot hold is refused, not written as inf.
+        let mut rounded = w.clone();
+        round_through(dtype, &mut rounded);
+        if let Some(p) = rounded.iter().position(|x| !x.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "module `{}`: the merged weight overflows {} at [{}, {}] (f32 value {:e}): the adapter's \
+                 coefficients (largest |M| {:e}, gamma {}) are out of range for this weight",
+                m.module,
+                dtype_name(dtype),
+                p / m.d_in,
+                p % m.d_in,
+                w[p],
+                m.coefficients.iter().fold(0.0f32, |a, x| a.max(x.abs())),
+                m.gamma
+            )));
+        }
+        drop(rounded);
         let max_abs = w.iter().zip(&w0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         rows.push(json!({
-            "module": m.module, "weight": m.weight, "d_out": m.d_out, "d_in": m.d_in, "dtype": dtype_name(m.dtype),
+            "module": m.module, "weight": m.weight, "d_out": m.d_out, "d_in": m.d_in, "dtype": dtype_name(dtype),
             "max_abs_diff": max_abs,
         }));
-        tensors.push((m.weight.clone(), m.dtype, vec![m.d_out, m.d_in], f32_to_bytes(m.dtype, &w)?));
+        tensors.push((m.weight.clone(), dtype, vec![m.d_out, m.d_in], f32_to_bytes(dtype, &w)?));
         pb.inc(1);
     }
     pb.finish_and_clear();

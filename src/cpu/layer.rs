@@ -404,12 +404,20 @@ impl CpuLayer {
 
     /// The dense adapted weight `U C V^T`, row-major `d_out x d_in` (bias not included).
     pub fn merge(&mut self) -> Vec<f32> {
+        let mut w = vec![0.0; self.factors.d_out * self.factors.d_in];
+        self.merge_into(&mut w).expect("sized here");
+        w
+    }
+
+    /// [`merge`](Self::merge) into the caller's `d_out x d_in` buffer (for a caller that
+    /// allocates it fallibly, e.g. `svft merge` on sizes read from a file).
+    pub fn merge_into(&mut self, w: &mut [f32]) -> Result<()> {
         let (d_out, d_in, r) = (self.factors.d_out, self.factors.d_in, self.factors.r);
+        check_len("merged W (d_out x d_in)", w, d_out * d_in)?;
         self.gather_core();
         self.fold_u();
-        let mut w = vec![0.0; d_out * d_in];
-        gemm(&mut w, Op::n(&self.ws.uc, d_out, r), Op::t(&self.factors.v, d_in, r), false);
-        w
+        gemm(w, Op::n(&self.ws.uc, d_out, r), Op::t(&self.factors.v, d_in, r), false);
+        Ok(())
     }
 
     /// Bytes kept between steps: factors, coefficients, gate, bias (no optimizer state).
@@ -426,7 +434,9 @@ impl CpuLayer {
         let core = m(2, tl).saturating_add(d.nnz); // gathered tables, dC
         let (floats, saved) = match self.plan_for(n) {
             ExecPlan::Factored | ExecPlan::SmallN => {
-                let mut f = core + m(3, m(n, r)) + m(sddmm_chunks(n).0, tl); // T, S / AC, A, partials
+                // Saturating throughout: n may come from the C ABI, and a wrapped sum would
+                // report a tiny workspace for an impossible one.
+                let mut f = core.saturating_add(m(3, m(n, r))).saturating_add(m(sddmm_chunks(n).0, tl)); // T, S / AC, A, partials
                 if n > o {
                     f = f.saturating_add(m(o, r)); // U_C
                 }
@@ -436,7 +446,9 @@ impl CpuLayer {
                 (f, m(n, r))
             }
             ExecPlan::Merged => {
-                let f = core + m(2, m(o, r)) + m(2, m(o, i)) + m(n, i) + m(sddmm_chunks(o).0, tl); // U_C, Q, W, P, X
+                let f = [m(2, m(o, r)), m(2, m(o, i)), m(n, i), m(sddmm_chunks(o).0, tl)] // U_C, Q, W, P, X
+                    .into_iter()
+                    .fold(core, usize::saturating_add);
                 (f, m(n, i))
             }
         };

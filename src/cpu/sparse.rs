@@ -295,7 +295,7 @@ mod tests {
     #[test]
     fn csr_groups_and_keeps_canonical_order() {
         let omega =
-            Omega::from_indices(Pattern::Random { d: 0, seed: 0 }, 3, vec![2, 0, 2, 1], vec![1, 1, 0, 1]).unwrap();
+            Omega::from_indices(Pattern::Random { d: 1, seed: 0 }, 3, vec![2, 0, 2, 1], vec![1, 1, 0, 1]).unwrap();
         let Structure::Coo { by_row, by_col } = CoreIndex::new(&omega).structure else { panic!("not COO") };
         assert_eq!(by_row.ptr, vec![0, 1, 2, 4]);
         assert_eq!(by_row.perm, vec![1, 3, 0, 2]);

@@ -13,7 +13,8 @@ use crate::layer::pattern::Pattern;
 use crate::layer::svd::Factors;
 
 /// The version of both file formats this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2 added each module's `meta_checksum` and the file's `file_checksum`.
+pub const FORMAT_VERSION: u32 = 2;
 /// `format` of a factor file.
 pub const FACTORS_FORMAT: &str = "svft-factors";
 /// `format` of an adapter file.
@@ -84,6 +85,65 @@ pub fn module_pattern(pattern: Pattern, explicit_seed: bool, seed: u64, module: 
     }
 }
 
+/// The checksum of one module's metadata object: 64-bit FNV-1a over `key=value\n` for every
+/// key but `meta_checksum`, in sorted key order, with strings as their UTF-8 text, integers in
+/// decimal, booleans as `true`/`false` and other numbers as their f64 bit pattern in 16 hex
+/// digits (nested values as compact JSON). Files record it per module so that no field a
+/// loader acts on (weight name, pattern, dtype, sizes, the data checksum) can change unseen.
+pub fn meta_checksum(obj: &Map<String, Value>) -> String {
+    let mut keys: Vec<&String> = obj.keys().filter(|k| k.as_str() != "meta_checksum").collect();
+    keys.sort();
+    let mut h = Fnv1a::default();
+    for k in keys {
+        let v = match &obj[k] {
+            Value::String(s) => s.clone(),
+            Value::Bool(b) => b.to_string(),
+            Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+            Value::Number(n) => format!("{:016x}", n.as_f64().unwrap_or(f64::NAN).to_bits()),
+            other => other.to_string(),
+        };
+        h.write(format!("{k}={v}\n").as_bytes());
+    }
+    h.finish()
+}
+
+/// Checks a module's recorded `meta_checksum`.
+pub(super) fn verify_meta(path: &Path, module: &str, obj: &Map<String, Value>) -> Result<()> {
+    let recorded = obj
+        .get("meta_checksum")
+        .and_then(Value::as_str)
+        .ok_or_else(|| file_err(path, format!("corrupt metadata: module `{module}` lacks its `meta_checksum`")))?;
+    let actual = meta_checksum(obj);
+    if actual != recorded {
+        return Err(file_err(
+            path,
+            format!(
+                "corrupt metadata: the fields of module `{module}` have checksum {actual} but the file records {recorded} \
+                 (edited or damaged)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what every module entry of both formats must satisfy: its module name is its
+/// weight's (so no two modules name one weight), its shape is non-empty and its rank fits.
+pub(super) fn check_module_shape(f: &Fields<'_>, weight: &str, d_out: usize, d_in: usize, rank: usize) -> Result<()> {
+    if module_name(weight) != f.module {
+        return Err(file_err(
+            f.path,
+            format!("corrupt metadata: module `{}` names the weight `{weight}`, which is not its own", f.module),
+        ));
+    }
+    if d_out == 0 || d_in == 0 || rank == 0 || rank > d_out.min(d_in) {
+        return Err(file_err(
+            f.path,
+            format!("corrupt metadata: module `{}` is {d_out}x{d_in} of rank {rank}", f.module),
+        ));
+    }
+    Ok(())
+}
+
 /// The base checksum of a module's factors (see the module docs).
 pub fn factors_checksum(f: &Factors) -> String {
     let mut h = Fnv1a::default();
@@ -133,6 +193,10 @@ pub(super) fn check_format(path: &Path, ckpt: &Checkpoint, want: &str) -> Result
             ),
         ));
     }
+    if !meta.contains_key("file_checksum") {
+        return Err(file_err(path, "corrupt metadata: no `file_checksum`"));
+    }
+    verify_file_checksum(path, ckpt)?;
     let modules = meta.get("modules").ok_or_else(|| file_err(path, "corrupt metadata: no `modules` entry"))?;
     let modules: Value = serde_json::from_str(modules)
         .map_err(|e| file_err(path, format!("corrupt metadata: `modules` is not valid JSON ({e})")))?;
@@ -140,6 +204,69 @@ pub(super) fn check_format(path: &Path, ckpt: &Checkpoint, want: &str) -> Result
         return Err(file_err(path, "corrupt metadata: `modules` is not a JSON object"));
     }
     Ok(modules)
+}
+
+/// The checksum of a whole `__metadata__` map: FNV-1a over `key=value\n` for every key but
+/// `file_checksum`, in sorted order. It covers the file-level fields (`source`,
+/// `storage_dtype`, `modules_to_save`, ...) that no module's checksum does.
+pub fn file_checksum(metadata: &HashMap<String, String>) -> String {
+    let mut keys: Vec<&String> = metadata.keys().filter(|k| k.as_str() != "file_checksum").collect();
+    keys.sort();
+    let mut h = Fnv1a::default();
+    for k in keys {
+        h.write(format!("{k}={}\n", metadata[k]).as_bytes());
+    }
+    h.finish()
+}
+
+/// Checks a file's recorded [`file_checksum`], when it records one (`svft inspect` also uses
+/// it to tell a damaged SVFT file from a plain checkpoint).
+pub fn verify_file_checksum(path: &Path, ckpt: &Checkpoint) -> Result<()> {
+    let meta = ckpt.metadata();
+    let Some(recorded) = meta.get("file_checksum") else { return Ok(()) };
+    let actual = file_checksum(meta);
+    if &actual != recorded {
+        return Err(file_err(
+            path,
+            format!("corrupt metadata: it has checksum {actual} but the file records {recorded} (edited or damaged)"),
+        ));
+    }
+    Ok(())
+}
+
+/// Adds the [`file_checksum`] of a metadata map about to be written.
+pub(super) fn seal_file(metadata: &mut HashMap<String, String>) {
+    let sum = file_checksum(metadata);
+    metadata.insert("file_checksum".into(), sum);
+}
+
+/// Checks that every tensor of a file is one its metadata accounts for: `{module}.{suffix}` of
+/// a listed module, or a name in the `modules_to_save` list (the Python package's extra
+/// tensors). A tensor outside them means its module's entry was lost.
+pub(super) fn check_accounted(path: &Path, ckpt: &Checkpoint, modules: &Value, suffixes: &[&str]) -> Result<()> {
+    let extra: Vec<&str> = ckpt
+        .metadata()
+        .get("modules_to_save")
+        .map(|s| s.split(',').filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    let listed = modules.as_object().expect("checked");
+    for e in ckpt.entries() {
+        let known = e
+            .name
+            .rsplit_once('.')
+            .is_some_and(|(module, suffix)| suffixes.contains(&suffix) && listed.contains_key(module))
+            || extra.contains(&e.name.as_str());
+        if !known {
+            return Err(file_err(
+                path,
+                format!(
+                    "corrupt: tensor `{}` belongs to no module of the file's metadata (an entry was lost?)",
+                    e.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn base_metadata(format: &str, modules: Map<String, Value>) -> HashMap<String, String> {
@@ -208,6 +335,24 @@ mod tests {
 
     // module_seed(42, name) for the three names above (also pinned in the Python test).
     const GOLDEN: [u64; 3] = [0x9967_b7f4_c372_61c1, 0xfe88_6824_35df_a0a1, 0x300f_459b_e75a_e763];
+
+    #[test]
+    fn meta_checksum_is_pinned_and_covers_every_field() {
+        // The Python twin (svft.files.meta_checksum, python/tests/test_adapter_files.py) pins
+        // the same object to the same value.
+        let obj = serde_json::json!({
+            "weight": "fc1.weight", "d_out": 12, "d_in": 7, "rank": 7, "dtype": "bf16",
+            "checksum": "fnv1a64:0123456789abcdef", "residual": 1.5e-7, "gate": true, "seed": u64::MAX,
+            "meta_checksum": "ignored",
+        });
+        let obj = obj.as_object().unwrap();
+        assert_eq!(meta_checksum(obj), "fnv1a64:95150d8bbf921c56");
+        for key in obj.keys().filter(|k| *k != "meta_checksum") {
+            let mut edited = obj.clone();
+            edited[key] = serde_json::json!("other");
+            assert_ne!(meta_checksum(&edited), meta_checksum(obj), "{key} is not covered");
+        }
+    }
 
     #[test]
     fn module_pattern_derives_random_seeds_only() {

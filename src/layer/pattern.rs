@@ -38,7 +38,8 @@ pub enum Pattern {
 /// `k(d) = r(2d+1) - d(d+1)`: the size of a band of half-width `d` in an `r x r` matrix.
 /// Valid for `d < r`.
 pub fn band_size(r: usize, d: usize) -> usize {
-    r * (2 * d + 1) - d * (d + 1)
+    // Saturating: a rank read from a file may be absurd, and must give an error, not a wrap.
+    r.saturating_mul(2usize.saturating_mul(d).saturating_add(1)).saturating_sub(d.saturating_mul(d.saturating_add(1)))
 }
 
 impl Pattern {
@@ -211,10 +212,13 @@ impl Omega {
         if rows.len() != cols.len() {
             return Err(Error::Shape { what: "pattern columns", expected: rows.len(), got: cols.len() });
         }
-        if rows.len() > r * r {
+        // Every spec sizes its set (a band exactly, a random label at most): a spec wider than
+        // the rank, or more indices than it admits, is refused before anything is built on it.
+        let k = pattern.size(r)?;
+        if rows.is_empty() || rows.len() > k {
             return Err(Error::PatternSize {
                 pattern: pattern.to_string(),
-                reason: format!("{} entries exceed r x r = {}", rows.len(), r * r),
+                reason: format!("{} indices: the pattern admits 1 to {k} at rank {r}", rows.len()),
             });
         }
         if let Some(bad) = rows.iter().chain(&cols).position(|&x| x as usize >= r) {
@@ -223,9 +227,11 @@ impl Omega {
         // A band is a stencil (the CUDA band kernels find coefficients by position): its index
         // set must be the band's own, complete and in row-major order.
         if pattern.is_banded() {
-            pattern.size(r)?;
-            let (br, bc) = band_indices(r, pattern.d());
-            if rows != br || cols != bc {
+            let same = rows.len() == k && {
+                let (br, bc) = band_indices(r, pattern.d());
+                rows == br && cols == bc
+            };
+            if !same {
                 return Err(Error::InvalidArgument(format!(
                     "the indices are not the {pattern} band of rank {r} in row-major order \
                      (name another index set with a random pattern spec)"
