@@ -22,7 +22,24 @@ pub fn default_output(model: &Path) -> PathBuf {
     dir.join(format!("{stem}.svft-factors.safetensors"))
 }
 
+/// The largest finite value of a factor storage dtype.
+fn dtype_max(dtype: Dtype) -> f64 {
+    match dtype {
+        Dtype::F16 => half::f16::MAX.to_f64(),
+        Dtype::BF16 => half::bf16::MAX.to_f64(),
+        _ => f32::MAX as f64,
+    }
+}
+
 pub fn run(a: DecomposeArgs) -> Result<()> {
+    // `residual > NaN` is false: a NaN (or negative, or infinite) bound would switch the check
+    // off, or fail every module, silently.
+    if !a.max_residual.is_finite() || a.max_residual < 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "--max-residual must be a finite number >= 0, got {}",
+            a.max_residual
+        )));
+    }
     let device = resolve_backend(a.backend)?;
     let backend = device.name();
     let stream = match &device {
@@ -49,6 +66,8 @@ pub fn run(a: DecomposeArgs) -> Result<()> {
         return Err(Error::InvalidArgument("--dtype model needs every targeted weight in one dtype".into()));
     }
     let output = a.output.clone().unwrap_or_else(|| default_output(&a.model));
+    let inputs: Vec<_> = ckpt.files().into_iter().map(|f| ("model", f)).collect();
+    svft::checkpoint::check_not_an_input(&output, &inputs)?;
     let pb = progress_bar(targets.len() as u64, "decompose");
     let mut modules = Vec::with_capacity(targets.len());
     let mut rows = Vec::with_capacity(targets.len());
@@ -63,23 +82,47 @@ pub fn run(a: DecomposeArgs) -> Result<()> {
             Some(stream) => svft::cuda::thin_svd_cuda(stream, &w, d_out, d_in, a.rank),
         }
         .map_err(|err| Error::InvalidArgument(format!("{}: {err}", e.name)))?;
+        // thin_svd has checked the factors against their spectrum (finite, and the residual the
+        // truncation predicts); --max-residual is the user's own, usually stricter, bound on
+        // the full-rank SVD's residual (in f32, before any rounding to the storage dtype).
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        if a.rank.is_none() && (dec.residual.is_nan() || dec.residual > a.max_residual) {
+            pb.finish_and_clear();
+            return Err(Error::Svd(format!(
+                "{}: relative reconstruction residual {:.3e} exceeds --max-residual {:.1e}",
+                e.name, dec.residual, a.max_residual
+            )));
+        }
         let mut factors = dec.factors;
         let residual = if storage == Dtype::F32 {
             dec.residual
         } else {
+            let largest = factors.s[0];
             round_through(storage, &mut factors.u);
             round_through(storage, &mut factors.s);
             round_through(storage, &mut factors.v);
-            factors.residual(&w)?
+            // Singular values beyond the dtype's range round to inf: never store those.
+            if factors.u.iter().chain(&factors.s).chain(&factors.v).any(|x| !x.is_finite()) {
+                pb.finish_and_clear();
+                return Err(Error::InvalidArgument(format!(
+                    "{}: the factors do not fit {}: the largest singular value {largest:.4e} exceeds its maximum \
+                     {:.4e} (use --dtype f32)",
+                    e.name,
+                    dtype_name(storage),
+                    dtype_max(storage)
+                )));
+            }
+            let rounded = factors.residual(&w)?;
+            if !rounded.is_finite() {
+                pb.finish_and_clear();
+                return Err(Error::Svd(format!(
+                    "{}: non-finite reconstruction residual ({rounded}) of the factors rounded to {} (use --dtype f32)",
+                    e.name,
+                    dtype_name(storage)
+                )));
+            }
+            rounded
         };
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
-        if a.rank.is_none() && storage == Dtype::F32 && (residual.is_nan() || residual > a.max_residual) {
-            pb.finish_and_clear();
-            return Err(Error::Svd(format!(
-                "{}: relative reconstruction residual {residual:.3e} exceeds --max-residual {:.1e}",
-                e.name, a.max_residual
-            )));
-        }
         rows.push(json!({
             "name": e.name, "d_out": d_out, "d_in": d_in, "rank": factors.r, "dtype": dtype_name(e.dtype),
             "ms": ms, "residual": residual,

@@ -161,8 +161,9 @@ pub struct DecomposeArgs {
     /// Storage dtype of the factors.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: FactorDtype,
-    /// Fail when a module's relative reconstruction residual exceeds this (untruncated only).
-    #[arg(long, default_value_t = 1e-4)]
+    /// Fail when a module's relative reconstruction residual (of the f32 SVD, before rounding to
+    /// --dtype) exceeds this (untruncated only).
+    #[arg(long, default_value_t = 1e-4, allow_negative_numbers = true)]
     pub max_residual: f64,
     #[arg(long, value_enum, default_value = "auto")]
     pub backend: Backend,

@@ -14,7 +14,9 @@ use cudarc::driver::{CudaStream, DevicePtrMut};
 
 use super::driver_err;
 use crate::error::{check_len, check_positive, Error, Result};
-use crate::layer::svd::{Decomposition, Factors};
+use crate::layer::svd::{
+    all_zeros, check_residual, truncation_residual, unit_scale, unscale_spectrum, Decomposition, Factors, WeightScalar,
+};
 
 fn solver_err(what: &str, status: sys::cusolverStatus_t) -> Result<()> {
     if status == sys::cusolverStatus_t::CUSOLVER_STATUS_SUCCESS {
@@ -28,7 +30,11 @@ fn solver_err(what: &str, status: sys::cusolverStatus_t) -> Result<()> {
 
 /// Thin SVD of a row-major `d_out x d_in` f32 weight on the GPU, optionally truncated.
 /// Same contract as [`crate::layer::svd::thin_svd`]: non-finite input, empty shapes and ranks outside
-/// `1..=min(d_out, d_in)` are errors; the residual is measured against the f32 input in f64.
+/// `1..=min(d_out, d_in)` are errors, and so is a weight of all zeros; the residual is measured
+/// against the f32 input in f64 and checked against the one the full spectrum predicts
+/// ([`crate::layer::svd::check_residual`]). As on the CPU, the weight is scaled by a power of
+/// two to a largest entry in `[1, 2)` before the SVD and `s` scaled back after it (exact), so
+/// tiny or huge weights decompose as well as weights of order 1.
 pub fn thin_svd_cuda(
     stream: &Arc<CudaStream>,
     w: &[f32],
@@ -47,9 +53,16 @@ pub fn thin_svd_cuda(
     if r == 0 || r > p {
         return Err(Error::Rank { rank: r, max: p });
     }
+    let max = w.iter().fold(0.0f64, |m, &x| m.max(x.abs() as f64));
+    if max == 0.0 {
+        return Err(all_zeros(d_out, d_in));
+    }
+    let k = unit_scale(max);
+    let scaled: Vec<f32> = w.iter().map(|&x| x.scaled_pow2(k)).collect();
     let (m, n) = (d_in as i32, d_out as i32); // column-major A = W^T
     let up = |what: &str, len: usize| stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| driver_err(what, e));
-    let mut a = stream.clone_htod(w).map_err(|e| driver_err("uploading W0", e))?;
+    let mut a = stream.clone_htod(&scaled).map_err(|e| driver_err("uploading W0", e))?;
+    drop(scaled);
     let mut s = up("allocating S", p)?;
     let mut ua = up("allocating U", d_in * p)?;
     let mut va = up("allocating V", d_out * p)?;
@@ -123,7 +136,12 @@ pub fn thin_svd_cuda(
     if info != 0 {
         return Err(Error::Svd(format!("cuSOLVER gesvdj did not converge (info = {info})")));
     }
-    let s = stream.clone_dtoh(&s).map_err(|e| driver_err("reading S", e))?;
+    // The full spectrum, of the scaled weight (order 1).
+    let spectrum: Vec<f64> =
+        stream.clone_dtoh(&s).map_err(|e| driver_err("reading S", e))?.iter().map(|&x| x as f64).collect();
+    if spectrum.iter().any(|x| !x.is_finite()) {
+        return Err(Error::Svd(format!("non-finite singular values of the {d_out} x {d_in} weight (cuSOLVER)")));
+    }
     let ua = stream.clone_dtoh(&ua).map_err(|e| driver_err("reading U", e))?;
     let va = stream.clone_dtoh(&va).map_err(|e| driver_err("reading V", e))?;
     // U (d_out x r, row-major)[o, i] = V_A[o + i n]; V (d_in x r)[q, i] = U_A[q + i m].
@@ -139,8 +157,13 @@ pub fn thin_svd_cuda(
             v[q * r + i] = ua[q + i * d_in];
         }
     }
-    let factors = Factors::new(d_out, d_in, u, s[..r].to_vec(), v)?;
+    if u.iter().chain(&v).any(|x| !x.is_finite()) {
+        return Err(Error::Svd(format!("non-finite singular vectors of the {d_out} x {d_in} weight (cuSOLVER)")));
+    }
+    let s = unscale_spectrum(&spectrum[..r], k, d_out, d_in)?;
+    let factors = Factors::new(d_out, d_in, u, s, v)?;
     // The residual needs U diag(s) V^T: a GEMM the host should not do for large weights.
     let residual = super::residual_on_device(stream, &factors, w)?;
+    check_residual(residual, truncation_residual(&spectrum, r), d_out, d_in)?;
     Ok(Decomposition { factors, residual })
 }
