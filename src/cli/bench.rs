@@ -207,8 +207,8 @@ fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
-    if !(a.seconds.is_finite() && a.seconds > 0.0) {
-        return Err(Error::InvalidArgument("--seconds must be positive".into()));
+    if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {
+        return Err(Error::InvalidArgument(format!("--seconds {}: must be positive and at most a day", a.seconds)));
     }
     if a.d_out == 0 || a.d_in == 0 || a.tokens == 0 {
         return Err(Error::InvalidArgument("--d-out, --d-in and --tokens must be positive".into()));

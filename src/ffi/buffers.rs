@@ -122,18 +122,39 @@ pub(crate) unsafe fn read_as_f32(
     span(what, p, len, dt.size())?;
     // SAFETY (all arms): span() checked NULL, alignment and the byte size; the caller vouches
     // for the length.
-    Ok(match dt {
-        SvftDtype::F32 => unsafe { std::slice::from_raw_parts(p.cast::<f32>(), len) }.to_vec(),
-        SvftDtype::F64 => {
-            unsafe { std::slice::from_raw_parts(p.cast::<f64>(), len) }.iter().map(|&v| v as f32).collect()
+    match dt {
+        SvftDtype::F32 => {
+            try_collect(what, len, unsafe { std::slice::from_raw_parts(p.cast::<f32>(), len) }.iter().copied())
         }
-        SvftDtype::Bf16 => {
-            unsafe { std::slice::from_raw_parts(p.cast::<u16>(), len) }.iter().map(|&b| bf16_to_f32(b)).collect()
-        }
-        SvftDtype::F16 => {
-            unsafe { std::slice::from_raw_parts(p.cast::<u16>(), len) }.iter().map(|&b| f16_to_f32(b)).collect()
-        }
-    })
+        SvftDtype::F64 => try_collect(
+            what,
+            len,
+            unsafe { std::slice::from_raw_parts(p.cast::<f64>(), len) }.iter().map(|&v| v as f32),
+        ),
+        SvftDtype::Bf16 => try_collect(
+            what,
+            len,
+            unsafe { std::slice::from_raw_parts(p.cast::<u16>(), len) }.iter().map(|&b| bf16_to_f32(b)),
+        ),
+        SvftDtype::F16 => try_collect(
+            what,
+            len,
+            unsafe { std::slice::from_raw_parts(p.cast::<u16>(), len) }.iter().map(|&b| f16_to_f32(b)),
+        ),
+    }
+}
+
+/// Collects `len` items into a new vector whose memory is reserved fallibly: a size that came
+/// from outside is OUT_OF_MEMORY when it cannot be had, never an abort. (To be swapped for the
+/// crate-wide `svft::alloc` helper once it exists.)
+pub(crate) fn try_collect<T>(what: &str, len: usize, items: impl Iterator<Item = T>) -> FfiResult<Vec<T>> {
+    let mut v = Vec::new();
+    if v.try_reserve_exact(len).is_err() {
+        let bytes = len.saturating_mul(size_of::<T>());
+        return fail(SvftStatus::OutOfMemory, format!("cannot allocate {bytes} bytes for {what}"));
+    }
+    v.extend(items.take(len));
+    Ok(v)
 }
 
 /// bfloat16 bits to f32 (exact).

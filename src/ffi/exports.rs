@@ -5,7 +5,7 @@
 
 use std::ffi::{c_char, c_void, CStr};
 
-use super::buffers::{c_str, check_len, mul, out_ptr, parse_dtype, preflight, span};
+use super::buffers::{c_str, check_len, mul, out_ptr, parse_dtype, preflight, span, try_collect};
 use super::layer::{AbiLayer, In};
 pub use super::registry::SvftLayer;
 use super::registry::{self, Layer};
@@ -278,8 +278,12 @@ pub unsafe extern "C" fn svft_layer_from_factors_indexed(
         span("cols", cols.cast(), nnz, 4)?;
         preflight("the index set", nnz.saturating_mul(8))?;
         // SAFETY: checked non-null, aligned and sized; the caller vouches for nnz elements.
-        let indices =
-            unsafe { (std::slice::from_raw_parts(rows, nnz).to_vec(), std::slice::from_raw_parts(cols, nnz).to_vec()) };
+        let indices = unsafe {
+            (
+                try_collect("rows", nnz, std::slice::from_raw_parts(rows, nnz).iter().copied())?,
+                try_collect("cols", nnz, std::slice::from_raw_parts(cols, nnz).iter().copied())?,
+            )
+        };
         from_factors_call(args, pattern, Some(indices), (init, gate, seed), (bias, bias_len), out)
     })
 }

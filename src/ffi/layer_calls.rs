@@ -4,7 +4,7 @@
 
 use std::ffi::c_void;
 
-use super::buffers::{check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, span};
+use super::buffers::{check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, span, try_collect};
 use super::exports::{parse_plan, SvftLayer};
 use super::layer::AbiLayer;
 use super::registry;
@@ -146,10 +146,15 @@ pub unsafe extern "C" fn svft_layer_svd_residual(layer: *const SvftLayer, out: *
 pub unsafe extern "C" fn svft_layer_set_plan(layer: *mut SvftLayer, plan: i32) -> SvftStatus {
     guard("svft_layer_set_plan", || {
         let p = parse_plan(plan)?;
-        registry::with(layer, |l| {
-            l.layer.core_mut().set_plan(p);
-            Ok(())
-        })
+        registry::with_mut(
+            layer,
+            "svft_layer_set_plan",
+            |_| Ok(()),
+            |l, ()| {
+                l.layer.core_mut().set_plan(p);
+                Ok(())
+            },
+        )
     })
 }
 
@@ -180,7 +185,7 @@ pub unsafe extern "C" fn svft_layer_calibrate(
             }
             span("tokens", tokens.cast(), count, std::mem::size_of::<usize>())?;
             // SAFETY: checked non-null, aligned and sized.
-            unsafe { std::slice::from_raw_parts(tokens, count) }.to_vec()
+            try_collect("tokens", count, unsafe { std::slice::from_raw_parts(tokens, count) }.iter().copied())?
         };
         if tokens.contains(&0) {
             return fail(SvftStatus::Shape, "every token count must be positive");
@@ -193,7 +198,7 @@ pub unsafe extern "C" fn svft_layer_calibrate(
             budget: std::time::Duration::from_secs_f64(seconds),
             cache: if use_cache != 0 { crate::layer::calibrate::cache_path() } else { None },
         };
-        registry::with(layer, |l| l.layer.calibrate(&options))
+        registry::with_mut(layer, "svft_layer_calibrate", |_| Ok(()), |l, ()| l.layer.calibrate(&options))
     })
 }
 
@@ -284,8 +289,9 @@ fn forward_call(
     saved: Option<(*mut c_void, usize)>,
     stream: *mut c_void,
 ) -> FfiResult {
-    registry::with(layer, |l| {
-        let layer = &mut *l.layer;
+    let call = if saved.is_some() { "svft_layer_forward_saving" } else { "svft_layer_forward" };
+    let check = |l: &registry::Layer| -> FfiResult {
+        let layer = &*l.layer;
         let (dt, d) = step_args(layer, dtype, stream, n)?;
         check_len("x (n x d_in)", x_len, mul("x", n, d.d_in)?)?;
         check_len("y (n x d_out)", y_len, mul("y", n, d.d_out)?)?;
@@ -295,10 +301,10 @@ fn forward_call(
             check_len("t (n x r)", t_len, mul("t", n, d.r)?)?;
             spans.push(layer.check_buffer("t", t, t_len, dt.size())?);
         }
-        check_disjoint(&spans)?;
-        // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
-        unsafe { layer.forward((x, x_len), n, (y, y_len), saved, stream) }
-    })
+        check_disjoint(&spans)
+    };
+    // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
+    registry::with_mut(layer, call, check, |l, ()| unsafe { l.layer.forward((x, x_len), n, (y, y_len), saved, stream) })
 }
 
 /// Backward for the preceding forward of the same `n`: `grad_y` is `dL/dY` (`n x d_out`),
@@ -377,8 +383,9 @@ fn backward_call(
     grad_gamma: *mut f32,
     stream: *mut c_void,
 ) -> FfiResult {
-    registry::with(layer, |l| {
-        let layer = &mut *l.layer;
+    let call = if saved.is_some() { "svft_layer_backward_saved" } else { "svft_layer_backward" };
+    let check = |l: &registry::Layer| -> FfiResult {
+        let layer = &*l.layer;
         let (dt, d) = step_args(layer, dtype, stream, n)?;
         check_len("grad_y (n x d_out)", grad_y.1, mul("grad_y", n, d.d_out)?)?;
         check_len("grad_x (n x d_in)", grad_x.1, mul("grad_x", n, d.d_in)?)?;
@@ -395,9 +402,11 @@ fn backward_call(
             check_len("t (n x r)", t_len, mul("t", n, d.r)?)?;
             spans.push(layer.check_buffer("t", t, t_len, dt.size())?);
         }
-        check_disjoint(&spans)?;
-        // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
-        unsafe { layer.backward(saved, grad_y, n, grad_x, grad_m, grad_gamma, stream) }
+        check_disjoint(&spans)
+    };
+    // SAFETY: checked buffers of the layer's memory, dtype and shape, disjoint.
+    registry::with_mut(layer, call, check, |l, ()| unsafe {
+        l.layer.backward(saved, grad_y, n, grad_x, grad_m, grad_gamma, stream)
     })
 }
 
@@ -431,13 +440,17 @@ pub unsafe extern "C" fn svft_layer_get_coefficients(layer: *const SvftLayer, m:
 #[no_mangle]
 pub unsafe extern "C" fn svft_layer_set_coefficients(layer: *mut SvftLayer, m: *const f32, len: usize) -> SvftStatus {
     guard("svft_layer_set_coefficients", || {
-        registry::with(layer, |l| {
-            check_len("m (nnz)", len, l.layer.core().dims().nnz)?;
-            span("m", m.cast(), len, 4)?;
-            // SAFETY: checked non-null, aligned and sized.
-            let m = unsafe { std::slice::from_raw_parts(m, len) };
-            l.layer.set_coefficients(m)
-        })
+        registry::with_mut(
+            layer,
+            "svft_layer_set_coefficients",
+            |l| {
+                check_len("m (nnz)", len, l.layer.core().dims().nnz)?;
+                span("m", m.cast(), len, 4)?;
+                // SAFETY: checked non-null, aligned and sized.
+                Ok(unsafe { std::slice::from_raw_parts(m, len) })
+            },
+            |l, m| l.layer.set_coefficients(m),
+        )
     })
 }
 
@@ -464,16 +477,19 @@ pub unsafe extern "C" fn svft_layer_load_parameters(
     stream: *mut c_void,
 ) -> SvftStatus {
     guard("svft_layer_load_parameters", || {
-        registry::with(layer, |l| {
-            let layer = &mut *l.layer;
+        let check = |l: &registry::Layer| -> FfiResult {
+            let layer = &*l.layer;
             check_len("m (nnz)", m_len, layer.core().dims().nnz)?;
             layer.check_stream(stream)?;
-            let mut spans = vec![layer.check_buffer("m", m.cast(), m_len, 4)?];
+            layer.check_buffer("m", m.cast(), m_len, 4)?;
             if !gamma.is_null() {
-                spans.push(layer.check_buffer("gamma", gamma.cast(), 1, 4)?);
+                layer.check_buffer("gamma", gamma.cast(), 1, 4)?;
             }
-            // SAFETY: checked buffers of the layer's memory.
-            unsafe { layer.load_parameters((m, m_len), gamma, stream) }
+            Ok(())
+        };
+        // SAFETY: checked buffers of the layer's memory.
+        registry::with_mut(layer, "svft_layer_load_parameters", check, |l, ()| unsafe {
+            l.layer.load_parameters((m, m_len), gamma, stream)
         })
     })
 }
@@ -503,7 +519,9 @@ pub unsafe extern "C" fn svft_layer_get_gamma(layer: *const SvftLayer, gamma: *m
 /// Any pointer value is accepted for `layer`.
 #[no_mangle]
 pub unsafe extern "C" fn svft_layer_set_gamma(layer: *mut SvftLayer, gamma: f32) -> SvftStatus {
-    guard("svft_layer_set_gamma", || registry::with(layer, |l| l.layer.set_gamma(gamma)))
+    guard("svft_layer_set_gamma", || {
+        registry::with_mut(layer, "svft_layer_set_gamma", |_| Ok(()), |l, ()| l.layer.set_gamma(gamma))
+    })
 }
 
 /// Writes the dense adapted weight `U C V^T` (bias not included), row-major `d_out x d_in`
@@ -524,17 +542,18 @@ pub unsafe extern "C" fn svft_layer_merge(
     stream: *mut c_void,
 ) -> SvftStatus {
     guard("svft_layer_merge", || {
-        registry::with(layer, |l| {
-            let layer = &mut *l.layer;
+        let check = |l: &registry::Layer| -> FfiResult<SvftDtype> {
+            let layer = &*l.layer;
             let dt = parse_dtype(dtype)?;
             layer.check_dtype(dt, true)?;
             layer.check_stream(stream)?;
             let d = layer.core().dims();
             check_len("w (d_out x d_in)", w_len, mul("w", d.d_out, d.d_in)?)?;
             layer.check_buffer("w", w, w_len, dt.size())?;
-            // SAFETY: a checked buffer of the layer's memory, of dtype dt and shape d_out x d_in.
-            unsafe { layer.merge(dt, (w, w_len), stream) }
-        })
+            Ok(dt)
+        };
+        // SAFETY: a checked buffer of the layer's memory, of dtype dt and shape d_out x d_in.
+        registry::with_mut(layer, "svft_layer_merge", check, |l, dt| unsafe { l.layer.merge(dt, (w, w_len), stream) })
     })
 }
 

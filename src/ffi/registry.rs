@@ -1,6 +1,15 @@
 //! Live layers by handle. A handle is `id * 16` cast to a pointer and never dereferenced, so a
 //! destroyed, never-created or forged handle is found missing here instead of being UB. Ids
 //! are never reused within a process.
+//!
+//! **After a panic** (caught by the export's guard, `SVFT_STATUS_PANIC`), a handle stays usable
+//! unless the panic may have left the layer half-modified. The rule: a call reaches the layer
+//! through [`with`] (read-only: `&Layer`, so a panic cannot have modified it) or [`with_mut`],
+//! whose argument checks also run on `&Layer` and whose one mutating step runs with the entry
+//! marked `broken` until it returns. A panic in that step leaves the mark, and every later
+//! call but destroy is `SVFT_STATUS_INVALID_HANDLE` ("unusable after an internal panic");
+//! a panic anywhere else leaves the handle as it was. The mutex's own poisoning is ignored for
+//! that reason: the mark, not the poison flag, says whether the state can be trusted.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -22,7 +31,18 @@ pub(crate) struct Layer {
     pub svd_residual: f64,
 }
 
-type Slot = Arc<Mutex<Layer>>;
+/// A registered layer and whether a panic may have left it half-modified (the call's name).
+struct Entry {
+    layer: Layer,
+    broken: Option<&'static str>,
+}
+
+type Slot = Arc<Mutex<Entry>>;
+
+/// Locks an entry, ignoring the mutex's poison flag (see the module doc: `broken` decides).
+fn lock(slot: &Slot) -> MutexGuard<'_, Entry> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn table() -> MutexGuard<'static, HashMap<usize, Slot>> {
     static TABLE: OnceLock<Mutex<HashMap<usize, Slot>>> = OnceLock::new();
@@ -36,7 +56,7 @@ const STRIDE: usize = 16;
 pub(crate) fn insert(layer: Layer) -> *mut SvftLayer {
     static NEXT: AtomicUsize = AtomicUsize::new(1);
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    table().insert(id, Arc::new(Mutex::new(layer)));
+    table().insert(id, Arc::new(Mutex::new(Entry { layer, broken: None })));
     (id * STRIDE) as *mut SvftLayer
 }
 
@@ -51,19 +71,45 @@ fn lookup(handle: *const SvftLayer) -> FfiResult<Slot> {
     }
 }
 
-/// Runs `f` on the layer behind `handle`, holding its lock.
-pub(crate) fn with<R>(handle: *const SvftLayer, f: impl FnOnce(&mut Layer) -> FfiResult<R>) -> FfiResult<R> {
+/// Fails when a panic in a mutating step may have left the layer half-modified.
+fn usable(e: &Entry) -> FfiResult {
+    match e.broken {
+        None => Ok(()),
+        Some(call) => fail(
+            SvftStatus::InvalidHandle,
+            format!("the layer is unusable after an internal panic in an earlier {call}, which may have left it half-modified; destroy it"),
+        ),
+    }
+}
+
+/// Runs a read-only `f` on the layer behind `handle`, holding its lock. A panic in `f` leaves
+/// the handle usable.
+pub(crate) fn with<R>(handle: *const SvftLayer, f: impl FnOnce(&Layer) -> FfiResult<R>) -> FfiResult<R> {
     let slot = lookup(handle)?;
-    let mut layer = match slot.lock() {
-        Ok(l) => l,
-        Err(_) => {
-            return fail(
-                SvftStatus::InvalidHandle,
-                "the layer is unusable after an internal panic in an earlier call; destroy it",
-            )
-        }
-    };
-    f(&mut layer)
+    let entry = lock(&slot);
+    usable(&entry)?;
+    f(&entry.layer)
+}
+
+/// Runs a call that changes the layer, holding its lock: `check` (read-only: the arguments
+/// against the layer) then `act`, the one step that may modify it. A panic in `check` leaves
+/// the handle usable; a panic in `act` marks it unusable (see the module doc). `call` names the
+/// export for that message.
+pub(crate) fn with_mut<A, R>(
+    handle: *const SvftLayer,
+    call: &'static str,
+    check: impl FnOnce(&Layer) -> FfiResult<A>,
+    act: impl FnOnce(&mut Layer, A) -> FfiResult<R>,
+) -> FfiResult<R> {
+    let slot = lookup(handle)?;
+    let mut entry = lock(&slot);
+    usable(&entry)?;
+    let args = check(&entry.layer)?;
+    // Set across `act` and cleared after it: an unwind out of `act` skips the clearing.
+    entry.broken = Some(call);
+    let result = act(&mut entry.layer, args);
+    entry.broken = None;
+    result
 }
 
 /// Unregisters a handle; the layer is freed once no other thread is using it.

@@ -320,6 +320,7 @@ impl<T: Dtype> CudaShape<T> {
 /// Runs one case on `gpu` in dtype `T` (orthonormal random factors; only the requested plan
 /// and the official order are timed); returns the row.
 pub fn run_cuda<T: Dtype>(gpu: &Arc<Gpu>, case: &BenchCase) -> Result<Row> {
+    case.check_fits()?;
     let (d_out, d_in, n) = (case.d_out, case.d_in, case.tokens);
     let stream = gpu.context().new_stream().map_err(|e| driver_err("creating a stream", e))?;
     let factors = random_factors(d_out, d_in, d_out.min(d_in), 1)?;

@@ -48,6 +48,19 @@ pub struct BenchCase {
     pub budget: Duration,
 }
 
+impl BenchCase {
+    /// Refuses a case whose buffers cannot fit in host memory, before allocating any: the
+    /// weight and the baselines' dense copies (`3 d_out d_in`), the factors (`2 (d_out + d_in) r`)
+    /// and the activations and their gradients (`6 n (d_out + d_in)`), in f32.
+    pub fn check_fits(&self) -> Result<()> {
+        // In f64: any size from a command line, no overflow (the cast saturates).
+        let (o, i, n) = (self.d_out as f64, self.d_in as f64, self.tokens as f64);
+        let elements = 3.0 * o * i + 2.0 * (o + i) * o.min(i) + 6.0 * n * (o + i);
+        let what = format!("a {}x{} bench with {} tokens", self.d_out, self.d_in, self.tokens);
+        crate::alloc::check_fits(&what, (4.0 * elements) as u128)
+    }
+}
+
 impl Default for BenchCase {
     fn default() -> Self {
         BenchCase {
@@ -541,6 +554,7 @@ impl CpuShape {
 
 /// Runs one case on the CPU (orthonormal random factors; only the requested plan is timed).
 pub fn run_cpu(case: &BenchCase) -> Result<Row> {
+    case.check_fits()?;
     let (d_out, d_in, n) = (case.d_out, case.d_in, case.tokens);
     let factors = random_factors(d_out, d_in, d_out.min(d_in), 1)?;
     let config = LayerConfig { plan: case.plan, ..LayerConfig::official(case.pattern) };

@@ -408,6 +408,20 @@ pub fn run_on(
             "no module fits a residual stack (need d x d modules, or d -> f and f -> d pairs)".into(),
         ));
     }
+    for (flag, lr) in [("--lr", options.svft_lr), ("--lora-lr", options.lora_lr)] {
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(Error::InvalidArgument(format!("{flag} must be a positive number, got {lr}")));
+        }
+    }
+    // Sizes from the command line: the stored batches (x and y, d wide) and a step's
+    // activations and gradients across the stack (about 8 buffers of n x widest per module),
+    // counted in f64 so no size overflows, refused before anything is allocated.
+    let widest = shapes.iter().map(|&(o, i)| o.max(i)).max().unwrap_or(d) as f64;
+    let n_f = options.tokens as f64;
+    let bytes =
+        4.0 * ((options.batches as f64 + 2.0) * 2.0 * n_f * d as f64 + 8.0 * n_f * widest * shapes.len() as f64);
+    let what = format!("the demo with {} tokens per step and {} stored batches", options.tokens, options.batches);
+    crate::alloc::check_fits(&what, bytes as u128)?;
     let n = options.tokens;
     let mut rng = Rng::new(options.seed);
 
