@@ -6,6 +6,9 @@
 #    to compile (or spills registers, see tests) a failure rather than a warning.
 # 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
 #    report checks, and the kernels run on CPU threads in interpret mode).
+# 2b. Runs the fuzz suite (scripts/fuzz.sh, tests/fuzz.rs and tests/ffi_props.rs) for a fixed
+#     budget ($SVFT_FUZZ_SECONDS, 60 s) and prints its counts: any panic, abort, hang or wrong
+#     result fails.
 # 3. Installs the Python package (pip install ., reusing the build of step 2) into a venv of pinned
 #    packages and runs its NumPy and PyTorch tests over the C ABI (scripts/test-python.sh).
 # 4. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
@@ -22,7 +25,10 @@ export SVFT_REQUIRE_KERNELS=1
 echo "== cargo test (release, interpret mode on)"
 # The C tests link target/release/libsvft.{so,a}, which only a build of the lib target writes.
 cargo build --release --features interpret --lib
-cargo test --release --features interpret
+cargo test --release --features interpret -- --skip fuzz_files
+
+echo "== fuzz suite: mutated CLI-written files and C ABI arguments, under ulimit -v; counts table"
+scripts/fuzz.sh "${SVFT_FUZZ_SECONDS:-60}"
 
 echo "== Python package: pip install . into a pinned venv; NumPy and PyTorch tests (only CUDA-device skips)"
 SVFT_CARGO_FEATURES=interpret scripts/test-python.sh

@@ -2,12 +2,37 @@
 //! safetensors checkpoints by hand (independently of the crate's own writer), and editing files.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-/// Runs `svft` with these arguments in `cwd` (or the current directory).
+/// The address-space limit (KiB, `ulimit -v`) the spawned `svft` runs under: 6 GiB, or
+/// `$SVFT_TEST_MEM_LIMIT_KIB` (0: no limit). An allocation bigger than that fails inside the
+/// process (an error, or an abort that fails the test), as on a machine without the memory,
+/// instead of passing on a big machine or swapping on a small one.
+pub fn mem_limit_kib() -> u64 {
+    std::env::var("SVFT_TEST_MEM_LIMIT_KIB").ok().and_then(|v| v.parse().ok()).unwrap_or(6 << 20)
+}
+
+/// `program` under [`mem_limit_kib`]: `sh -c 'ulimit -v N && exec "$0" "$@"' program ARGS`.
+/// glibc keeps up to 8 malloc arenas per core, 64 MiB of address space each: capped at 4 here
+/// so that the limit does not depend on the machine's core count.
+pub fn limited(program: impl AsRef<OsStr>) -> Command {
+    let kib = mem_limit_kib();
+    if kib == 0 {
+        return Command::new(program);
+    }
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\"")).arg(program);
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        cmd.env("MALLOC_ARENA_MAX", "4");
+    }
+    cmd
+}
+
+/// Runs `svft` with these arguments in `cwd` (or the current directory), under [`limited`].
 pub fn svft_in(cwd: Option<&Path>, args: &[&str]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_svft"));
+    let mut cmd = limited(env!("CARGO_BIN_EXE_svft"));
     cmd.args(args);
     if let Some(dir) = cwd {
         cmd.current_dir(dir);
