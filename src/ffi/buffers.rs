@@ -144,15 +144,10 @@ pub(crate) unsafe fn read_as_f32(
     }
 }
 
-/// Collects `len` items into a new vector whose memory is reserved fallibly: a size that came
-/// from outside is OUT_OF_MEMORY when it cannot be had, never an abort. (To be swapped for the
-/// crate-wide `svft::alloc` helper once it exists.)
+/// Collects `len` items into a new vector whose memory is reserved fallibly ([`crate::alloc`]):
+/// a size that came from outside is OUT_OF_MEMORY when it cannot be had, never an abort.
 pub(crate) fn try_collect<T>(what: &str, len: usize, items: impl Iterator<Item = T>) -> FfiResult<Vec<T>> {
-    let mut v = Vec::new();
-    if v.try_reserve_exact(len).is_err() {
-        let bytes = len.saturating_mul(size_of::<T>());
-        return fail(SvftStatus::OutOfMemory, format!("cannot allocate {bytes} bytes for {what}"));
-    }
+    let mut v = crate::alloc::try_with_capacity(what, len)?;
     v.extend(items.take(len));
     Ok(v)
 }
