@@ -483,7 +483,7 @@ impl AdapterModule {
             *core.entry((i, j)).or_insert(0.0) += g * m as f64;
         }
         let norm = core.values().map(|c| c * c).sum::<f64>().sqrt();
-        if !(norm <= f32::MAX as f64 / 4.0) {
+        if norm.is_nan() || norm > f32::MAX as f64 / 4.0 {
             return Err(Error::InvalidArgument(format!(
                 "adapter module `{}`: the core diag(s) + g M has norm {norm:e}, beyond what an f32 weight holds \
                  (largest |M| {:e}, gate {g})",
