@@ -4,6 +4,8 @@
 # 1. Installs the CUDA 13.0 compiler from pip wheels into .toolchain/ (idempotent, no GPU needed)
 #    so that build.rs compiles every kernel; SVFT_REQUIRE_KERNELS=1 makes a kernel that fails
 #    to compile (or spills registers, see tests) a failure rather than a warning.
+# 1b. Installs OpenBLAS (scripts/install-openblas.sh): the CPU GEMM's faster backend here, and
+#     SVFT_REQUIRE_BLAS=1 makes its absence a test failure rather than an untested path.
 # 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
 #    report checks, and the kernels run on CPU threads in interpret mode).
 # 2b. Runs the fuzz suite (scripts/fuzz.sh, tests/fuzz.rs and tests/ffi_props.rs) for a fixed
@@ -21,6 +23,10 @@ echo "== CUDA toolchain (pip wheels, CUDA 13.0)"
 CUDA_HOME="$(scripts/install-cuda-toolchain.sh | tail -n 1 | xargs dirname | xargs dirname)"
 export CUDA_HOME
 export SVFT_REQUIRE_KERNELS=1
+
+echo "== OpenBLAS for the CPU GEMM (Debian's libopenblas0-pthread; both GEMM backends are tested)"
+scripts/install-openblas.sh
+export SVFT_REQUIRE_BLAS=1
 
 echo "== cargo test (release, interpret mode on)"
 # The C tests link target/release/libsvft.{so,a}, which only a build of the lib target writes.

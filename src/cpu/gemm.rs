@@ -1,10 +1,14 @@
-//! Dense products on row-major f32 buffers through faer.
+//! Dense products on row-major f32 buffers: faer, or a system BLAS when `SVFT_GEMM` selects one
+//! (see [`super::blas`]).
 //!
 //! Every matrix in the crate is row-major; faer views them without copying
-//! (`MatRef::from_row_major_slice`) and a transpose is only a view.
+//! (`MatRef::from_row_major_slice`), a BLAS takes them as row-major CBLAS operands, and a
+//! transpose is only a flag.
 
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef, Par};
+
+use super::blas::Backend;
 
 /// A row-major matrix operand: `rows x cols` over `data`, optionally used transposed.
 #[derive(Clone, Copy)]
@@ -55,12 +59,23 @@ fn par_for(flops: f64) -> Par {
     }
 }
 
-/// `c = a b` (or `c += a b` with `accumulate`), `c` row-major `m x n`.
+/// `c = a b` (or `c += a b` with `accumulate`), `c` row-major `m x n`, on the selected backend.
 pub fn gemm(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
+    gemm_on(super::blas::backend(), c, a, b, accumulate)
+}
+
+/// [`gemm`] on a given backend.
+pub fn gemm_on(backend: &Backend, c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
     let (m, k) = a.shape();
     let (k2, n) = b.shape();
     assert_eq!(k, k2, "inner dimensions differ");
     assert_eq!(c.len(), m * n, "output size");
+    if let Backend::System(blas) = backend {
+        if m > 0 && n > 0 {
+            blas.sgemm(c, a.data, a.transposed, b.data, b.transposed, (m, n, k), accumulate);
+        }
+        return;
+    }
     let dst = MatMut::from_row_major_slice_mut(c, m, n);
     let beta = if accumulate { Accum::Add } else { Accum::Replace };
     matmul(dst, beta, a.view(), b.view(), 1.0f32, par_for(2.0 * (m * n * k) as f64));
@@ -69,6 +84,39 @@ pub fn gemm(c: &mut [f32], a: Operand<'_>, b: Operand<'_>, accumulate: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_backend_agrees_with_a_plain_loop() {
+        // Odd sizes, all four transpose combinations, replace and accumulate, on faer and on
+        // the system BLAS when one loads (CI installs OpenBLAS, so both run there).
+        let mut backends = vec![Backend::Faer];
+        match super::super::blas::requested_system() {
+            Ok(b) => backends.push(b),
+            // scripts/test.sh installs OpenBLAS and sets this: there, a missing BLAS fails.
+            Err(why) if std::env::var_os("SVFT_REQUIRE_BLAS").is_some() => panic!("SVFT_REQUIRE_BLAS: {why}"),
+            Err(why) => eprintln!("system BLAS not tested: {why}"),
+        }
+        let (m, n, k) = (7, 5, 9);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 17 % 13) as f32 - 6.0) / 4.0).collect();
+        let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect(); // k x m
+        let bt: Vec<f32> = (0..k * n).map(|i| b[(i % k) * n + i / k]).collect(); // n x k
+        let want: Vec<f32> =
+            (0..m * n).map(|i| (0..k).map(|p| a[(i / n) * k + p] * b[p * n + i % n]).sum::<f32>() + 0.5).collect();
+        for be in &backends {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let oa = if ta { Operand::t(&at, k, m) } else { Operand::n(&a, m, k) };
+                let ob = if tb { Operand::t(&bt, n, k) } else { Operand::n(&b, k, n) };
+                let mut c = vec![0.5f32; m * n];
+                gemm_on(be, &mut c, oa, ob, true);
+                let err = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
+                assert!(err < 1e-4, "{} ta={ta} tb={tb}: {err}", be.name());
+                let mut c = vec![f32::NAN; m * n]; // replace must ignore the poisoned output
+                gemm_on(be, &mut c, oa, ob, false);
+                assert!(c.iter().zip(&want).all(|(x, y)| (x - (y - 0.5)).abs() < 1e-4), "{}", be.name());
+            }
+        }
+    }
 
     #[test]
     fn transposes_are_views() {

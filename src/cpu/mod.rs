@@ -1,12 +1,15 @@
-//! The CPU backend: faer for the dense products, hand-written sparse passes, one layer type.
+//! The CPU backend: faer (or a system BLAS, `SVFT_GEMM`) for the dense products, hand-written
+//! sparse passes, one layer type.
 
+pub mod blas;
 pub mod gemm;
 pub mod layer;
 pub mod sparse;
 
 pub use layer::{CpuLayer, Grads};
 
-/// The CPU backend's device: the CPU model and the thread count (reports, calibration keys).
+/// The CPU backend's device: the CPU model, the thread count and the GEMM backend (reports,
+/// calibration keys: a plan measured on one GEMM is not reused on another).
 pub fn device_name() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -16,5 +19,5 @@ pub fn device_name() -> String {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
-    format!("{model}, {} threads", rayon::current_num_threads())
+    format!("{model}, {} threads, gemm {}", rayon::current_num_threads(), blas::backend().name())
 }
