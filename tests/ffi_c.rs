@@ -10,6 +10,7 @@
 //!   the CUDA driver API (linked against the virtual GPU's libcuda, `$SVFT_VGPU_LIB`, or the
 //!   system's) and checks it against the same calls on the CPU backend.
 
+mod cli_support;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -83,27 +84,10 @@ fn program(src: &'static str, link: Link) -> PathBuf {
     built.entry((src.to_string(), format!("{link:?}"))).or_insert_with(|| compile(src, link)).clone()
 }
 
-/// `program` under an address-space limit (`ulimit -v`, 6 GiB or `$SVFT_TEST_MEM_LIMIT_KIB`,
-/// 0: none, as tests/cli_support's `limited`): an allocation the machine could not give fails
-/// inside the program, so an abort on a size is a failure here, not a slow pass on a big
-/// machine. glibc's malloc arenas are capped so that the limit does not scale with the cores.
-fn limited(program: &Path) -> Command {
-    let kib: u64 = std::env::var("SVFT_TEST_MEM_LIMIT_KIB").ok().and_then(|v| v.parse().ok()).unwrap_or(6 << 20);
-    if kib == 0 {
-        return Command::new(program);
-    }
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(format!("ulimit -v {kib} && exec \"$0\" \"$@\"")).arg(program);
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        cmd.env("MALLOC_ARENA_MAX", "4");
-    }
-    cmd
-}
-
 /// Runs a program under the memory limit; a crash (signal) or a nonzero exit fails with its
 /// output.
 fn run(exe: &Path, args: &[&Path]) -> String {
-    let output = limited(exe).args(args).output().expect("run C program");
+    let output = cli_support::limited(exe).args(args).output().expect("run C program");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.code().is_some(),
@@ -461,8 +445,10 @@ fn cuda_cycle() {
     );
     // Under the memory limit too: the virtual GPU maps each device allocation (with red zones)
     // from host memory, which counts, and the cycle's buffers are small.
-    let output =
-        limited(&exe).env("LD_LIBRARY_PATH", std::env::join_paths(path).unwrap()).output().expect("run cuda_cycle");
+    let output = cli_support::limited(&exe)
+        .env("LD_LIBRARY_PATH", std::env::join_paths(path).unwrap())
+        .output()
+        .expect("run cuda_cycle");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let text = format!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     match output.status.code() {

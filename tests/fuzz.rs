@@ -2007,11 +2007,11 @@ fn fuzz_files() {
     );
     report.push_str(&format!("{head}\n"));
     let mut total = Stats::default();
-    for (t, st) in &rows {
+    let row = |name: &str, st: &Stats| {
         let c = |k| st.get(k);
-        report.push_str(&format!(
+        format!(
             "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
-            t,
+            name,
             st.total(),
             c(Class::Same),
             c(Class::Other),
@@ -2020,24 +2020,15 @@ fn fuzz_files() {
             c(Class::Abort),
             c(Class::Hang),
             c(Class::Wrong)
-        ));
+        )
+    };
+    for (t, st) in &rows {
+        report.push_str(&row(t, st));
         for (k, v) in &st.counts {
             *total.counts.entry(*k).or_default() += v;
         }
     }
-    let c = |k| total.get(k);
-    report.push_str(&format!(
-        "{:<24} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}\n",
-        "total",
-        total.total(),
-        c(Class::Same),
-        c(Class::Other),
-        c(Class::Clean),
-        c(Class::Panic),
-        c(Class::Abort),
-        c(Class::Hang),
-        c(Class::Wrong)
-    ));
+    report.push_str(&row("total", &total));
     report.push_str(&format!("({:.1} s; same = accepted, identical to the original; other = accepted, a legitimately different input read faithfully)\n", started.elapsed().as_secs_f64()));
     let failing: usize = [Class::Panic, Class::Abort, Class::Hang, Class::Wrong].iter().map(|&k| total.get(k)).sum();
     if failing > 0 {
