@@ -59,7 +59,13 @@ fn main() {
             println!("blas: {} ({})", blas.library, svft::cpu::blas::config(blas).unwrap_or_default());
         }
     }
-    println!("{:>6} {:>6} {:>6}  {}", "m", "k", "n", backends.iter().map(|b| format!("{:>22}", b.name() + " GF/s")).collect::<String>());
+    println!(
+        "{:>6} {:>6} {:>6}  {}",
+        "m",
+        "k",
+        "n",
+        backends.iter().map(|b| format!("{:>22}", b.name() + " GF/s")).collect::<String>()
+    );
     for (m, k, n) in shapes {
         let flops = 2.0 * (m * k * n) as f64;
         // Interleave the backends: 5 rounds each, alternating, so drift hits both.

@@ -4,8 +4,9 @@
 # 1. Installs the CUDA 13.0 compiler from pip wheels into .toolchain/ (idempotent, no GPU needed)
 #    so that build.rs compiles every kernel; SVFT_REQUIRE_KERNELS=1 makes a kernel that fails
 #    to compile (or spills registers, see tests) a failure rather than a warning.
-# 1b. Installs OpenBLAS (scripts/install-openblas.sh): the CPU GEMM's faster backend here, and
-#     SVFT_REQUIRE_BLAS=1 makes its absence a test failure rather than an untested path.
+# 1b. Installs OpenBLAS (scripts/install-openblas.sh): the CPU GEMM's optional backend
+#     (SVFT_GEMM=blas), and SVFT_REQUIRE_BLAS=1 makes its absence a test failure rather than an
+#     untested path.
 # 2. Runs every Rust test in release mode (the CPU layer, the f64 reference checks, the ptxas
 #    report checks, and the kernels run on CPU threads in interpret mode).
 # 2b. Runs the fuzz suite (scripts/fuzz.sh, tests/fuzz.rs and tests/ffi_props.rs) for a fixed

@@ -4,10 +4,14 @@
 //! `libopenblas0-pthread`, or any library exporting CBLAS's `cblas_sgemm`) can be faster on a
 //! given CPU (docs/PERF.md records the measurement). `SVFT_GEMM` chooses, once per process:
 //!
-//! - `faer`: faer only;
+//! - `faer` (the default): faer only;
 //! - `blas`: the system BLAS; when none loads, faer, with a warning on stderr at first use
 //!   (and reports name the backend, so a benchmark never silently measures the other one);
-//! - `auto` (the default): the system BLAS when one loads, else faer.
+//! - `auto`: the system BLAS when one loads, else faer.
+//!
+//! faer stays the default: on the 2-core AMD EPYC build machine OpenBLAS 0.3.21 alone is
+//! 5-20% faster per GEMM, but inside a PyTorch process its threads contend with torch's
+//! (an SVFTLinear step at n = 64 took 1.7x longer); docs/PERF.md section 2d has the figures.
 //!
 //! `SVFT_BLAS_LIB` names the library file; otherwise `libopenblas.so.0`, `libopenblas.so`,
 //! `libcblas.so.3` and `libblas.so.3` are tried in that order. Nothing is linked at build time,
@@ -106,11 +110,11 @@ pub fn requested() -> Result<&'static Backend, &'static str> {
     static CHOICE: OnceLock<Result<Backend, String>> = OnceLock::new();
     CHOICE
         .get_or_init(|| match std::env::var("SVFT_GEMM").unwrap_or_default().as_str() {
-            "faer" => Ok(Backend::Faer),
+            "" | "faer" => Ok(Backend::Faer),
             "blas" => system().map(Backend::System).ok_or_else(|| {
                 "SVFT_GEMM=blas but no CBLAS library loads (install libopenblas0-pthread, or set SVFT_BLAS_LIB)".into()
             }),
-            "" | "auto" => Ok(system().map_or(Backend::Faer, Backend::System)),
+            "auto" => Ok(system().map_or(Backend::Faer, Backend::System)),
             other => Err(format!("SVFT_GEMM=`{other}`: expected faer, blas or auto")),
         })
         .as_ref()
