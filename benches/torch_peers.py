@@ -18,12 +18,17 @@ with the factored plan's FLOP count and the dense layer's as floors. Usage:
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
 
-import torch
+# Before torch loads OpenMP: its threads must not spin on the cores svft's threads use (as
+# `import svft` arranges; docs/PERF.md 2d). It applies to every method of the run alike.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from torch import nn
 
 
@@ -153,7 +158,7 @@ def main():
     import peft
     import svft
 
-    print(f"# {cpu_name()}; torch {torch.__version__}, peft {peft.__version__}, svft {svft.version()}", flush=True)
+    print(f"# {cpu_name()}; torch {torch.__version__}, peft {peft.__version__}, svft {svft.version()}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}", flush=True)
     rows = []
     for shape in a.shapes.split(","):
         d_out, d_in = (int(v) for v in shape.split("x"))

@@ -13,6 +13,16 @@ the repository's target/release/libsvft.so (`library_path()` says which one is u
 """
 
 import ctypes
+import os
+import sys
+
+# torch's OpenMP threads spin-wait after each parallel region by default, on the very cores the
+# library's own threads need next: a CPU training step of SVFTLinear measured 16.3 ms with the
+# default policy and 8.9 ms with PASSIVE (1024x1024, n = 64, 2 cores; docs/PERF.md 2d), the
+# latter equal to the same step in Rust. The policy is read when torch loads OpenMP, so it can
+# only be set here when torch is not imported yet; svft.nn warns otherwise (CPU only).
+if "torch" not in sys.modules:
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._lib import SvftError, call, library_path
 from .layer import Layer

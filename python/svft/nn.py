@@ -13,6 +13,8 @@ host. M and gamma are handed to the library before each forward from their own m
 no host synchronisation anywhere in a training step.
 """
 
+import os
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -123,9 +125,29 @@ def _backward(ctx, grad_y, _grad_t):
 forward_saving.register_autograd(_backward, setup_context=_setup_context)
 
 
+_SPIN_WARNED = False
+
+
+def _warn_if_omp_spins(x):
+    """One warning when a CPU step runs while torch's OpenMP threads spin-wait (see svft/__init__)."""
+    global _SPIN_WARNED
+    if _SPIN_WARNED or x.is_cuda or torch.get_num_threads() < 2:
+        return
+    _SPIN_WARNED = True
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        warnings.warn(
+            "svft: torch's OpenMP threads spin-wait on the cores svft's threads use (OMP_WAIT_POLICY is "
+            f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}); CPU steps can run up to 2x slower. Set "
+            "OMP_WAIT_POLICY=PASSIVE before starting Python, or import svft before torch.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def svft_linear(x, m, gamma, layer):
     """The SVFT layer `layer` (an svft.Layer) applied to x of shape (..., d_in) with coefficients
     m and gate gamma (None without the gate), differentiable in x, m and gamma."""
+    _warn_if_omp_spins(x)
     x2 = x.reshape(-1, layer.d_in)
     y, _ = forward_saving(x2, m, gamma, layer.handle, layer.d_out, layer.rank)
     return y.reshape(*x.shape[:-1], layer.d_out)
