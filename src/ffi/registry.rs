@@ -127,3 +127,38 @@ pub(crate) fn remove(handle: *mut SvftLayer) -> FfiResult {
         None => fail(SvftStatus::InvalidHandle, format!("{h:#x} is not a live layer (destroyed, or never created)")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuLayer;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+
+    fn handle() -> *mut SvftLayer {
+        let w: Vec<f32> = (0..35).map(|i| ((i * 7 % 11) as f32 - 5.0) / 5.0).collect();
+        let layer = CpuLayer::from_weight(&w, 7, 5, None, &Default::default(), None).unwrap();
+        insert(Layer { layer: Box::new(layer), svd_residual: 0.0 })
+    }
+
+    fn status<R>(r: FfiResult<R>) -> Option<SvftStatus> {
+        r.err().map(|e| e.status)
+    }
+
+    #[test]
+    fn a_panic_leaves_the_handle_usable_unless_it_struck_the_mutating_step() {
+        let h = handle();
+        // In a read-only call, and in a mutating call's argument check: still usable.
+        assert!(catch_unwind(AssertUnwindSafe(|| with(h, |_| -> FfiResult { panic!("read") }))).is_err());
+        assert_eq!(status(with(h, |_| Ok(()))), None);
+        let check_panics = || with_mut(h, "t", |_| -> FfiResult { panic!("check") }, |_, ()| Ok(()));
+        assert!(catch_unwind(AssertUnwindSafe(check_panics)).is_err());
+        assert_eq!(status(with_mut(h, "t", |_| Ok(()), |_, ()| Ok(()))), None);
+        // In the mutating step itself: the handle refuses every call but destroy.
+        let act_panics = || with_mut(h, "svft_test_act", |_| Ok(()), |_, ()| -> FfiResult { panic!("act") });
+        assert!(catch_unwind(AssertUnwindSafe(act_panics)).is_err());
+        let err = with(h, |_| Ok(())).unwrap_err();
+        assert_eq!(err.status, SvftStatus::InvalidHandle);
+        assert!(err.msg.contains("svft_test_act"), "{}", err.msg);
+        assert_eq!(status(remove(h)), None);
+    }
+}
