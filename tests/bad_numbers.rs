@@ -15,8 +15,9 @@
 
 mod cli_support;
 mod common;
+use common::last_error;
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_void, CString};
 
 use cli_support::*;
 use common::randn;
@@ -133,17 +134,6 @@ fn weights_f32_factors_cannot_hold_are_svd_errors() {
 // ---- the C ABI ---------------------------------------------------------------------------------
 
 const CPU: i32 = SvftBackend::Cpu as i32;
-
-fn last_error() -> String {
-    let mut len = 0usize;
-    // SAFETY: a length query, then a buffer of that size.
-    unsafe {
-        assert_eq!(svft_last_error(std::ptr::null_mut(), 0, &mut len), SvftStatus::Ok);
-        let mut buf = vec![0u8; len + 1];
-        assert_eq!(svft_last_error(buf.as_mut_ptr().cast::<c_char>(), buf.len(), std::ptr::null_mut()), SvftStatus::Ok);
-        String::from_utf8_lossy(&buf[..len]).into_owned()
-    }
-}
 
 /// `svft_layer_from_weight` on the CPU: plain pattern, M = 0, no gate, no bias.
 fn from_weight(

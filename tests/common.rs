@@ -103,3 +103,18 @@ pub fn vgpu_lib_dir(variant: &str) -> Option<String> {
     let dir = if variant == "lib" { lib } else { lib.parent()?.join(variant) };
     Some(dir.to_string_lossy().into_owned())
 }
+
+/// The C ABI's last error message on this thread (`svft_last_error`: a length query, then a
+/// buffer of that size).
+pub fn last_error() -> String {
+    use std::ffi::c_char;
+    use svft::ffi::{svft_last_error, SvftStatus};
+    let mut len = 0usize;
+    // SAFETY: a length query, then a buffer of that size.
+    unsafe {
+        assert_eq!(svft_last_error(std::ptr::null_mut(), 0, &mut len), SvftStatus::Ok);
+        let mut buf = vec![0u8; len + 1];
+        assert_eq!(svft_last_error(buf.as_mut_ptr().cast::<c_char>(), buf.len(), std::ptr::null_mut()), SvftStatus::Ok);
+        String::from_utf8_lossy(&buf[..len]).into_owned()
+    }
+}

@@ -14,8 +14,9 @@
 //! mismatches; caller memory intact after the layer is destroyed; the current context restored.
 
 mod common;
+use common::last_error;
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
 use common::{randn, wide};
@@ -28,17 +29,6 @@ use svft::{Omega, Pattern};
 
 const CUDA: i32 = SvftBackend::Cuda as i32;
 const CPU: i32 = SvftBackend::Cpu as i32;
-
-fn last_error() -> String {
-    let mut len = 0usize;
-    // SAFETY: a length query, then a buffer of that size.
-    unsafe {
-        assert_eq!(svft_last_error(std::ptr::null_mut(), 0, &mut len), SvftStatus::Ok);
-        let mut buf = vec![0u8; len + 1];
-        assert_eq!(svft_last_error(buf.as_mut_ptr().cast::<c_char>(), buf.len(), std::ptr::null_mut()), SvftStatus::Ok);
-        String::from_utf8_lossy(&buf[..len]).into_owned()
-    }
-}
 
 fn probe_reason() -> Option<String> {
     device_count().err().map(|e| match e {

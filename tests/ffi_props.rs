@@ -14,24 +14,17 @@
 //! the library (workspace, copies), so a correct library fails before reading them.
 
 mod cli_support;
+mod common;
 
-use std::ffi::{c_char, c_void, CString};
+use std::ffi::{c_void, CString};
 use std::io::Write;
 use std::ptr::{null, null_mut};
 
+use common::last_error;
 use proptest::prelude::*;
 use svft::ffi::*;
 use svft::reference::{rel_err, Reference};
 use svft::{Omega, Pattern};
-
-fn last_error() -> String {
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0usize;
-    // SAFETY: buf is writable for its length.
-    unsafe { svft_last_error(buf.as_mut_ptr().cast::<c_char>(), buf.len(), &mut len) };
-    buf.truncate(len.min(4095));
-    String::from_utf8_lossy(&buf).into_owned()
-}
 
 /// Checks the ABI's contract on one status: never PANIC, a message on every failure.
 fn check(call: &str, st: SvftStatus) -> Result<bool, TestCaseError> {

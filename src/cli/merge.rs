@@ -68,9 +68,13 @@ pub fn run(a: MergeArgs) -> Result<()> {
         let mut w = try_zeroed::<f32>(&format!("merged `{}`", m.weight), numel)?;
         layer.merge_into(&mut w)?;
         // A merged weight the output dtype cannot hold is refused, not written as inf.
-        let mut rounded = w.clone();
-        round_through(dtype, &mut rounded);
-        if let Some(p) = rounded.iter().position(|x| !x.is_finite()) {
+        // Rounded a block at a time (no second copy of the whole weight).
+        let overflow = w.chunks(4096).enumerate().find_map(|(i, block)| {
+            let mut block = block.to_vec();
+            round_through(dtype, &mut block);
+            block.iter().position(|x| !x.is_finite()).map(|p| i * 4096 + p)
+        });
+        if let Some(p) = overflow {
             return Err(Error::InvalidArgument(format!(
                 "module `{}`: the merged weight overflows {} at [{}, {}] (f32 value {:e}): the adapter's \
                  coefficients (largest |M| {:e}, gamma {}) are out of range for this weight",
@@ -83,7 +87,6 @@ pub fn run(a: MergeArgs) -> Result<()> {
                 m.gamma
             )));
         }
-        drop(rounded);
         let max_abs = w.iter().zip(&w0).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         rows.push(json!({
             "module": m.module, "weight": m.weight, "d_out": m.d_out, "d_in": m.d_in, "dtype": dtype_name(dtype),

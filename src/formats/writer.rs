@@ -160,7 +160,8 @@ fn link_unnamed(_file: &File, _name: &Path) -> Result<()> {
 }
 
 /// Refuses `output` when it is the same file as any of `inputs` (by device and inode, so a
-/// second path, hard link or symlink to an input is caught). `role` names the output's flag.
+/// second path, hard link or symlink to an input is caught); each input comes with what it is,
+/// for the message.
 pub fn check_not_an_input(output: &Path, inputs: &[(&str, PathBuf)]) -> Result<()> {
     let Ok(out) = std::fs::metadata(output) else { return Ok(()) };
     for (what, input) in inputs {
