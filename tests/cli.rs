@@ -42,9 +42,12 @@ fn bench_json_has_every_field_and_consistent_ratios() {
             "gemm_floor_ms",
             "lora_fwd_bwd_ms",
             "official_fwd_bwd_ms",
+            "dense_fwd_bwd_ms",
             "ratio_to_floor",
             "ratio_to_lora",
             "speedup_vs_official",
+            "ratio_to_dense",
+            "flop_ratio_to_dense",
         ] {
             let x = v[key].as_f64().unwrap_or_else(|| panic!("{key} missing"));
             assert!(x.is_finite() && x > 0.0, "{key} = {x}");
@@ -55,6 +58,9 @@ fn bench_json_has_every_field_and_consistent_ratios() {
         assert_eq!(v["trainable_params"].as_u64(), Some(64 * 5 - 6 + 1));
         let ratio = v["svft_fwd_bwd_ms"].as_f64().unwrap() / v["gemm_floor_ms"].as_f64().unwrap();
         assert!((ratio - v["ratio_to_floor"].as_f64().unwrap()).abs() < 1e-9);
+        // The dense step is 4 n d_out d_in FLOPs; the ratio column divides the plan's by it.
+        let flops = v["plan_gemm_gflop"].as_f64().unwrap() * 1e9 / (4.0 * 40.0 * 96.0 * 64.0);
+        assert!((flops - v["flop_ratio_to_dense"].as_f64().unwrap()).abs() < 1e-9 * flops, "{v}");
         if plan != "auto" {
             assert_eq!(v["plan"], plan);
         }

@@ -22,7 +22,7 @@ fn bench_every_adapted_shape_of_a_model() {
         .collect();
     assert_eq!(shapes, vec![(16, 16, 8), (64, 16, 2), (16, 64, 2)]);
     for c in cases {
-        for key in ["svft_fwd_bwd_ms", "gemm_floor_ms", "lora_fwd_bwd_ms", "official_fwd_bwd_ms"] {
+        for key in ["svft_fwd_bwd_ms", "gemm_floor_ms", "lora_fwd_bwd_ms", "official_fwd_bwd_ms", "dense_fwd_bwd_ms"] {
             assert!(c[key].as_f64().unwrap() > 0.0, "{key}: {c}");
         }
         assert_eq!(c["tokens"], 24);
@@ -79,6 +79,7 @@ fn bench_grid_tiny_rows_are_complete_and_consistent() {
         assert!(close(num(r, "ratio_to_floor"), svft / floor), "{r}");
         assert!(close(num(r, "ratio_to_lora"), svft / lora), "{r}");
         assert!(close(num(r, "speedup_vs_official"), official / svft), "{r}");
+        assert!(close(num(r, "ratio_to_dense"), svft / num(r, "dense_fwd_bwd_ms")), "{r}");
         // Every fixed plan that applies on the CPU is timed (small-n runs the factored code
         // there and is reported as not timed), the headline plan is one of them, and the best
         // fixed plan is the fastest.

@@ -47,7 +47,14 @@ fn grid_row_fields_on_the_device() {
         let best = row.best_fixed_plan().unwrap().1;
         assert!(row.plan_ms.iter().all(|p| p.1 >= best && p.1.is_finite() && p.1 > 0.0), "{v}");
         assert_eq!(row.official_fwd_bwd_ms, row.plan_ms.iter().find(|p| p.0 == ExecPlan::Merged).unwrap().1);
-        for key in ["svft_fwd_bwd_ms", "gemm_floor_ms", "lora_fwd_bwd_ms", "ratio_to_floor", "copy_gb_per_s"] {
+        for key in [
+            "svft_fwd_bwd_ms",
+            "gemm_floor_ms",
+            "lora_fwd_bwd_ms",
+            "dense_fwd_bwd_ms",
+            "ratio_to_dense",
+            "copy_gb_per_s",
+        ] {
             assert!(v[key].as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "{key}: {v}");
         }
         assert_eq!(v["dtype"], "bf16");

@@ -87,7 +87,7 @@ fn grid_table(grid: &Grid, rows: &[Row]) -> String {
         grid.name, first.backend, first.device, first.dtype
     );
     out += &format!(
-        "{:<12}{:>6} {:<18}{:<10}{:>10}{:>10}{:>10}{:>10}{:>8}{:>8}{:>9}  {:<10}{:>10}{:>10}{:>10}\n",
+        "{:<12}{:>6} {:<18}{:<10}{:>10}{:>10}{:>10}{:>10}{:>10}{:>8}{:>8}{:>9}{:>8}{:>8}  {:<10}{:>10}{:>10}{:>10}\n",
         "shape",
         "n",
         "pattern",
@@ -96,9 +96,12 @@ fn grid_table(grid: &Grid, rows: &[Row]) -> String {
         "floor",
         format!("LoRA{LORA_RANK}"),
         "official",
+        "dense",
         "/floor",
         "/LoRA",
         "off/SVFT",
+        "/dense",
+        "flops",
         "best plan",
         "best",
         "SVFT MiB",
@@ -107,7 +110,7 @@ fn grid_table(grid: &Grid, rows: &[Row]) -> String {
     for r in rows {
         let (best, best_ms) = r.best_fixed_plan().map_or((String::new(), f64::NAN), |(p, ms)| (p.to_string(), ms));
         out += &format!(
-            "{:<12}{:>6} {:<18}{:<10}{:>10.4}{:>10.4}{:>10.4}{:>10.4}{:>8.2}{:>8.2}{:>9.2}  {:<10}{:>10.4}{:>10.1}{:>10.1}\n",
+            "{:<12}{:>6} {:<18}{:<10}{:>10.4}{:>10.4}{:>10.4}{:>10.4}{:>10.4}{:>8.2}{:>8.2}{:>9.2}{:>8.2}{:>8.2}  {:<10}{:>10.4}{:>10.1}{:>10.1}\n",
             format!("{}x{}", r.d_out, r.d_in),
             r.tokens,
             r.pattern.to_string(),
@@ -116,15 +119,20 @@ fn grid_table(grid: &Grid, rows: &[Row]) -> String {
             r.gemm_floor_ms,
             r.lora_fwd_bwd_ms,
             r.official_fwd_bwd_ms,
+            r.dense_fwd_bwd_ms,
             r.svft_fwd_bwd_ms / r.gemm_floor_ms,
             r.svft_fwd_bwd_ms / r.lora_fwd_bwd_ms,
             r.official_fwd_bwd_ms / r.svft_fwd_bwd_ms,
+            r.svft_fwd_bwd_ms / r.dense_fwd_bwd_ms,
+            r.plan_gemm_flops / r.dense_flops,
             best,
             best_ms,
             mib(r.memory.svft.total()),
             mib(r.memory.official.total()),
         );
     }
+    out += "dense: the frozen dense layer (Y = X W^T, dX = G W); /dense: SVFT / dense time; \
+            flops: SVFT's plan FLOPs / dense FLOPs, the /dense of equal speed\n";
     if let Some(note) = first.factors_note {
         out += &format!("factors: {note}\n");
     }
@@ -174,8 +182,8 @@ fn plot_path(path: &Path, shapes: usize, (d_out, d_in): (usize, usize)) -> PathB
 /// LoRA r=16 and the official order (both from the first pattern's rows; LoRA does not depend
 /// on the pattern, the official order hardly: it rebuilds a dense W either way).
 fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
-    const COLORS: [[u8; 3]; 6] =
-        [[200, 40, 40], [230, 130, 20], [150, 60, 170], [30, 150, 150], [40, 90, 210], [60, 60, 60]];
+    const COLORS: [[u8; 3]; 7] =
+        [[200, 40, 40], [230, 130, 20], [150, 60, 170], [30, 150, 150], [40, 90, 210], [60, 60, 60], [140, 140, 140]];
     let mut written = Vec::new();
     for &shape in &grid.shapes {
         let of_shape: Vec<&Row> = rows.iter().filter(|r| (r.d_out, r.d_in) == shape).collect();
@@ -193,6 +201,7 @@ fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
         curves
             .push((format!("LoRA r={LORA_RANK}"), base.iter().map(|r| (r.tokens as f64, r.lora_fwd_bwd_ms)).collect()));
         curves.push(("official order".into(), base.iter().map(|r| (r.tokens as f64, r.official_fwd_bwd_ms)).collect()));
+        curves.push(("frozen dense".into(), base.iter().map(|r| (r.tokens as f64, r.dense_fwd_bwd_ms)).collect()));
         let series: Vec<XySeries<'_>> = curves
             .iter()
             .zip(COLORS.iter().cycle())
@@ -271,6 +280,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 ("dense products alone", "gemm_floor_ms"),
                 ("LoRA r=16", "lora_fwd_bwd_ms"),
                 ("official layer order", "official_fwd_bwd_ms"),
+                ("frozen dense layer", "dense_fwd_bwd_ms"),
             ] {
                 println!("{label:<28}{:>12.4} ms", f(&v, key));
             }

@@ -6,7 +6,8 @@
 //!   through the dense weight as autograd does (`dW^T = X^T G`, `dX = G W`,
 //!   `dZ = U^T dW`, `dC_k = dZ[row_k] . V^T[col_k]`). U and `V^T` are stored as the official
 //!   code stores them (`u`: d_out x r, `v`: r x d_in).
-//! - [`LoraLayer`]: `Y = X W0^T + scale (X A^T) B^T` with gradients for A, B and X.
+//! - [`LoraLayer`]: `Y = X W0^T + scale (X A^T) B^T` with gradients for A, B and X; its
+//!   [`LoraLayer::frozen_step`] is the frozen dense layer alone, the third comparison.
 
 use crate::cpu::gemm::{gemm, Operand as Op};
 use crate::layer::config::gate_value;
@@ -181,6 +182,15 @@ impl LoraLayer {
         gemm(y, Op::n(&self.h, n, rl), Op::t(&self.b, d_out, rl), true);
         self.x.clear();
         self.x.extend_from_slice(x);
+    }
+
+    /// The frozen dense layer alone on the same `W0`, forward and backward with dX (no weight
+    /// gradient, as for a frozen `nn.Linear`): `Y = X W0^T`, `dX = G W0`. The floor every
+    /// adapter adds to; `4 n d_out d_in` FLOPs.
+    pub fn frozen_step(&self, x: &[f32], gy: &[f32], n: usize, y: &mut [f32], dx: &mut [f32]) {
+        let (d_out, d_in) = (self.d_out, self.d_in);
+        gemm(y, Op::n(x, n, d_in), Op::t(&self.w0, d_out, d_in), false);
+        gemm(dx, Op::n(gy, n, d_out), Op::n(&self.w0, d_out, d_in), false);
     }
 
     /// Gradients for X (into `dx`), A and B.

@@ -210,6 +210,18 @@ impl<T: Dtype> CudaShape<T> {
         gemm(b, &mut self.da.slice_mut(..), m_(&self.gb.slice(..n * rl), n, rl, true), m_(&x, n, d_in, false), false)
     }
 
+    /// The frozen dense layer alone at `n` tokens (enqueued): `Y = X W0^T`, `dX = G W0`.
+    pub fn dense_step(&mut self, n: usize) -> Result<()> {
+        let (d_out, d_in, b) = (self.d_out, self.d_in, &self.blas);
+        if n == 0 || n > self.max_n {
+            return Err(Error::InvalidArgument(format!("dense step at {n} tokens, context of {}", self.max_n)));
+        }
+        let (x, gy, w0) = (self.x.slice(..n * d_in), self.gy.slice(..n * d_out), self.w0.slice(..));
+        let (mut y, mut dx) = (self.y.slice_mut(..n * d_out), self.dx.slice_mut(..n * d_in));
+        gemm(b, &mut y, m_(&x, n, d_in, false), m_(&w0, d_out, d_in, true), false)?;
+        gemm(b, &mut dx, m_(&gy, n, d_out, false), m_(&w0, d_out, d_in, false), false)
+    }
+
     /// The dense products of `plan` alone at `n` tokens, on `layer`'s U and V (enqueued).
     fn floor_step(&mut self, layer: &CudaLayer<T>, plan: ExecPlan, n: usize) -> Result<()> {
         let (d_out, d_in, r, b) = (self.d_out, self.d_in, layer.dims().r, &self.blas);
@@ -284,6 +296,7 @@ impl<T: Dtype> CudaShape<T> {
         };
         let floor = time_ms(&stream, budget_ms, || self.floor_step(layer, headline, n))?;
         let lora = time_ms(&stream, budget_ms, || self.lora_step(n))?;
+        let dense = time_ms(&stream, budget_ms, || self.dense_step(n))?;
         let svft_ms = plan_ms.iter().find(|p| p.0 == headline).map_or(f64::NAN, |p| p.1);
         let shape = Shape { d_out: dims.d_out, d_in: dims.d_in, r: dims.r, nnz: dims.nnz, n, act: size_of::<T>() };
         Ok(Row {
@@ -303,10 +316,12 @@ impl<T: Dtype> CudaShape<T> {
             lora_fwd_bwd_ms: lora,
             official_fwd_bwd_ms: official,
             official_note: Some("merged plan on the device: the official order without per-call sparse construction"),
+            dense_fwd_bwd_ms: dense,
             plan_ms,
             plan_ms_note: None,
             plan_gemm_flops: headline.gemm_flops(&dims, n),
             lora_flops: dims.lora_flops(n, LORA_RANK),
+            dense_flops: super::dense_flops(dims.d_out, dims.d_in, n),
             memory: memory::Report::new(shape, headline, LORA_RANK),
             copy_gb_per_s: self.copy_gb_per_s,
             layer_bytes: Some((layer.persistent_bytes(), layer.workspace_bytes())),

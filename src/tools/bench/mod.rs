@@ -1,5 +1,7 @@
 //! The same-run benchmark behind `svft bench`: SVFT forward+backward against its own plan's
-//! dense products alone (the floor), LoRA r=16 with dX, and the official layer's order, all on
+//! dense products alone (the floor), LoRA r=16 with dX, the official layer's order and the
+//! frozen dense layer (`Y = X W0^T`, `dX = G W0`: what the adapted model costs without any
+//! adapter), all on
 //! the same library in the same process, medians of repeated runs after warm-up.
 //!
 //! One case is one [`Row`]. A row comes from a per-shape context ([`CpuShape`] here,
@@ -96,6 +98,11 @@ pub fn plans_to_time(plans: &[ExecPlan], headline: ExecPlan) -> Vec<ExecPlan> {
     out
 }
 
+/// FLOPs of the frozen dense layer's step at `n` tokens: `Y = X W^T` and `dX = G W`.
+pub fn dense_flops(d_out: usize, d_in: usize, n: usize) -> f64 {
+    4.0 * n as f64 * d_out as f64 * d_in as f64
+}
+
 /// The measured figures of one case (times in milliseconds, medians).
 #[derive(Debug, Clone)]
 pub struct Row {
@@ -131,6 +138,8 @@ pub struct Row {
     pub official_fwd_bwd_ms: f64,
     /// How the official order was run, where it is not the official code's own order.
     pub official_note: Option<&'static str>,
+    /// The frozen dense layer, forward + backward with dX (no weight gradient).
+    pub dense_fwd_bwd_ms: f64,
     /// Every fixed plan timed, forward + backward.
     pub plan_ms: Vec<(ExecPlan, f64)>,
     /// Why a plan is missing from `plan_ms`, if one is.
@@ -139,6 +148,8 @@ pub struct Row {
     pub plan_gemm_flops: f64,
     /// FLOPs of LoRA's dense products.
     pub lora_flops: f64,
+    /// FLOPs of the frozen dense layer's step, `4 n d_out d_in`.
+    pub dense_flops: f64,
     /// Bytes of SVFT (on `plan`), the official layer and LoRA ([`memory`]).
     pub memory: memory::Report,
     /// Device-to-device copy bandwidth measured in this process (CUDA), GB/s.
@@ -196,9 +207,15 @@ impl Row {
             "gemm_floor_ms": self.gemm_floor_ms,
             "lora_fwd_bwd_ms": self.lora_fwd_bwd_ms,
             "official_fwd_bwd_ms": self.official_fwd_bwd_ms,
+            "dense_fwd_bwd_ms": self.dense_fwd_bwd_ms,
             "ratio_to_floor": self.svft_fwd_bwd_ms / self.gemm_floor_ms,
             "ratio_to_lora": self.svft_fwd_bwd_ms / self.lora_fwd_bwd_ms,
             "speedup_vs_official": self.official_fwd_bwd_ms / self.svft_fwd_bwd_ms,
+            "ratio_to_dense": self.svft_fwd_bwd_ms / self.dense_fwd_bwd_ms,
+            "flop_ratio_to_dense": self.plan_gemm_flops / self.dense_flops,
+            // Issue 16's measure: 1 when SVFT costs the dense layer exactly its FLOP ratio.
+            "dense_ratio_to_flop_ratio": (self.svft_fwd_bwd_ms / self.dense_fwd_bwd_ms)
+                / (self.plan_gemm_flops / self.dense_flops),
             "plan_gemm_gflop": self.plan_gemm_flops / 1e9,
             "lora_gflop": self.lora_flops / 1e9,
             "flop_ratio_to_lora": self.plan_gemm_flops / self.lora_flops,
@@ -248,7 +265,7 @@ impl Row {
         let m = &self.memory;
         let line = |label: &str, ms: f64| format!("{label:<28}{ms:>12.3}{:>14.3}\n", self.svft_fwd_bwd_ms / ms);
         format!(
-            "svft bench ({}: {}), {}x{} weight, {} tokens, {}, plan {}\n{:<28}{:>12}{:>14}\n{}{}{}{}\
+            "svft bench ({}: {}), {}x{} weight, {} tokens, {}, plan {}\n{:<28}{:>12}{:>14}\n{}{}{}{}{}\
              trainable params: SVFT {}, LoRA r={} {}\n\
              memory per step (MiB; {} activations): SVFT {:.2} (persistent {:.2}, workspace {:.2}, saved {:.2}), \
              official layer {:.2}, LoRA r={} {:.2}; SVFT / official {:.3}\n",
@@ -266,6 +283,7 @@ impl Row {
             line("dense products alone", self.gemm_floor_ms),
             line("LoRA r=16", self.lora_fwd_bwd_ms),
             line("official layer order", self.official_fwd_bwd_ms),
+            line("frozen dense layer", self.dense_fwd_bwd_ms),
             self.trainable_params,
             LORA_RANK,
             self.lora_params,
@@ -439,7 +457,8 @@ pub struct CpuShape {
 }
 
 impl CpuShape {
-    /// Inputs for up to `max_n` tokens of a `d_out x d_in` layer. `factors_note` says how the
+    /// Inputs for up to `max_n` tokens of a `d_out x d_in` layer (LoRA's `W0` is also the
+    /// frozen dense layer's weight). `factors_note` says how the
     /// layers' factors were made when it is not an SVD or QR (see [`bench_factors`]).
     pub fn new(d_out: usize, d_in: usize, max_n: usize, factors_note: Option<&'static str>) -> Self {
         let x = bench_values(2, max_n * d_in, 1.0);
@@ -449,8 +468,8 @@ impl CpuShape {
     }
 
     /// One row: `layer` timed on every plan of `plans` and on the plan `requested` resolves to
-    /// at `n` tokens (the headline), against that plan's dense products, LoRA and the official
-    /// order, in interleaved rounds of at least `budget` each. The layer is left on `requested`.
+    /// at `n` tokens (the headline), against that plan's dense products, LoRA, the official
+    /// order and the frozen dense layer, in interleaved rounds of at least `budget` each. The layer is left on `requested`.
     pub fn row(
         &mut self,
         layer: &mut CpuLayer,
@@ -483,7 +502,7 @@ impl CpuShape {
         let lora = &mut self.lora;
         let k = timed.len();
         let mut failure = None;
-        let ms = interleaved_medians_indexed_ms(budget, k + 3, |i| {
+        let ms = interleaved_medians_indexed_ms(budget, k + 4, |i| {
             if i < k {
                 layer.set_plan(timed[i].into());
                 let step = layer.forward_into(x, n, &mut y).and_then(|_| layer.backward_into(gy, n, &mut dx, &mut dm));
@@ -508,9 +527,11 @@ impl CpuShape {
             } else if i == k + 1 {
                 lora.forward(x, n, &mut y);
                 lora.backward(gy, n, &mut dx);
-            } else {
+            } else if i == k + 2 {
                 official.forward(x, n, &mut y);
                 official.backward(gy, n, &mut dx, &mut dm);
+            } else {
+                lora.frozen_step(x, gy, n, &mut y, &mut dx);
             }
         });
         layer.set_plan(requested);
@@ -537,11 +558,13 @@ impl CpuShape {
             lora_fwd_bwd_ms: ms[k + 1],
             official_fwd_bwd_ms: ms[k + 2],
             official_note: None,
+            dense_fwd_bwd_ms: ms[k + 3],
             plan_ms,
             plan_ms_note: (n <= SMALL_N_MAX && !timed.contains(&ExecPlan::SmallN))
                 .then_some("small-n not timed: the CPU backend runs it as its factored code (see factored)"),
             plan_gemm_flops: headline.gemm_flops(&dims, n),
             lora_flops: dims.lora_flops(n, LORA_RANK),
+            dense_flops: dense_flops(d_out, d_in, n),
             memory: memory::Report::new(shape, headline, LORA_RANK),
             copy_gb_per_s: None,
             layer_bytes: None,
