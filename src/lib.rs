@@ -13,6 +13,8 @@
 //!   [`reference`](mod@reference) (an f64 dense reference, for tests).
 //! - [`cpu`], [`cuda`]: the backends (faer GEMMs plus hand-written sparse passes; the
 //!   hand-written kernels and cuBLAS, on the caller's buffers and stream).
+//! - [`bank`]: many adapters of one base layer in one batch (shared `X V` and `S U^T`, each
+//!   segment of rows through its own adapter's core), on either backend.
 //! - [`formats`]: [`checkpoint`] (safetensors, single or sharded, read lazily) and [`adapter`]
 //!   (the factor and adapter files, their checksums and checks).
 //! - [`tools`]: [`bench`](mod@bench) (the same-run benchmark and grid), [`baseline`] (LoRA, the official
@@ -45,6 +47,8 @@ pub mod layer;
 
 pub mod cpu;
 pub mod cuda;
+
+pub mod bank;
 
 pub mod formats;
 

@@ -12,6 +12,7 @@
 // faults the context). Launch limits are an H100's.
 #include "../kernels/interpret/cuda_interpret.h"
 
+#include "../kernels/bank.cu"
 #include "../kernels/core_apply.cu"
 #include "../kernels/fused_bwd.cu"
 #include "../kernels/sddmm.cu"
@@ -100,6 +101,8 @@ struct Thunk {
 const std::vector<KernelEntry>& table() {
   // Never destroyed: functions point into it, and stream workers may still launch at exit.
   static const auto* t = new std::vector<KernelEntry>{
+      VGPU_KERNEL_DTYPES(bank_apply_fwd),
+      VGPU_KERNEL_DTYPES(bank_apply_bwd),
       VGPU_KERNEL_DTYPES(band_apply_fwd),
       VGPU_KERNEL_DTYPES(band_apply_bwd),
       VGPU_KERNEL_DTYPES(coo_apply),

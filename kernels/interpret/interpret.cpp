@@ -7,6 +7,7 @@
 // Build: g++ -std=c++17 -O2 -pthread -I <cuda>/include -I kernels kernels/interpret/interpret.cpp
 #include "cuda_interpret.h"
 
+#include "../bank.cu"
 #include "../core_apply.cu"
 #include "../fused_bwd.cu"
 #include "../sddmm.cu"
@@ -113,7 +114,30 @@ T* out(void* p) {
                                n, k, m);                                                         \
   }
 
+// The bank kernels (bank.cu) take one gate value per slot, from memory, as they are.
+#define SVFT_WRAP_BANK(SUFFIX, CT, KT)                                                           \
+  int svft_interp_bank_apply_fwd_##SUFFIX(svft_launch_cfg cfg, const CT* X, CT* Y,               \
+                                          const float* s, const float* M, const float* g,        \
+                                          const int32_t* info, const int32_t* ptr,               \
+                                          const int32_t* idx, const int32_t* perm,               \
+                                          const int32_t* tiles, int ntiles, int r) {             \
+    return svft_interp::launch(to_cfg(cfg), bank_apply_fwd_##SUFFIX, in<KT>(X), out<KT>(Y), s,   \
+                               M, g, info, ptr, idx, perm, tiles, ntiles, r);                    \
+  }                                                                                              \
+  int svft_interp_bank_apply_bwd_##SUFFIX(svft_launch_cfg cfg, const CT* X, CT* Y,               \
+                                          const float* s, const float* M, const float* g,        \
+                                          const int32_t* info, const int32_t* ptr,               \
+                                          const int32_t* idx, const int32_t* perm,               \
+                                          const int32_t* tiles, int ntiles, int r) {             \
+    return svft_interp::launch(to_cfg(cfg), bank_apply_bwd_##SUFFIX, in<KT>(X), out<KT>(Y), s,   \
+                               M, g, info, ptr, idx, perm, tiles, ntiles, r);                    \
+  }
+
 extern "C" {
+
+SVFT_WRAP_BANK(f32, float, float)
+SVFT_WRAP_BANK(bf16, uint16_t, __nv_bfloat16)
+SVFT_WRAP_BANK(f16, uint16_t, __half)
 
 SVFT_WRAP_DTYPE(f32, float, float)
 SVFT_WRAP_DTYPE(bf16, uint16_t, __nv_bfloat16)

@@ -92,6 +92,34 @@ int svft_interp_coo_apply_f16(
     svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M,
     const int32_t* ptr, const int32_t* idx, const int32_t* perm, float g, int n, int r);
 
+// The bank kernels (bank.cu): g is one gate value per slot, in (host) memory.
+int svft_interp_bank_apply_fwd_f32(
+    svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+int svft_interp_bank_apply_bwd_f32(
+    svft_launch_cfg cfg, const float* X, float* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+
+int svft_interp_bank_apply_fwd_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+int svft_interp_bank_apply_bwd_bf16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+
+int svft_interp_bank_apply_fwd_f16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+int svft_interp_bank_apply_bwd_f16(
+    svft_launch_cfg cfg, const uint16_t* X, uint16_t* Y, const float* s, const float* M, const float* g,
+    const int32_t* info, const int32_t* ptr, const int32_t* idx, const int32_t* perm,
+    const int32_t* tiles, int ntiles, int r);
+
 int svft_interp_band_sddmm_atomic_f32(
     svft_launch_cfg cfg, const float* A, const float* X, float* dC, int n, int r, int d,
     int chunk_rows);

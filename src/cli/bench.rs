@@ -215,6 +215,39 @@ fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
     Ok(written)
 }
 
+/// `svft bench --adapters N,...`: the adapter bank against one adapter, merged dense weights
+/// and LoRA (see `svft::bench::adapters`), CPU only.
+fn run_adapters(a: &BenchArgs, counts: &[usize]) -> Result<()> {
+    if matches!(a.backend, super::Backend::Cuda) || a.dtype != "f32" {
+        return Err(Error::InvalidArgument("--adapters: the adapter bank runs on the CPU in f32".into()));
+    }
+    let shapes = a
+        .adapter_shapes
+        .iter()
+        .map(|s| {
+            let dims = s.split_once('x').and_then(|(o, i)| Some((o.trim().parse().ok()?, i.trim().parse().ok()?)));
+            dims.ok_or_else(|| Error::InvalidArgument(format!("--adapter-shapes `{s}`: expected D_OUTxD_IN")))
+        })
+        .collect::<Result<Vec<(usize, usize)>>>()?;
+    let cfg = svft::bench::adapters::AdaptersConfig {
+        shapes,
+        tokens: a.adapter_tokens.clone(),
+        counts: counts.to_vec(),
+        pattern: a.pattern,
+        budget: Duration::from_secs_f64(a.seconds),
+        grouping: true,
+    };
+    let report = svft::bench::adapters::run(&cfg, &mut |row| {
+        eprintln!("{}x{} n={} N={}: bank {:.3} ms", row.d_out, row.d_in, row.n, row.adapters, row.bank_ms)
+    })?;
+    if a.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.to_table());
+    }
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if !(a.seconds.is_finite() && a.seconds > 0.0 && a.seconds <= 86_400.0) {
         return Err(Error::InvalidArgument(format!("--seconds {}: must be positive and at most a day", a.seconds)));
@@ -229,6 +262,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
         // Arithmetic only: no device needed, any dtype.
         print!("{}", memory_table(&Grid::named(name)?, &a.dtype)?);
         return Ok(());
+    }
+    if let Some(counts) = &a.adapters {
+        return run_adapters(&a, counts);
     }
     let device = resolve_backend(a.backend)?;
     if let Device::Cuda(gpu) = &device {

@@ -281,6 +281,24 @@ pub struct BenchArgs {
     /// Print JSON instead of a table (with --grid: one JSON line per row, as each is measured).
     #[arg(long)]
     pub json: bool,
+    /// Many adapters in one batch (CPU, f32, inference): time a bank serving each of these
+    /// counts of distinct adapters in equal segments against one adapter, merged dense weights
+    /// and LoRA r=16, on --adapter-shapes x --adapter-tokens, SVFT with --pattern (e.g.
+    /// `--adapters 1,8,64,512`). --d-out, --d-in and --tokens are ignored.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', conflicts_with_all = ["grid", "model"])]
+    pub adapters: Option<Vec<usize>>,
+    /// With --adapters: the layer shapes, `D_OUTxD_IN,...`.
+    #[arg(
+        long,
+        value_name = "OxI,...",
+        value_delimiter = ',',
+        default_value = "1024x1024,4096x1024",
+        requires = "adapters"
+    )]
+    pub adapter_shapes: Vec<String>,
+    /// With --adapters: the token counts per batch.
+    #[arg(long, value_name = "N,...", value_delimiter = ',', default_value = "512,2048", requires = "adapters")]
+    pub adapter_tokens: Vec<usize>,
 }
 
 /// Runs one subcommand.

@@ -16,7 +16,9 @@ const FATBIN: Option<&[u8]> = Some(include_bytes!(env!("SVFT_FATBIN")));
 const FATBIN: Option<&[u8]> = None;
 
 /// Every kernel the fatbin must provide (per-dtype kernels without their suffix).
-const KERNELS_PER_DTYPE: [&str; 12] = [
+const KERNELS_PER_DTYPE: [&str; 14] = [
+    "bank_apply_fwd",
+    "bank_apply_bwd",
     "band_apply_fwd",
     "band_apply_bwd",
     "coo_apply",

@@ -131,6 +131,52 @@ pub(crate) fn apply<T: Dtype>(
     Ok(())
 }
 
+/// The adapter-dependent arguments of the bank kernels (kernels/bank.cu), on the device, as
+/// [`crate::bank::layout::KernelLayout`] lays them out, and the batch's tiles.
+pub(crate) struct BankArgs<'a> {
+    pub m: &'a CudaView<'a, f32>,
+    pub g: &'a CudaView<'a, f32>,
+    pub info: &'a CudaView<'a, i32>,
+    pub ptr: &'a CudaView<'a, i32>,
+    pub idx: &'a CudaView<'a, i32>,
+    pub perm: &'a CudaView<'a, i32>,
+    pub tiles: &'a CudaView<'a, i32>,
+    pub ntiles: usize,
+}
+
+/// `Y = X C_a^T` (`forward`) or `Y = X C_a` on every tile of rows, each through its own
+/// adapter's core (`n x r` buffers; the tiles say which rows).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn bank_apply<T: Dtype>(
+    gpu: &Gpu,
+    stream: &CudaStream,
+    forward: bool,
+    x: &CudaView<'_, T>,
+    y: &mut CudaViewMut<'_, T>,
+    s: &CudaView<'_, f32>,
+    a: &BankArgs<'_>,
+    r: usize,
+) -> Result<()> {
+    if a.ntiles == 0 {
+        return Ok(());
+    }
+    let name = if forward { "bank_apply_fwd" } else { "bank_apply_bwd" };
+    let f = gpu.kernel(name, T::SUFFIX)?;
+    let cfg = LaunchConfig {
+        grid_dim: grid(ceil_div(r, BLOCK as usize), a.ntiles),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ntiles, r_i) = (a.ntiles as i32, r as i32);
+    let mut b = stream.launch_builder(f);
+    b.arg(x).arg(y).arg(s).arg(a.m).arg(a.g).arg(a.info).arg(a.ptr).arg(a.idx).arg(a.perm).arg(a.tiles);
+    b.arg(&ntiles).arg(&r_i);
+    // SAFETY: argument list and buffer sizes as documented for bank_apply_* (the layout and
+    // tiles come from KernelLayout over the same adapters; x and y hold the tiles' rows).
+    unsafe { b.launch(cfg) }.map_err(|e| driver_err(name, e))?;
+    Ok(())
+}
+
 /// The pattern for the SDDMM.
 pub(crate) enum SddmmPattern<'a> {
     /// Band of half-width d.

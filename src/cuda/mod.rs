@@ -17,6 +17,8 @@ pub use device::{device_count, is_virtual_name, kernel_names, kernels_embedded, 
 pub use kernels::Dtype;
 // The row-major cuBLAS product, for the demo's device LoRA student and the bench.
 pub(crate) use kernels::{gemm, Mat};
+// The bank's per-tile core (kernels/bank.cu), for svft::bank::cuda.
+pub(crate) use kernels::{bank_apply, BankArgs};
 pub use layer::{CudaLayer, SddmmMode};
 pub use svd::thin_svd_cuda;
 

@@ -9,6 +9,7 @@
 //! pattern or the token count (inputs, LoRA's weights), so the bench grid ([`Grid`]) builds it
 //! once per shape, one layer per pattern, and asks for a row per token count.
 
+pub mod adapters;
 mod cuda;
 
 pub use cuda::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
