@@ -1,4 +1,4 @@
-// test_kernels.cpp: checks every SVFT kernel, run in interpret mode through the extern "C"
+// test_kernels.cpp: checks every SVFT kernel (bank.cu's included), run in interpret mode through the extern "C"
 // wrappers of kernels/interpret/interpret.cpp (the same entry points Rust links), against a
 // double-precision reference.
 //
@@ -81,6 +81,8 @@ struct F32 {
   static constexpr auto skinny_nn = svft_interp_skinny_nn_f32;
   static constexpr auto skinny_reduce = svft_interp_skinny_reduce_f32;
   static constexpr auto skinny_nt = svft_interp_skinny_nt_f32;
+  static constexpr auto bank_fwd = svft_interp_bank_apply_fwd_f32;
+  static constexpr auto bank_bwd = svft_interp_bank_apply_bwd_f32;
 };
 struct BF16 {
   using E = uint16_t;
@@ -105,6 +107,8 @@ struct BF16 {
   static constexpr auto skinny_nn = svft_interp_skinny_nn_bf16;
   static constexpr auto skinny_reduce = svft_interp_skinny_reduce_bf16;
   static constexpr auto skinny_nt = svft_interp_skinny_nt_bf16;
+  static constexpr auto bank_fwd = svft_interp_bank_apply_fwd_bf16;
+  static constexpr auto bank_bwd = svft_interp_bank_apply_bwd_bf16;
 };
 struct F16 {
   using E = uint16_t;
@@ -129,6 +133,8 @@ struct F16 {
   static constexpr auto skinny_nn = svft_interp_skinny_nn_f16;
   static constexpr auto skinny_reduce = svft_interp_skinny_reduce_f16;
   static constexpr auto skinny_nt = svft_interp_skinny_nt_f16;
+  static constexpr auto bank_fwd = svft_interp_bank_apply_fwd_f16;
+  static constexpr auto bank_bwd = svft_interp_bank_apply_bwd_f16;
 };
 
 // Reference round-to-nearest-even conversions, to check the CUDA headers' host paths.
@@ -612,6 +618,75 @@ void test_skinny(bool quick) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The bank kernels (bank.cu): three adapter slots (a band, a COO pattern with duplicates, the
+// plain diagonal) and the base weight, tiles of odd lengths that revisit slots, in both
+// directions, against f64: forward S[b,i] = s_i X[b,i] + g_a sum_{(i,j)} M_a X[b,j], backward
+// the transposed core. Outputs poisoned with NaN; full, grid-strided and one-block grids.
+template <typename D>
+void test_bank(bool quick) {
+  using E = typename D::E;
+  const int r = 37, n = 41;
+  Rng rng(900);
+  const std::vector<Pattern> slots = {make_band(r, 2), make_coo(r, 3, 7), make_band(r, 0)};
+  std::vector<float> M, g;
+  std::vector<int32_t> info, ptr_f, idx_f, perm_f, ptr_b, idx_b, perm_b;
+  for (const Pattern& p : slots) {
+    info.insert(info.end(), {p.d, (int32_t)M.size(), (int32_t)ptr_f.size(), (int32_t)idx_f.size()});
+    for (int k = 0; k < p.nnz(); ++k) M.push_back(rng.uniform());
+    g.push_back(0.3f + 0.5f * rng.uniform());
+    if (p.d < 0) {  // CSR by row for the forward kernel, by column for the backward one
+      const Csr f = make_csr(p, true), b = make_csr(p, false);
+      ptr_f.insert(ptr_f.end(), f.ptr.begin(), f.ptr.end());
+      idx_f.insert(idx_f.end(), f.idx.begin(), f.idx.end());
+      perm_f.insert(perm_f.end(), f.perm.begin(), f.perm.end());
+      ptr_b.insert(ptr_b.end(), b.ptr.begin(), b.ptr.end());
+      idx_b.insert(idx_b.end(), b.idx.begin(), b.idx.end());
+      perm_b.insert(perm_b.end(), b.perm.begin(), b.perm.end());
+    }
+  }
+  // (first row, rows, slot): every slot, the base weight (-1), a one-row tile, slot 0 twice.
+  const std::vector<int32_t> tiles = {0, 5, 0, 5, 1, -1, 6, 14, 1, 20, 13, 2, 33, 8, 0};
+  const int ntiles = (int)tiles.size() / 3;
+  std::vector<E> X((size_t)n * r);
+  for (auto& v : X) v = D::enc(rng.uniform());
+  std::vector<float> s(r);
+  for (auto& v : s) v = 1.f + rng.uniform();
+  const std::vector<double> Xd = dec<D>(X);
+  for (int dir = 0; dir < 2; ++dir) {
+    std::vector<double> ref((size_t)n * r);
+    for (int t = 0; t < ntiles; ++t) {
+      const int slot = tiles[3 * t + 2];
+      for (int b = tiles[3 * t]; b < tiles[3 * t] + tiles[3 * t + 1]; ++b) {
+        for (int i = 0; i < r; ++i) ref[(size_t)b * r + i] = s[i] * Xd[(size_t)b * r + i];
+        if (slot < 0) continue;
+        const Pattern& p = slots[slot];
+        for (int k = 0; k < p.nnz(); ++k) {
+          const int out = dir == 0 ? p.rows[k] : p.cols[k], in = dir == 0 ? p.cols[k] : p.rows[k];
+          ref[(size_t)b * r + out] += (double)g[slot] * M[info[4 * slot + 1] + k] * Xd[(size_t)b * r + in];
+        }
+      }
+    }
+    const auto& ptr = dir == 0 ? ptr_f : ptr_b;
+    const auto& idx = dir == 0 ? idx_f : idx_b;
+    const auto& perm = dir == 0 ? perm_f : perm_b;
+    const std::vector<uint32_t> blocks = quick ? std::vector<uint32_t>{32} : std::vector<uint32_t>{32, 64};
+    for (uint32_t block : blocks) {
+      for (int grid = 0; grid < 3; ++grid) {  // full, grid-strided (1 x 2), one block
+        const uint32_t gx = grid == 0 ? cdiv(r, block) : 1, gy = grid == 0 ? ntiles : (grid == 1 ? 2 : 1);
+        std::vector<E> Y((size_t)n * r, D::nan());
+        const auto kernel = dir == 0 ? D::bank_fwd : D::bank_bwd;
+        const int rc = kernel(cfg(gx, gy, block, 0), X.data(), Y.data(), s.data(), M.data(), g.data(),
+                              info.data(), ptr.data(), idx.data(), perm.data(), tiles.data(), ntiles, r);
+        const double err = rel_err(dec<D>(Y), ref);
+        check(rc == 0 && err < D::tol_out, std::string(D::name) + " bank " + (dir == 0 ? "fwd" : "bwd") +
+                                               " block=" + std::to_string(block) + " grid=" +
+                                               std::to_string(grid) + " err=" + std::to_string(err));
+      }
+    }
+  }
+}
+
 template <typename D>
 void run_dtype(bool quick) {
   std::vector<Launch> launches = {{32, false}, {64, false}, {96, false}, {32, true}};
@@ -641,6 +716,7 @@ void run_dtype(bool quick) {
     }
   }
   test_skinny<D>(quick);
+  test_bank<D>(quick);
 }
 
 }  // namespace
