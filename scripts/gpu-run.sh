@@ -88,7 +88,7 @@ run gpu-tests 240 "$here/test-gpu" --test-threads=1
 run grid-bf16 300 bash -c "$(grid_cmd bf16 "$half" "$bf16_grid")"
 run gpu-bench-tests 90 "$here/test-gpu_bench" --test-threads=1
 run ffi-cuda-tests 90 "$here/test-ffi_cuda" --test-threads=1
-# README's main job, trained on the device (--backend cuda: a missing device fails the run).
+# The synthetic demo (a bare `svft`), trained on the device (--backend cuda: a missing device fails the run).
 if [ "$backend" = cuda ]; then
   run demo-cuda 120 "$here/svft" demo --backend cuda --plot "$work/demo-cuda-loss.png"
 fi

