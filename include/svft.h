@@ -15,6 +15,9 @@
 // Bumped whenever a signature or an enumeration value of this header changes incompatibly.
 #define SVFT_ABI_VERSION 1
 
+// The adapter id of a segment served by the base weight alone.
+#define SVFT_BANK_BASE -1
+
 // What an `svft_*` call returns. 0 is success; [`svft_last_error`] explains any other value.
 enum SvftStatus
 #if defined(__cplusplus) || __STDC_VERSION__ >= 202311L
@@ -145,12 +148,164 @@ typedef int32_t SvftPlan;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
+// The C handle type of a bank: opaque, only ever seen through a pointer.
+typedef struct SvftBank SvftBank;
+
 // The C handle type: opaque, only ever seen through a pointer.
 typedef struct SvftLayer SvftLayer;
+
+// Rows `start..end` of a batch, served by adapter `adapter` (`SVFT_BANK_BASE`: the base weight
+// alone). A forward's segment table is an array of these that tiles `0..n` in order; empty
+// segments (`start == end`) are allowed.
+typedef struct SvftSegment {
+  // First row.
+  size_t start;
+  // One past the last row.
+  size_t end;
+  // The adapter's id (0..=UINT32_MAX), or `SVFT_BANK_BASE`.
+  int64_t adapter;
+} SvftSegment;
 
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
+
+// Creates an empty bank over the base of a CPU layer: its factors and bias (copied; the layer
+// stays independent and may be destroyed). Add the layer's own adapter with
+// `svft_bank_add_layer` if it should be served too. On success `*out` is a new handle (free it
+// with `svft_bank_destroy`); on failure it is NULL.
+//
+// # Safety
+// `out` must be NULL or writable; any `layer` value is accepted.
+SvftStatus svft_bank_from_layer(const struct SvftLayer *layer, struct SvftBank **out);
+
+// Creates an empty bank over base factors in host f32: `u` (`d_out x rank`, row-major), `s`
+// (`rank`, descending), `v` (`d_in x rank`), and `bias` NULL (with `bias_len` 0) or `d_out`
+// finite values. On success `*out` is a new handle; on failure it is NULL.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_bank_from_factors(size_t d_out,
+                                  size_t d_in,
+                                  size_t rank,
+                                  const float *u,
+                                  size_t u_len,
+                                  const float *s,
+                                  size_t s_len,
+                                  const float *v,
+                                  size_t v_len,
+                                  const float *bias,
+                                  size_t bias_len,
+                                  struct SvftBank **out);
+
+// Destroys a bank. Later calls with the handle (including a second destroy) return
+// `SVFT_STATUS_INVALID_HANDLE`.
+//
+// # Safety
+// Any pointer value is accepted.
+SvftStatus svft_bank_destroy(struct SvftBank *bank);
+
+// Writes the bank's shape (`d_out`, `d_in`, `rank`) and the number of resident adapters. Each
+// output may be NULL when not wanted.
+//
+// # Safety
+// Outputs must be NULL or writable.
+SvftStatus svft_bank_info(const struct SvftBank *bank,
+                          size_t *d_out,
+                          size_t *d_in,
+                          size_t *rank,
+                          size_t *adapters);
+
+// Writes to `*out` whether adapter `id` is resident.
+//
+// # Safety
+// `out` must be NULL or writable.
+SvftStatus svft_bank_contains(const struct SvftBank *bank, uint32_t id, bool *out);
+
+// Adds the adapter of a CPU layer (its index set, coefficients, gamma and gate, copied) as
+// adapter `id`. The layer must be over the bank's base: the same factors and bias, value for
+// value (e.g. built by `svft_layer_from_factors` from the bank's factors, or the layer the bank
+// was made from). An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT` (replace it
+// instead); nothing changes on any failure.
+//
+// # Safety
+// Any handle values are accepted.
+SvftStatus svft_bank_add_layer(struct SvftBank *bank, uint32_t id, const struct SvftLayer *layer);
+
+// Replaces resident adapter `id` by the adapter of a CPU layer over the bank's base (see
+// `svft_bank_add_layer`). An `id` not resident is `SVFT_STATUS_INVALID_ARGUMENT`; nothing
+// changes on any failure, and the other adapters are untouched.
+//
+// # Safety
+// Any handle values are accepted.
+SvftStatus svft_bank_replace_layer(struct SvftBank *bank,
+                                   uint32_t id,
+                                   const struct SvftLayer *layer);
+
+// Adds adapter `id` from its parts, all host memory: coefficient k (`m[k]`) sits at
+// `(rows[k], cols[k])` of the `rank x rank` core, `nnz` of each; `pattern` names the index set
+// as in `svft_layer_from_factors_indexed` (a "plain" or "banded:D" set must be that band's own,
+// complete and in row-major order, as `svft_layer_indices` reports it; "random:D" or "topk:D"
+// name any other set); `gamma` is the gate parameter (`g = sigmoid(gamma)` when `gate`, else
+// 1). M and gamma must be finite. An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT`;
+// nothing changes on any failure.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_bank_add(struct SvftBank *bank,
+                         uint32_t id,
+                         const char *pattern,
+                         const uint32_t *rows,
+                         const uint32_t *cols,
+                         size_t nnz,
+                         const float *m,
+                         float gamma,
+                         bool gate);
+
+// Replaces resident adapter `id` by one from its parts (see `svft_bank_add`); the other
+// adapters are untouched. An `id` not resident is `SVFT_STATUS_INVALID_ARGUMENT`; nothing
+// changes on any failure.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_bank_replace(struct SvftBank *bank,
+                             uint32_t id,
+                             const char *pattern,
+                             const uint32_t *rows,
+                             const uint32_t *cols,
+                             size_t nnz,
+                             const float *m,
+                             float gamma,
+                             bool gate);
+
+// Removes resident adapter `id` (not resident: `SVFT_STATUS_INVALID_ARGUMENT`); the other
+// adapters are untouched. A later segment naming `id` is an error.
+//
+// # Safety
+// Any handle value is accepted.
+SvftStatus svft_bank_remove(struct SvftBank *bank, uint32_t id);
+
+// `Y` for a mixed batch of `n` rows: row `b` of `y` (`n x d_out`, `y_len` elements) is row `b`
+// of `x` (`n x d_in`, `x_len`) through the adapter of the segment holding `b`, or through the
+// base weight alone for `SVFT_BANK_BASE`, plus the base's bias. `segments` (`num_segments`
+// entries) must tile `0..n` in order (empty segments allowed) and name resident adapters; the
+// table is checked in full before anything is written, and a bad one is
+// `SVFT_STATUS_INVALID_ARGUMENT` naming the offending segment. `dtype` must be
+// `SVFT_DTYPE_F32`, every pointer host memory, `stream` NULL (banks run on the CPU backend);
+// `y` must not overlap `x` or `segments`.
+//
+// # Safety
+// Pointers must be NULL or valid for the sizes given.
+SvftStatus svft_bank_forward(struct SvftBank *bank,
+                             int32_t dtype,
+                             const void *x,
+                             size_t x_len,
+                             size_t n,
+                             const struct SvftSegment *segments,
+                             size_t num_segments,
+                             void *y,
+                             size_t y_len,
+                             void *stream);
 
 // Writes the library version ("MAJOR.MINOR.PATCH", static, NUL-terminated) to `*out`.
 //

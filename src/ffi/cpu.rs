@@ -219,4 +219,7 @@ impl AbiLayer for CpuLayer {
         let f = CpuLayer::factors(self);
         Ok([Cow::Borrowed(&f.u), Cow::Borrowed(&f.s), Cow::Borrowed(&f.v)])
     }
+    fn as_cpu(&self) -> Option<&CpuLayer> {
+        Some(self)
+    }
 }

@@ -88,4 +88,8 @@ pub(crate) trait AbiLayer: Send {
     fn set_gamma(&mut self, gamma: f32) -> FfiResult;
     /// U, s, V as host f32, as the layer holds them.
     fn factors(&self) -> FfiResult<[Cow<'_, [f32]>; 3]>;
+    /// The layer itself when it is a CPU layer (the adapter bank takes its base and adapter).
+    fn as_cpu(&self) -> Option<&crate::cpu::CpuLayer> {
+        None
+    }
 }

@@ -26,6 +26,7 @@
 //!   restored on return. Without a usable device (or in a build without the kernels), CUDA
 //!   calls return `SVFT_STATUS_CUDA_UNAVAILABLE`, with the probe's reason in the message.
 
+mod bank;
 mod buffers;
 
 mod cpu;
@@ -36,6 +37,7 @@ mod layer_calls;
 mod registry;
 mod status;
 
+pub use bank::*;
 pub use exports::*;
 pub use layer_calls::*;
 pub use status::{svft_last_error, SvftStatus};

@@ -1,6 +1,6 @@
-//! Live layers by handle. A handle is `id * 16` cast to a pointer and never dereferenced, so a
-//! destroyed, never-created or forged handle is found missing here instead of being UB. Ids
-//! are never reused within a process.
+//! Live layers and banks by handle. A handle is `id * 16 + tag` cast to a pointer and never
+//! dereferenced (layers tag 0, banks 8), so a destroyed, never-created or forged handle is found
+//! missing here instead of being UB. Ids are never reused within a process.
 //!
 //! **After a panic** (caught by the export's guard, `SVFT_STATUS_PANIC`), a handle stays usable
 //! unless the panic may have left the layer half-modified. The rule: a call reaches the layer
@@ -31,101 +31,154 @@ pub(crate) struct Layer {
     pub svd_residual: f64,
 }
 
-/// A registered layer and whether a panic may have left it half-modified (the call's name).
-struct Entry {
-    layer: Layer,
+/// A registered object and whether a panic may have left it half-modified (the call's name).
+struct Entry<T> {
+    value: T,
     broken: Option<&'static str>,
 }
 
-type Slot = Arc<Mutex<Entry>>;
+type Slot<T> = Arc<Mutex<Entry<T>>>;
 
 /// Locks an entry, ignoring the mutex's poison flag (see the module doc: `broken` decides).
-fn lock(slot: &Slot) -> MutexGuard<'_, Entry> {
+fn lock<T>(slot: &Slot<T>) -> MutexGuard<'_, Entry<T>> {
     slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn table() -> MutexGuard<'static, HashMap<usize, Slot>> {
-    static TABLE: OnceLock<Mutex<HashMap<usize, Slot>>> = OnceLock::new();
-    // Nothing panics while holding this lock, but never let a poisoned map wedge the library.
-    TABLE.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+/// Handles are `id * STRIDE + tag`: each registry has its own tag, so a handle of one kind is
+/// never found in another's (a layer passed as a bank is `SVFT_STATUS_INVALID_HANDLE`).
+const STRIDE: usize = 16;
+
+/// Live objects of one kind (layers, banks) by handle; see the module doc.
+pub(crate) struct Registry<T> {
+    table: OnceLock<Mutex<HashMap<usize, Slot<T>>>>,
+    next: AtomicUsize,
+    tag: usize,
+    /// What the handles are, for messages ("layer", "bank").
+    what: &'static str,
 }
 
-const STRIDE: usize = 16;
+impl<T> Registry<T> {
+    /// An empty registry whose handles are `id * 16 + tag` (`tag < 16`).
+    pub(crate) const fn new(tag: usize, what: &'static str) -> Self {
+        Registry { table: OnceLock::new(), next: AtomicUsize::new(1), tag, what }
+    }
+
+    fn table(&self) -> MutexGuard<'_, HashMap<usize, Slot<T>>> {
+        // Nothing panics while holding this lock, but never let a poisoned map wedge the library.
+        self.table.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers `value` and returns its handle.
+    pub(crate) fn insert(&self, value: T) -> usize {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.table().insert(id, Arc::new(Mutex::new(Entry { value, broken: None })));
+        id * STRIDE + self.tag
+    }
+
+    /// The table key of a non-null handle of this kind, or why there is none.
+    fn key(&self, h: usize) -> FfiResult<usize> {
+        if h == 0 {
+            return fail(SvftStatus::NullPointer, format!("{} handle is NULL", self.what));
+        }
+        Ok(if h % STRIDE == self.tag { h / STRIDE } else { 0 })
+    }
+
+    fn missing<R>(&self, h: usize) -> FfiResult<R> {
+        fail(SvftStatus::InvalidHandle, format!("{h:#x} is not a live {} (destroyed, or never created)", self.what))
+    }
+
+    fn lookup(&self, h: usize) -> FfiResult<Slot<T>> {
+        let key = self.key(h)?;
+        let slot = self.table().get(&key).cloned();
+        slot.map_or_else(|| self.missing(h), Ok)
+    }
+
+    /// Fails when a panic in a mutating step may have left the object half-modified.
+    fn usable(&self, e: &Entry<T>) -> FfiResult {
+        match e.broken {
+            None => Ok(()),
+            Some(call) => fail(
+                SvftStatus::InvalidHandle,
+                format!(
+                    "the {} is unusable after an internal panic in an earlier {call}, which may have left it \
+                     half-modified; destroy it",
+                    self.what
+                ),
+            ),
+        }
+    }
+
+    /// Runs a read-only `f` on the object behind `h`, holding its lock. A panic in `f` leaves
+    /// the handle usable.
+    pub(crate) fn with<R>(&self, h: usize, f: impl FnOnce(&T) -> FfiResult<R>) -> FfiResult<R> {
+        let slot = self.lookup(h)?;
+        let entry = lock(&slot);
+        self.usable(&entry)?;
+        f(&entry.value)
+    }
+
+    /// Runs a call that changes the object, holding its lock: `check` (read-only: the
+    /// arguments against the object) then `act`, the one step that may modify it. A panic in
+    /// `check` leaves the handle usable; a panic in `act` marks it unusable (see the module
+    /// doc). `call` names the export for that message.
+    pub(crate) fn with_mut<A, R>(
+        &self,
+        h: usize,
+        call: &'static str,
+        check: impl FnOnce(&T) -> FfiResult<A>,
+        act: impl FnOnce(&mut T, A) -> FfiResult<R>,
+    ) -> FfiResult<R> {
+        let slot = self.lookup(h)?;
+        let mut entry = lock(&slot);
+        self.usable(&entry)?;
+        let args = check(&entry.value)?;
+        // Set across `act` and cleared after it: an unwind out of `act` skips the clearing.
+        entry.broken = Some(call);
+        let result = act(&mut entry.value, args);
+        entry.broken = None;
+        result
+    }
+
+    /// Unregisters a handle; the object is freed once no other thread is using it.
+    pub(crate) fn remove(&self, h: usize) -> FfiResult {
+        let key = self.key(h)?;
+        let removed = self.table().remove(&key);
+        match removed {
+            Some(slot) => {
+                drop(slot);
+                Ok(())
+            }
+            None => self.missing(h),
+        }
+    }
+}
+
+/// The live layers (handles `id * 16`).
+static LAYERS: Registry<Layer> = Registry::new(0, "layer");
 
 /// Registers a layer and returns its handle.
 pub(crate) fn insert(layer: Layer) -> *mut SvftLayer {
-    static NEXT: AtomicUsize = AtomicUsize::new(1);
-    let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    table().insert(id, Arc::new(Mutex::new(Entry { layer, broken: None })));
-    (id * STRIDE) as *mut SvftLayer
+    LAYERS.insert(layer) as *mut SvftLayer
 }
 
-fn lookup(handle: *const SvftLayer) -> FfiResult<Slot> {
-    let h = handle as usize;
-    if h == 0 {
-        return fail(SvftStatus::NullPointer, "layer handle is NULL");
-    }
-    match table().get(&(h / STRIDE)) {
-        Some(slot) if h % STRIDE == 0 => Ok(slot.clone()),
-        _ => fail(SvftStatus::InvalidHandle, format!("{h:#x} is not a live layer (destroyed, or never created)")),
-    }
-}
-
-/// Fails when a panic in a mutating step may have left the layer half-modified.
-fn usable(e: &Entry) -> FfiResult {
-    match e.broken {
-        None => Ok(()),
-        Some(call) => fail(
-            SvftStatus::InvalidHandle,
-            format!("the layer is unusable after an internal panic in an earlier {call}, which may have left it half-modified; destroy it"),
-        ),
-    }
-}
-
-/// Runs a read-only `f` on the layer behind `handle`, holding its lock. A panic in `f` leaves
-/// the handle usable.
+/// [`Registry::with`] on the layer behind `handle`.
 pub(crate) fn with<R>(handle: *const SvftLayer, f: impl FnOnce(&Layer) -> FfiResult<R>) -> FfiResult<R> {
-    let slot = lookup(handle)?;
-    let entry = lock(&slot);
-    usable(&entry)?;
-    f(&entry.layer)
+    LAYERS.with(handle as usize, f)
 }
 
-/// Runs a call that changes the layer, holding its lock: `check` (read-only: the arguments
-/// against the layer) then `act`, the one step that may modify it. A panic in `check` leaves
-/// the handle usable; a panic in `act` marks it unusable (see the module doc). `call` names the
-/// export for that message.
+/// [`Registry::with_mut`] on the layer behind `handle`.
 pub(crate) fn with_mut<A, R>(
     handle: *const SvftLayer,
     call: &'static str,
     check: impl FnOnce(&Layer) -> FfiResult<A>,
     act: impl FnOnce(&mut Layer, A) -> FfiResult<R>,
 ) -> FfiResult<R> {
-    let slot = lookup(handle)?;
-    let mut entry = lock(&slot);
-    usable(&entry)?;
-    let args = check(&entry.layer)?;
-    // Set across `act` and cleared after it: an unwind out of `act` skips the clearing.
-    entry.broken = Some(call);
-    let result = act(&mut entry.layer, args);
-    entry.broken = None;
-    result
+    LAYERS.with_mut(handle as usize, call, check, act)
 }
 
-/// Unregisters a handle; the layer is freed once no other thread is using it.
+/// Unregisters a layer handle; the layer is freed once no other thread is using it.
 pub(crate) fn remove(handle: *mut SvftLayer) -> FfiResult {
-    let h = handle as usize;
-    if h == 0 {
-        return fail(SvftStatus::NullPointer, "layer handle is NULL");
-    }
-    let removed = if h % STRIDE == 0 { table().remove(&(h / STRIDE)) } else { None };
-    match removed {
-        Some(slot) => {
-            drop(slot);
-            Ok(())
-        }
-        None => fail(SvftStatus::InvalidHandle, format!("{h:#x} is not a live layer (destroyed, or never created)")),
-    }
+    LAYERS.remove(handle as usize)
 }
 
 #[cfg(test)]
