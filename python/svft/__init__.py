@@ -1,6 +1,8 @@
 """svft: SVFT (Singular Vectors guided Fine-Tuning) layers over the libsvft C ABI (ctypes).
 
 - `Layer`: the NumPy-level API (CPU backend; float32 activations).
+- `Bank` (in `svft.bank`, with `BASE`, `segments_from_ids`): many adapters of one base layer
+  served in one mixed batch (CPU, inference); `SVFTBank` (lazily, with torch) its torch module.
 - `SVFTLinear` (in `svft.nn`, imported lazily so NumPy users never import torch): a
   `torch.nn.Module` whose autograd function calls the C ABI on CPU and CUDA tensors.
 - `SVFTConfig`, `get_svft_model` (alias `inject`), `SVFTModel`, `load_adapter` (in
@@ -25,10 +27,12 @@ if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from ._lib import SvftError, call, library_path
+from .bank import BASE, Bank, segments_from_ids
 from .layer import Layer
 
 __all__ = [
-    "Layer", "SvftError", "SVFTLinear", "version", "backend_available", "backend_unavailable_reason", "library_path",
+    "Layer", "Bank", "BASE", "segments_from_ids", "SVFTBank", "SvftError", "SVFTLinear", "version",
+    "backend_available", "backend_unavailable_reason", "library_path",
     "SVFTConfig", "SVFTModel", "get_svft_model", "inject", "load_adapter",
 ]
 
@@ -61,6 +65,10 @@ _PEFT_NAMES = ("SVFTConfig", "SVFTModel", "get_svft_model", "inject", "load_adap
 
 
 def __getattr__(name):
+    if name == "SVFTBank":
+        from .bank import _torch_bank_class
+
+        return _torch_bank_class()
     if name == "SVFTLinear":
         from .nn import SVFTLinear
 

@@ -80,6 +80,23 @@ _SIGNATURES = {
     "svft_layer_merge": [c_void_p, c_int32, c_void_p, c_size_t, c_void_p],
     "svft_layer_factors": [c_void_p, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t],
     "svft_layer_indices": [c_void_p, c_void_p, c_void_p, c_size_t],
+    # The adapter bank (svft.bank): many adapters of one base layer, one mixed batch per call.
+    "svft_bank_from_layer": [c_void_p, _handle_p],
+    "svft_bank_from_factors": [
+        c_size_t, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t,
+        _handle_p,
+    ],
+    "svft_bank_destroy": [c_void_p],
+    "svft_bank_info": [c_void_p, _c_size_p, _c_size_p, _c_size_p, _c_size_p],
+    "svft_bank_contains": [c_void_p, c_uint32, POINTER(c_bool)],
+    "svft_bank_add_layer": [c_void_p, c_uint32, c_void_p],
+    "svft_bank_replace_layer": [c_void_p, c_uint32, c_void_p],
+    "svft_bank_add": [c_void_p, c_uint32, c_char_p, c_void_p, c_void_p, c_size_t, c_void_p, c_float, c_bool],
+    "svft_bank_replace": [c_void_p, c_uint32, c_char_p, c_void_p, c_void_p, c_size_t, c_void_p, c_float, c_bool],
+    "svft_bank_remove": [c_void_p, c_uint32],
+    "svft_bank_forward": [
+        c_void_p, c_int32, c_void_p, c_size_t, c_size_t, c_void_p, c_size_t, c_void_p, c_size_t, c_void_p,
+    ],
 }
 
 _lock = threading.Lock()
@@ -152,3 +169,36 @@ def call(name, *args):
     if code != 0:
         message = last_error()  # first: every other svft call clears it
         raise SvftError(code, status_name(code), message)
+
+
+class Handle:
+    """An owned library handle (a layer's or a bank's): freed once, by `close()`, at the end of
+    a `with` block, or when garbage-collected. `_DESTROY` names the C call that frees it."""
+
+    _DESTROY = None
+
+    def __init__(self, handle):
+        self._handle = handle
+
+    def close(self):
+        """Destroys the handle (idempotent on the Python side)."""
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            call(self._DESTROY, handle)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def handle(self):
+        """The raw handle (an int; 0 once closed, which the library reports as NULL_POINTER)."""
+        return self._handle or 0

@@ -9,7 +9,7 @@ import ctypes
 
 import numpy as np
 
-from ._lib import BACKENDS, DTYPES, INITS, PLANS, call
+from ._lib import BACKENDS, DTYPES, INITS, PLANS, Handle, call
 
 _size = ctypes.c_size_t
 
@@ -32,7 +32,7 @@ def _dtype_code(a):
     return DTYPES[name]
 
 
-class Layer:
+class Layer(Handle):
     """An SVFT layer `y = x (U (diag(s) + g M) V^T)^T + bias`.
 
     Build it with `Layer.from_weight` or `Layer.from_factors`; free it with `close()` (or a
@@ -40,8 +40,10 @@ class Layer:
     with status INVALID_HANDLE.
     """
 
+    _DESTROY = "svft_layer_destroy"
+
     def __init__(self, handle):
-        self._handle = handle
+        super().__init__(handle)
         d_out, d_in, rank, nnz = _size(), _size(), _size(), _size()
         call("svft_layer_shape", handle, *(ctypes.byref(v) for v in (d_out, d_in, rank, nnz)))
         self.d_out, self.d_in, self.rank, self.nnz = d_out.value, d_in.value, rank.value, nnz.value
@@ -111,30 +113,6 @@ class Layer:
                 raise ValueError(f"rows and cols differ in length ({r.size} and {c.size})")
             call("svft_layer_from_factors_indexed", *head, _addr(r), _addr(c), r.size, *tail)
         return cls(out.value)
-
-    # ---- lifetime -----------------------------------------------------------------------
-    def close(self):
-        """Destroys the handle (idempotent on the Python side)."""
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            call("svft_layer_destroy", handle)
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    @property
-    def handle(self):
-        """The raw handle (an int; 0 once closed, which the library reports as NULL_POINTER)."""
-        return self._handle or 0
 
     # ---- queries ------------------------------------------------------------------------
     def memory(self, n):
