@@ -53,5 +53,6 @@ echo "== mutation check: planted host-side bugs the virtual-GPU tests must catch
 scripts/mutants-vgpu.sh
 
 echo "== candle feature: SvftLinear tests, then README's main job (SVFT + head must beat head-only)"
-cargo test --release --features candle --test candle
+# The example's feature set (a superset of `candle`), so the library is built once for both.
+cargo test --release --features candle-example --test candle
 scripts/candle-minilm.sh --require-gain
