@@ -21,17 +21,6 @@ use svft::cpu::CpuLayer;
 use svft::reference::{rel_err, Reference};
 use svft::{Init, LayerConfig, Pattern, Plan};
 
-const PATTERNS: [&str; 5] = ["plain", "banded:2", "random:3:seed=5", "topk:2", "topk:2:official"];
-
-/// Whether a top-k pattern exists for this shape (as tests/layer.rs decides).
-fn pattern_possible(p: &Pattern, d_out: usize, d_in: usize, r: usize) -> bool {
-    match p {
-        Pattern::TopK { criterion: svft::TopKCriterion::Paper, .. } => d_out == d_in,
-        Pattern::TopK { .. } => r == d_out || r == d_in,
-        _ => true,
-    }
-}
-
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }

@@ -118,3 +118,15 @@ pub fn last_error() -> String {
         String::from_utf8_lossy(&buf[..len]).into_owned()
     }
 }
+
+/// One pattern spec of every kind, for tests that sweep them.
+pub const PATTERNS: [&str; 5] = ["plain", "banded:2", "random:3:seed=5", "topk:2", "topk:2:official"];
+
+/// Whether a top-k pattern exists for this shape (tested as an error elsewhere).
+pub fn pattern_possible(p: &svft::Pattern, d_out: usize, d_in: usize, r: usize) -> bool {
+    match p {
+        svft::Pattern::TopK { criterion: svft::TopKCriterion::Paper, .. } => d_out == d_in,
+        svft::Pattern::TopK { .. } => r == d_out || r == d_in,
+        _ => true,
+    }
+}

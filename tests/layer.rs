@@ -8,17 +8,6 @@ use svft::cpu::CpuLayer;
 use svft::reference::{rel_err, Reference};
 use svft::{Init, LayerConfig, Pattern, Plan};
 
-const PATTERNS: [&str; 5] = ["plain", "banded:2", "random:3:seed=5", "topk:2", "topk:2:official"];
-
-/// Whether a top-k pattern exists for this shape (tested as an error elsewhere).
-fn pattern_possible(p: &Pattern, d_out: usize, d_in: usize, r: usize) -> bool {
-    match p {
-        Pattern::TopK { criterion: svft::TopKCriterion::Paper, .. } => d_out == d_in,
-        Pattern::TopK { .. } => r == d_out || r == d_in,
-        _ => true,
-    }
-}
-
 /// Runs forward and backward on poisoned buffers and compares them with the reference.
 fn check_against_reference(layer: &mut CpuLayer, n: usize, seed: u64, what: &str) {
     let f = layer.factors().clone();
