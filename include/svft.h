@@ -170,16 +170,18 @@ typedef struct SvftSegment {
 extern "C" {
 #endif // __cplusplus
 
-// Creates an empty bank over the base of a CPU layer: its factors and bias (copied; the layer
-// stays independent and may be destroyed). Add the layer's own adapter with
-// `svft_bank_add_layer` if it should be served too. On success `*out` is a new handle (free it
-// with `svft_bank_destroy`); on failure it is NULL.
+// Creates an empty bank over the base of a layer: its factors as the layer holds them and its
+// bias (copied; the layer stays independent and may be destroyed), on the layer's backend (and
+// for CUDA its device and dtype: the bank's `x` and `y` are then device buffers of that
+// dtype). Add the layer's own adapter with `svft_bank_add_layer` if it should be served too.
+// On success `*out` is a new handle (free it with `svft_bank_destroy`); on failure it is NULL.
 //
 // # Safety
 // `out` must be NULL or writable; any `layer` value is accepted.
 SvftStatus svft_bank_from_layer(const struct SvftLayer *layer, struct SvftBank **out);
 
-// Creates an empty bank over base factors in host f32: `u` (`d_out x rank`, row-major), `s`
+// Creates an empty CPU bank over base factors in host f32 (for a CUDA bank, make a CUDA layer
+// from the factors and the bank from it): `u` (`d_out x rank`, row-major), `s`
 // (`rank`, descending), `v` (`d_in x rank`), and `bias` NULL (with `bias_len` 0) or `d_out`
 // finite values. On success `*out` is a new handle; on failure it is NULL.
 //
@@ -222,17 +224,19 @@ SvftStatus svft_bank_info(const struct SvftBank *bank,
 // `out` must be NULL or writable.
 SvftStatus svft_bank_contains(const struct SvftBank *bank, uint32_t id, bool *out);
 
-// Adds the adapter of a CPU layer (its index set, coefficients, gamma and gate, copied) as
-// adapter `id`. The layer must be over the bank's base: the same factors and bias, value for
-// value (e.g. built by `svft_layer_from_factors` from the bank's factors, or the layer the bank
-// was made from). An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT` (replace it
+// Adds the adapter of a layer (its index set, coefficients, gamma and gate, copied) as
+// adapter `id`. The layer must be over the bank's base: the same factors (as each holds them:
+// U and V in the layer's dtype on CUDA) and bias, value for value (e.g. the layer the bank was
+// made from, or one built by `svft_layer_from_factors` from the same factors and dtype). An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT` (replace it
 // instead); nothing changes on any failure.
 //
 // # Safety
 // Any handle values are accepted.
-SvftStatus svft_bank_add_layer(struct SvftBank *bank, uint32_t id, const struct SvftLayer *layer);
+SvftStatus svft_bank_add_layer(struct SvftBank *bank,
+                               uint32_t id,
+                               const struct SvftLayer *layer);
 
-// Replaces resident adapter `id` by the adapter of a CPU layer over the bank's base (see
+// Replaces resident adapter `id` by the adapter of a layer over the bank's base (see
 // `svft_bank_add_layer`). An `id` not resident is `SVFT_STATUS_INVALID_ARGUMENT`; nothing
 // changes on any failure, and the other adapters are untouched.
 //
@@ -290,9 +294,12 @@ SvftStatus svft_bank_remove(struct SvftBank *bank, uint32_t id);
 // base weight alone for `SVFT_BANK_BASE`, plus the base's bias. `segments` (`num_segments`
 // entries) must tile `0..n` in order (empty segments allowed) and name resident adapters; the
 // table is checked in full before anything is written, and a bad one is
-// `SVFT_STATUS_INVALID_ARGUMENT` naming the offending segment. `dtype` must be
-// `SVFT_DTYPE_F32`, every pointer host memory, `stream` NULL (banks run on the CPU backend);
-// `y` must not overlap `x` or `segments`.
+// `SVFT_STATUS_INVALID_ARGUMENT` naming the offending segment. `dtype` must be the bank's
+// (`svft_bank_backend` reports it: f32 on the CPU). On the CPU `x` and `y` are host memory and
+// `stream` NULL; on CUDA they are device buffers on the bank's device and `stream` a `CUstream`
+// of its primary context (NULL: the legacy default stream), and the call only enqueues work
+// (see `src/ffi/mod.rs`, CUDA streams). `segments` is host memory on both; `y` must not
+// overlap `x` or `segments`.
 //
 // # Safety
 // Pointers must be NULL or valid for the sizes given.
@@ -306,6 +313,13 @@ SvftStatus svft_bank_forward(struct SvftBank *bank,
                              void *y,
                              size_t y_len,
                              void *stream);
+
+// Writes the backend a bank lives on (`SvftBackend`, as `int32_t`) and the dtype its `x` and
+// `y` must have (`SvftDtype`). Each output may be NULL when not wanted.
+//
+// # Safety
+// Outputs must be NULL or writable.
+SvftStatus svft_bank_backend(const struct SvftBank *bank, int32_t *backend, int32_t *dtype);
 
 // Writes the library version ("MAJOR.MINOR.PATCH", static, NUL-terminated) to `*out`.
 //

@@ -3,7 +3,7 @@
 # memory and CPU threads, stricter than a real device). Builds it, then with it on the loader
 # path and SVFT_REQUIRE_GPU=1 (a test that finds no device fails instead of skipping) runs
 #   tests/gpu.rs, ffi_cuda.rs, gpu_bench.rs   the CUDA layer, the C ABI on device pointers, the bench
-#   tests/bank_gpu.rs                         the adapter bank (CudaBank) against the CPU bank
+#   tests/bank_gpu.rs, ffi_bank_cuda.rs       the adapter bank (CudaBank, and through the C ABI) against the CPU bank
 #   tests/ffi_c.rs                            the C programs, cuda_cycle.c on SVFT_BACKEND_CUDA
 #   tests/cli_cuda.rs                         svft decompose / bench / demo --backend cuda
 # once with plain stream scheduling and once with streams delayed and interleaved at random
@@ -24,7 +24,7 @@ rm -f "$GPU_LOG"
 with_vgpu() {
   SVFT_REQUIRE_GPU=1 SVFT_GPU_TEST_LOG="$GPU_LOG" scripts/with-vgpu.sh "$@"
 }
-TESTS=(--test gpu --test ffi_cuda --test gpu_bench --test ffi_c --test cli_cuda --test bank_gpu)
+TESTS=(--test gpu --test ffi_cuda --test gpu_bench --test ffi_c --test cli_cuda --test bank_gpu --test ffi_bank_cuda)
 
 echo "== GPU tests on the virtual GPU"
 with_vgpu cargo test --release --features interpret "${TESTS[@]}"

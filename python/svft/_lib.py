@@ -89,6 +89,7 @@ _SIGNATURES = {
     "svft_bank_destroy": [c_void_p],
     "svft_bank_info": [c_void_p, _c_size_p, _c_size_p, _c_size_p, _c_size_p],
     "svft_bank_contains": [c_void_p, c_uint32, POINTER(c_bool)],
+    "svft_bank_backend": [c_void_p, POINTER(c_int32), POINTER(c_int32)],
     "svft_bank_add_layer": [c_void_p, c_uint32, c_void_p],
     "svft_bank_replace_layer": [c_void_p, c_uint32, c_void_p],
     "svft_bank_add": [c_void_p, c_uint32, c_char_p, c_void_p, c_void_p, c_size_t, c_void_p, c_float, c_bool],

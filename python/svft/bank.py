@@ -2,22 +2,24 @@
 
 Adapters of one base share U, s and V and differ only in their index set, coefficients M and
 gate. A bank runs the two big products of a mixed batch once, `T = X V` and `Y = S U^T`, and
-each contiguous segment of rows through its own adapter's core in between (inference only, CPU
-backend, float32).
+each contiguous segment of rows through its own adapter's core in between (inference only).
+A bank lives where the layer it is made from lives: a CPU bank computes in float32 on NumPy
+arrays (or host addresses); a CUDA bank computes in its layer's dtype on device memory, through
+`SVFTBank` (torch CUDA tensors, on the current stream) or `forward_ptr` (device addresses).
 
 A segment table is a sequence of `(start, end, adapter)` rows that tiles `0..n` in order
 (empty segments allowed); `adapter` is an id given to `add` (0 to 2**32 - 1), or `BASE` (or
 None) for the base weight alone. `segments_from_ids` builds one from an adapter id per row.
 
 `SVFTBank` (`svft.SVFTBank` or `svft.bank.SVFTBank`; defined on first use, so NumPy users never
-import torch) wraps a Bank as a `torch.nn.Module` for CPU tensors.
+import torch) wraps a Bank as a `torch.nn.Module` for CPU or CUDA tensors.
 """
 
 import ctypes
 
 import numpy as np
 
-from ._lib import DTYPES, Handle, call
+from ._lib import BACKENDS, DTYPES, Handle, call
 from .layer import Layer, _addr, _f32
 
 BASE = -1
@@ -71,8 +73,9 @@ def segments_from_lengths(lengths, ids):
 
 class Bank(Handle):
     """The adapters of one base layer (see the module doc). Build it with `Bank.from_layer`
-    (the base of a CPU `Layer`: its factors and bias) or `Bank.from_factors`; free it with
-    `close()` (or a `with` block; also when garbage-collected)."""
+    (the base of a `Layer`: its factors and bias, on its backend) or `Bank.from_factors` (CPU);
+    free it with `close()` (or a `with` block; also when garbage-collected). `backend` ("cpu"
+    or "cuda") and `dtype` ("float32", "bfloat16", "float16") say what its forward takes."""
 
     _DESTROY = "svft_bank_destroy"
 
@@ -81,19 +84,25 @@ class Bank(Handle):
         d_out, d_in, rank = _size(), _size(), _size()
         call("svft_bank_info", handle, ctypes.byref(d_out), ctypes.byref(d_in), ctypes.byref(rank), None)
         self.d_out, self.d_in, self.rank = d_out.value, d_in.value, rank.value
+        backend, dtype = ctypes.c_int32(), ctypes.c_int32()
+        call("svft_bank_backend", handle, ctypes.byref(backend), ctypes.byref(dtype))
+        self.backend = next(k for k, v in BACKENDS.items() if v == backend.value)
+        self.dtype = next(k for k, v in DTYPES.items() if v == dtype.value)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
     def from_layer(cls, layer):
-        """An empty bank over a CPU layer's base (copied: the layer stays independent). Add the
-        layer's own adapter with `add(id, layer)` if it should be served too."""
+        """An empty bank over a layer's base (copied: the layer stays independent), on the layer's
+        backend (a CUDA layer's device and dtype). Add the layer's own adapter with
+        `add(id, layer)` if it should be served too."""
         out = ctypes.c_void_p()
         call("svft_bank_from_layer", layer.handle, ctypes.byref(out))
         return cls(out.value)
 
     @classmethod
     def from_factors(cls, u, s, v, bias=None):
-        """An empty bank over factors `u` (d_out x r), `s` (r), `v` (d_in x r) and an optional bias."""
+        """An empty CPU bank over factors `u` (d_out x r), `s` (r), `v` (d_in x r) and an
+        optional bias (for a CUDA bank, use `from_layer` on a CUDA layer)."""
         u, s, v = _f32(u, "u"), _f32(s, "s"), _f32(v, "v")
         if u.ndim != 2 or v.ndim != 2 or s.ndim != 1:
             raise ValueError("u and v must be 2-D, s 1-D")
@@ -117,7 +126,7 @@ class Bank(Handle):
         return out.value
 
     def add(self, adapter_id, layer=None, *, pattern=None, rows=None, cols=None, m=None, gamma=0.0, gate=False):
-        """Adds adapter `adapter_id`: the adapter of a CPU `Layer` over this bank's base (its
+        """Adds adapter `adapter_id`: the adapter of a `Layer` over this bank's base (its
         index set, coefficients, gamma and gate, copied), or one from its parts: `pattern` (a
         spec naming the index set: "plain"/"banded:D" must be that band's own indices in
         row-major order, "random:D"/"topk:D" name any other set), `rows`, `cols` (coefficient k
@@ -156,7 +165,11 @@ class Bank(Handle):
     # ---- compute ------------------------------------------------------------------------
     def forward(self, x, segments):
         """`y` for a mixed batch: x of shape (n, d_in) (or (..., d_in), rows flattened), each
-        row through the adapter of the segment holding it; returns (..., d_out) float32."""
+        row through the adapter of the segment holding it; returns (..., d_out) float32. CPU banks
+        only (a CUDA bank takes device memory: `SVFTBank` or `forward_ptr`)."""
+        if self.backend != "cpu":
+            raise ValueError(f"this bank lives on {self.backend}: pass torch tensors to SVFTBank, or device "
+                             "addresses to forward_ptr")
         x = _f32(x, "x")
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x has {x.shape[-1]} features, the bank takes {self.d_in}")
@@ -166,12 +179,14 @@ class Bank(Handle):
         self.forward_ptr(_addr(x), x.size, n, table, _addr(y), y.size)
         return y
 
-    def forward_ptr(self, x_ptr, x_len, n, segments, y_ptr, y_len):
-        """`forward` on raw host addresses (float32); `segments` as `forward` takes them."""
+    def forward_ptr(self, x_ptr, x_len, n, segments, y_ptr, y_len, stream=None):
+        """`forward` on raw addresses of the bank's dtype: host memory for a CPU bank (`stream`
+        None); device memory on the bank's device for a CUDA bank, with `stream` a CUstream
+        address (None: the legacy default stream). `segments` as `forward` takes them."""
         table = segment_table(segments)
         call(
-            "svft_bank_forward", self.handle, DTYPES["float32"], x_ptr, x_len, n,
-            _addr(table) if table.size else None, table.size, y_ptr, y_len, None,
+            "svft_bank_forward", self.handle, DTYPES[self.dtype], x_ptr, x_len, n,
+            _addr(table) if table.size else None, table.size, y_ptr, y_len, stream,
         )
 
     def __repr__(self):
@@ -198,12 +213,13 @@ def _torch_bank_class():
 
     class SVFTBank(nn.Module):
         """A `torch.nn.Module` serving many SVFT adapters of one base linear layer (inference:
-        no gradients; CPU float32 tensors). `forward(x, segments)` runs each segment of rows of
+        no gradients). `forward(x, segments)` runs each segment of rows of
         `x` (n, d_in), or (..., d_in) with rows flattened, through its adapter; `segments` as
         `Bank.forward` takes them, or `row_adapters=` an adapter id per row (a tensor or
         sequence; BASE or None for the base weight).
 
-        Build it with `SVFTBank.from_svft_linear(module)` (the base of a CPU `SVFTLinear`) or
+        Build it with `SVFTBank.from_svft_linear(module)` (the base of an `SVFTLinear`, on its
+        device: CPU float32, or CUDA in the module's dtype, on the current stream) or
         `SVFTBank(bank)`; add adapters with `add(id, svft_linear)` (its current `m` and `gamma`
         are copied in: a later training step does not change the bank until `replace`)."""
 
@@ -214,7 +230,7 @@ def _torch_bank_class():
 
         @classmethod
         def from_svft_linear(cls, module):
-            """An empty bank over the base (factors and bias) of a CPU `SVFTLinear`."""
+            """An empty bank over the base (factors and bias) of an `SVFTLinear`, on its device."""
             return cls(Bank.from_layer(module._layer))
 
         @staticmethod
@@ -227,11 +243,11 @@ def _torch_bank_class():
             return layer
 
         def add(self, adapter_id, module):
-            """Adds the adapter of a CPU `SVFTLinear` over this bank's base."""
+            """Adds the adapter of an `SVFTLinear` over this bank's base."""
             self.bank.add(adapter_id, self._sync(module))
 
         def replace(self, adapter_id, module):
-            """Replaces resident adapter `adapter_id` by a CPU `SVFTLinear`'s adapter."""
+            """Replaces resident adapter `adapter_id` by an `SVFTLinear`'s adapter."""
             self.bank.replace(adapter_id, self._sync(module))
 
         def remove(self, adapter_id):
@@ -246,10 +262,11 @@ def _torch_bank_class():
         def forward(self, x, segments=None, row_adapters=None):
             if (segments is None) == (row_adapters is None):
                 raise ValueError("pass segments or row_adapters (one of them)")
-            if x.is_cuda:
-                raise ValueError("SVFTBank runs on the CPU: pass a CPU tensor")
-            if x.dtype != torch.float32:
-                raise TypeError(f"SVFTBank computes in float32, not {x.dtype}")
+            if x.is_cuda != (self.bank.backend == "cuda"):
+                raise ValueError(f"this bank lives on {self.bank.backend}: pass a tensor there, not on {x.device}")
+            want = getattr(torch, self.bank.dtype)
+            if x.dtype != want:
+                raise TypeError(f"this bank computes in {want}, not {x.dtype}")
             if x.shape[-1] != self.in_features:
                 raise ValueError(f"x has {x.shape[-1]} features, the bank takes {self.in_features}")
             if row_adapters is not None:
@@ -259,7 +276,11 @@ def _torch_bank_class():
             x = x.detach().contiguous()
             n = x.numel() // self.in_features
             y = x.new_empty(tuple(x.shape[:-1]) + (self.out_features,))
-            self.bank.forward_ptr(x.data_ptr(), x.numel(), n, segments, y.data_ptr(), y.numel())
+            # On CUDA the bank orders itself after the work on the current stream and before
+            # what is queued there later (the host is not blocked); a tensor on another device
+            # than the bank's is the library's INVALID_ARGUMENT.
+            stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else None
+            self.bank.forward_ptr(x.data_ptr(), x.numel(), n, segments, y.data_ptr(), y.numel(), stream)
             return y
 
         def extra_repr(self):

@@ -211,6 +211,7 @@ def test_torch_module_equals_each_svft_linear():
                 m.gamma.fill_(0.3 * k - 0.4)
     bank = svft.SVFTBank.from_svft_linear(modules[0])
     assert isinstance(bank, torch.nn.Module) and svft.bank.SVFTBank is type(bank)
+    assert (bank.bank.backend, bank.bank.dtype) == ("cpu", "float32")
     for k, m in enumerate(modules):
         bank.add(10 + k, m)
     assert len(bank) == 4 and 12 in bank
@@ -240,3 +241,44 @@ def test_torch_module_equals_each_svft_linear():
         bank(x.double(), row_adapters=row_ids)
     with pytest.raises(SvftError, match="not in the bank"):
         bank(x, row_adapters=[99] * 17)
+
+
+def test_cuda_module_on_a_side_stream():
+    """SVFTBank over CUDA SVFTLinears (f32 and bf16): a mixed batch run on a side stream equals
+    each row through its own module on the default stream; the bank takes the module's dtype;
+    a CPU tensor or a NumPy forward on a CUDA bank is an error."""
+    torch = pytest.importorskip("torch")
+    from _support import Skip
+    from svft.nn import SVFTLinear
+
+    if not torch.cuda.is_available():
+        raise Skip("needs a CUDA device (torch.cuda.is_available() is False)")
+    if not svft.backend_available("cuda"):
+        raise Skip(f"needs libsvft's CUDA backend: {svft.backend_unavailable_reason('cuda')}")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        torch.manual_seed(1)
+        linear = torch.nn.Linear(40, 24).to("cuda", dtype)
+        modules = [SVFTLinear.from_linear(linear, pattern=p, gate=g, seed=k) for k, (p, g) in enumerate(PATTERNS[:4])]
+        with torch.no_grad():
+            for m in modules:
+                m.m.copy_(torch.randn_like(m.m))
+        bank = svft.SVFTBank.from_svft_linear(modules[0])
+        assert (bank.bank.backend, bank.bank.dtype) == ("cuda", str(dtype).removeprefix("torch."))
+        for k, m in enumerate(modules):
+            bank.add(k, m)
+        row_ids = [0] * 5 + [BASE] * 2 + [1] * 20 + [2, 3, 3] + [None] + [0] * 3
+        x = torch.randn(len(row_ids), 40, device="cuda").to(dtype)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            y = bank(x, row_adapters=row_ids)
+        torch.cuda.current_stream().wait_stream(side)
+        assert y.dtype == dtype and y.is_cuda
+        with torch.no_grad():
+            for i, adapter in enumerate(row_ids):
+                want = linear(x[i:i + 1]) if adapter in (None, BASE) else modules[adapter](x[i:i + 1])
+                assert rel(y[i:i + 1].float().cpu().numpy(), want.float().cpu().numpy()) < tol, (dtype, i, adapter)
+        with pytest.raises(ValueError, match="lives on cuda"):
+            bank(x.cpu(), row_adapters=row_ids)
+        with pytest.raises(ValueError, match="lives on cuda"):
+            bank.bank.forward(np.zeros((2, 40), np.float32), [(0, 2, 0)])

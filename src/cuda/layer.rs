@@ -309,6 +309,10 @@ impl<T: Dtype> CudaLayer<T> {
     pub fn device_factors(&self) -> (&CudaSlice<T>, &CudaSlice<f32>, &CudaSlice<T>) {
         (&self.u, &self.s, &self.v)
     }
+    /// The bias on the device (`d_out`, `T`), if the layer has one.
+    pub fn device_bias(&self) -> Option<&CudaSlice<T>> {
+        self.bias.as_ref()
+    }
     /// The device buffer of the coefficients M (f32, canonical order): an optimizer may update
     /// it in place on the layer's stream.
     pub fn coefficients_mut(&mut self) -> &mut CudaSlice<f32> {

@@ -4,10 +4,12 @@
 use std::borrow::Cow;
 use std::ffi::c_void;
 
+use super::bank::AbiBank;
 use super::buffers::{mul, preflight, read_as_f32, span, Span};
 use super::layer::{AbiLayer, In, Out};
 use super::status::{fail, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype};
+use crate::bank::CpuBank;
 use crate::cpu::CpuLayer;
 use crate::error::check_finite;
 use crate::layer::calibrate::CalibrationOptions;
@@ -219,7 +221,12 @@ impl AbiLayer for CpuLayer {
         let f = CpuLayer::factors(self);
         Ok([Cow::Borrowed(&f.u), Cow::Borrowed(&f.s), Cow::Borrowed(&f.v)])
     }
-    fn as_cpu(&self) -> Option<&CpuLayer> {
-        Some(self)
+    fn bias(&self) -> FfiResult<Option<Cow<'_, [f32]>>> {
+        Ok(CpuLayer::bias(self).map(Cow::Borrowed))
+    }
+    fn new_bank(&self) -> FfiResult<Box<dyn AbiBank>> {
+        preflight("the bank's base", CpuLayer::factors(self).bytes().saturating_mul(2))?;
+        let bias = CpuLayer::bias(self).map(<[f32]>::to_vec);
+        Ok(Box::new(CpuBank::new(CpuLayer::factors(self).clone(), bias)?))
     }
 }

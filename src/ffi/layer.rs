@@ -10,6 +10,7 @@
 use std::borrow::Cow;
 use std::ffi::c_void;
 
+use super::bank::AbiBank;
 use super::buffers::Span;
 use super::status::FfiResult;
 use super::{SvftBackend, SvftDtype};
@@ -88,8 +89,9 @@ pub(crate) trait AbiLayer: Send {
     fn set_gamma(&mut self, gamma: f32) -> FfiResult;
     /// U, s, V as host f32, as the layer holds them.
     fn factors(&self) -> FfiResult<[Cow<'_, [f32]>; 3]>;
-    /// The layer itself when it is a CPU layer (the adapter bank takes its base and adapter).
-    fn as_cpu(&self) -> Option<&crate::cpu::CpuLayer> {
-        None
-    }
+    /// The bias as host f32, as the layer holds it (`None` without one).
+    fn bias(&self) -> FfiResult<Option<Cow<'_, [f32]>>>;
+    /// An empty adapter bank over this layer's base (its factors and bias, copied), on its
+    /// backend, device and dtype.
+    fn new_bank(&self) -> FfiResult<Box<dyn AbiBank>>;
 }

@@ -232,3 +232,38 @@ pub(super) unsafe fn device_as_f32(
         }
     }
 }
+
+/// A value that holds device memory, dropped with its GPU's context current (cudarc binds it
+/// to free) and the calling thread's context restored afterwards.
+pub(super) struct InContext<T> {
+    gpu: Arc<Gpu>,
+    value: std::mem::ManuallyDrop<T>,
+}
+
+impl<T> InContext<T> {
+    pub(super) fn new(gpu: Arc<Gpu>, value: T) -> Self {
+        InContext { gpu, value: std::mem::ManuallyDrop::new(value) }
+    }
+}
+
+impl<T> std::ops::Deref for InContext<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> std::ops::DerefMut for InContext<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.value
+    }
+}
+
+impl<T> Drop for InContext<T> {
+    fn drop(&mut self) {
+        let guard = ContextGuard::new(Some(&self.gpu));
+        // SAFETY: dropped exactly once, here.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.value) };
+        drop(guard);
+    }
+}

@@ -16,18 +16,19 @@
 //!   pinned) and not managed. A host pointer is an `INVALID_ARGUMENT`, never a fault.
 //! - The calling thread's current CUDA context is restored when a call returns.
 
+mod bank;
+mod join;
 mod memory;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::mem::ManuallyDrop;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::sys::{self, CUstream};
-use cudarc::driver::{result, CudaEvent, CudaSlice};
+use cudarc::driver::{result, CudaSlice};
 use half::{bf16, f16};
 
+use super::bank::AbiBank;
 use super::buffers::{check_len, mul, preflight, Span};
 use super::layer::{AbiLayer, In, Out};
 use super::status::{fail, FfiError, FfiResult, SvftStatus};
@@ -39,7 +40,8 @@ use crate::layer::config::LayerConfig;
 use crate::layer::core::LayerCore;
 use crate::layer::pattern::Omega;
 use crate::layer::svd::{thin_svd, Factors};
-use memory::{device_as_f32, device_buffer, device_buffer_on, dtoh, Borrowed, ContextGuard};
+use join::StreamJoin;
+use memory::{device_as_f32, device_buffer, device_buffer_on, dtoh, Borrowed, ContextGuard, InContext};
 
 /// The number of CUDA devices, or `CUDA_UNAVAILABLE` with the device probe's reason.
 pub(crate) fn available() -> FfiResult<usize> {
@@ -84,27 +86,16 @@ struct Inner<T: Dtype> {
     gpu: Arc<Gpu>,
     ordinal: usize,
     has_bias: bool,
-    /// Recorded on the caller's stream on entry; the layer's stream waits on it.
-    entered: CudaEvent,
-    /// Recorded on the layer's stream on exit; the caller's stream waits on it.
-    done: CudaEvent,
+    /// Orders the layer's stream with the caller's on every call (shared so that a call can
+    /// hold it while `f` borrows the rest).
+    join: Arc<StreamJoin>,
     /// dL/dgamma when the caller passes no buffer for it.
     dgamma: CudaSlice<f32>,
 }
 
 /// A CUDA layer computing in `T`, with its stream, events and device, as a handle holds it.
 pub(crate) struct CudaRecord<T: Dtype> {
-    inner: ManuallyDrop<Inner<T>>,
-}
-
-impl<T: Dtype> Drop for CudaRecord<T> {
-    fn drop(&mut self) {
-        // Freeing binds the layer's context (cudarc does); put the caller's back afterwards.
-        let guard = ContextGuard::new(Some(&self.inner.gpu));
-        // SAFETY: dropped exactly once, here.
-        unsafe { ManuallyDrop::drop(&mut self.inner) };
-        drop(guard);
-    }
+    inner: InContext<Inner<T>>,
 }
 
 /// The activation dtype a layer computes in: that of its weight or factors, f64 giving f32.
@@ -149,17 +140,15 @@ fn record<T: Dtype>(
     let _ctx = ContextGuard::new(Some(&gpu))?;
     let stream = gpu.context().new_stream().map_err(|e| drv("creating the layer's stream", e))?;
     let layer = CudaLayer::<T>::with_omega(gpu.clone(), stream.clone(), factors, omega, config, bias.as_deref())?;
-    let event = || gpu.context().new_event(None).map_err(|e| drv("creating an event", e));
     let inner = Inner {
-        entered: event()?,
-        done: event()?,
+        join: Arc::new(StreamJoin::new(&gpu)?),
         dgamma: stream.alloc_zeros::<f32>(1).map_err(|e| drv("allocating dgamma", e))?,
         layer,
         ordinal,
         has_bias: bias.is_some(),
         gpu,
     };
-    Ok(CudaRecord { inner: ManuallyDrop::new(inner) })
+    Ok(CudaRecord { inner: InContext::new(inner.gpu.clone(), inner) })
 }
 
 /// What both CUDA creation paths stage before they build: the device the inputs are on (that
@@ -269,29 +258,8 @@ impl<T: Dtype> CudaRecord<T> {
     /// layer's context current. The join back happens even when `f` fails.
     fn on_stream<R>(&mut self, stream: *mut c_void, f: impl FnOnce(&mut Inner<T>) -> FfiResult<R>) -> FfiResult<R> {
         let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
-        let caller = stream as CUstream;
-        let inner = &mut *self.inner;
-        let own = inner.layer.stream().clone();
-        // SAFETY: `caller` is the caller's CUstream (NULL: the legacy default stream) of this context.
-        unsafe { result::event::record(inner.entered.cu_event(), caller) }
-            .map_err(|e| drv("recording an event on the caller's stream", e))?;
-        own.wait(&inner.entered).map_err(|e| drv("ordering the layer's stream after the caller's", e))?;
-        let out = f(&mut *inner);
-        let joined =
-            inner.done.record(&own).map_err(|e| drv("recording an event on the layer's stream", e)).and_then(|()| {
-                // SAFETY: as above; the event belongs to this context.
-                unsafe {
-                    result::stream::wait_event(
-                        caller,
-                        inner.done.cu_event(),
-                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-                    )
-                }
-                .map_err(|e| drv("ordering the caller's stream after the layer's", e))
-            });
-        let out = out?;
-        joined?;
-        Ok(out)
+        let (own, join) = (self.inner.layer.stream().clone(), self.inner.join.clone());
+        join.run(&own, stream, || f(&mut self.inner))
     }
 
     /// Runs `f` on the layer with its context current (for calls that synchronise the host).
@@ -474,5 +442,15 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
             Cow::Owned(st.clone_dtoh(s).map_err(|e| drv("reading s", e))?),
             wide(st.clone_dtoh(v).map_err(|e| drv("reading V", e))?),
         ])
+    }
+    fn bias(&self) -> FfiResult<Option<Cow<'_, [f32]>>> {
+        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let l = &self.inner.layer;
+        let Some(b) = l.device_bias() else { return Ok(None) };
+        let b = l.stream().clone_dtoh(b).map_err(|e| drv("reading the bias", e))?;
+        Ok(Some(Cow::Owned(b.into_iter().map(|v| v.to_f32()).collect())))
+    }
+    fn new_bank(&self) -> FfiResult<Box<dyn AbiBank>> {
+        Ok(Box::new(bank::CudaBankRecord::<T>::over(self)?))
     }
 }

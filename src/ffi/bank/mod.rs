@@ -7,20 +7,29 @@
 //! registry of its own whose keys never equal a layer's (a layer handle passed as a bank, or the
 //! reverse, is `SVFT_STATUS_INVALID_HANDLE`); calls on one bank are serialised, and a panic in a
 //! step that changes the bank leaves it unusable (every later call but destroy fails), as for
-//! layers. Banks run on the CPU backend: host pointers, `stream` NULL.
+//! layers.
+//!
+//! A bank lives where the layer it was made from lives (`svft_bank_from_layer`): a CPU bank
+//! computes in f32 on host pointers with `stream` NULL; a CUDA bank computes in the layer's
+//! dtype on its device, takes device pointers for `x` and `y` and a `CUstream`, and orders
+//! itself on that stream as layers do (`src/ffi/mod.rs`). Adapters (their parts, and the
+//! segment table) are host memory on both. `svft_bank_from_factors` makes CPU banks.
 
 use std::ffi::{c_char, c_void};
 
 use super::buffers::{c_str, check_disjoint, check_len, mul, opt_out_ptr, out_ptr, parse_dtype, preflight, span};
 use super::buffers::{read_as_f32, try_collect};
+
+mod record;
 use super::exports::SvftLayer;
+use super::layer::AbiLayer;
 use super::registry::{self, Registry};
 use super::status::{fail, guard, FfiResult, SvftStatus};
-use super::SvftDtype;
+use super::{SvftBackend, SvftDtype};
 use crate::bank::{Adapter, CpuBank, Segment};
-use crate::cpu::CpuLayer;
 use crate::layer::pattern::{Omega, Pattern};
 use crate::layer::svd::Factors;
+pub(crate) use record::AbiBank;
 
 /// The adapter id of a segment served by the base weight alone.
 pub const SVFT_BANK_BASE: i64 = -1;
@@ -45,15 +54,11 @@ pub struct SvftSegment {
 }
 
 /// The live banks (handles `id * 16 + 8`: never a layer's).
-static BANKS: Registry<CpuBank> = Registry::new(8, "bank");
-
-fn insert(bank: CpuBank) -> *mut SvftBank {
-    BANKS.insert(bank) as *mut SvftBank
-}
+static BANKS: Registry<Box<dyn AbiBank>> = Registry::new(8, "bank");
 
 /// Runs a read-only `f` on the bank behind `handle` ([`Registry::with`]).
-fn with<R>(handle: *const SvftBank, f: impl FnOnce(&CpuBank) -> FfiResult<R>) -> FfiResult<R> {
-    BANKS.with(handle as usize, f)
+fn with<R>(handle: *const SvftBank, f: impl FnOnce(&dyn AbiBank) -> FfiResult<R>) -> FfiResult<R> {
+    BANKS.with(handle as usize, |b| f(&**b))
 }
 
 /// `check` (read-only) then `act`, the one step that may modify the bank, with the entry marked
@@ -61,10 +66,10 @@ fn with<R>(handle: *const SvftBank, f: impl FnOnce(&CpuBank) -> FfiResult<R>) ->
 fn with_mut<A, R>(
     handle: *const SvftBank,
     call: &'static str,
-    check: impl FnOnce(&CpuBank) -> FfiResult<A>,
-    act: impl FnOnce(&mut CpuBank, A) -> FfiResult<R>,
+    check: impl FnOnce(&dyn AbiBank) -> FfiResult<A>,
+    act: impl FnOnce(&mut dyn AbiBank, A) -> FfiResult<R>,
 ) -> FfiResult<R> {
-    BANKS.with_mut(handle as usize, call, check, act)
+    BANKS.with_mut(handle as usize, call, |b| check(&**b), |b, a| act(&mut **b, a))
 }
 
 /// Checks `out` and clears `*out`, so that it is NULL on every failure after this point.
@@ -75,30 +80,18 @@ fn take_out(out: *mut *mut SvftBank) -> FfiResult<*mut *mut SvftBank> {
     Ok(out)
 }
 
-fn register(bank: CpuBank, out: *mut *mut SvftBank) -> FfiResult {
-    let handle = insert(bank);
+fn register(bank: Box<dyn AbiBank>, out: *mut *mut SvftBank) -> FfiResult {
+    let handle = BANKS.insert(bank) as *mut SvftBank;
     // SAFETY: `out` was checked by take_out at the start of the call.
     unsafe { out.write(handle) };
     Ok(())
 }
 
-/// Runs `f` on the CPU layer behind `layer` (a CUDA layer is an error: banks are CPU-only).
-fn with_cpu_layer<R>(layer: *const SvftLayer, f: impl FnOnce(&CpuLayer) -> FfiResult<R>) -> FfiResult<R> {
-    registry::with(layer, |l| {
-        match l.layer.as_cpu() {
-        Some(cpu) => f(cpu),
-        None => fail(
-            SvftStatus::InvalidArgument,
-            "the layer is not on the CPU backend (banks are CPU-only in the C ABI; build the layer with SVFT_BACKEND_CPU)",
-        ),
-    }
-    })
-}
-
-/// Creates an empty bank over the base of a CPU layer: its factors and bias (copied; the layer
-/// stays independent and may be destroyed). Add the layer's own adapter with
-/// `svft_bank_add_layer` if it should be served too. On success `*out` is a new handle (free it
-/// with `svft_bank_destroy`); on failure it is NULL.
+/// Creates an empty bank over the base of a layer: its factors as the layer holds them and its
+/// bias (copied; the layer stays independent and may be destroyed), on the layer's backend (and
+/// for CUDA its device and dtype: the bank's `x` and `y` are then device buffers of that
+/// dtype). Add the layer's own adapter with `svft_bank_add_layer` if it should be served too.
+/// On success `*out` is a new handle (free it with `svft_bank_destroy`); on failure it is NULL.
 ///
 /// # Safety
 /// `out` must be NULL or writable; any `layer` value is accepted.
@@ -106,15 +99,13 @@ fn with_cpu_layer<R>(layer: *const SvftLayer, f: impl FnOnce(&CpuLayer) -> FfiRe
 pub unsafe extern "C" fn svft_bank_from_layer(layer: *const SvftLayer, out: *mut *mut SvftBank) -> SvftStatus {
     guard("svft_bank_from_layer", || {
         let out = take_out(out)?;
-        let (factors, bias) = with_cpu_layer(layer, |l| {
-            preflight("the bank's base", l.factors().bytes().saturating_mul(2))?;
-            Ok((l.factors().clone(), l.bias().map(<[f32]>::to_vec)))
-        })?;
-        register(CpuBank::new(factors, bias)?, out)
+        let bank = registry::with(layer, |l| l.layer.new_bank())?;
+        register(bank, out)
     })
 }
 
-/// Creates an empty bank over base factors in host f32: `u` (`d_out x rank`, row-major), `s`
+/// Creates an empty CPU bank over base factors in host f32 (for a CUDA bank, make a CUDA layer
+/// from the factors and the bank from it): `u` (`d_out x rank`, row-major), `s`
 /// (`rank`, descending), `v` (`d_in x rank`), and `bias` NULL (with `bias_len` 0) or `d_out`
 /// finite values. On success `*out` is a new handle; on failure it is NULL.
 ///
@@ -164,7 +155,7 @@ pub unsafe extern "C" fn svft_bank_from_factors(
             Some(unsafe { read_as_f32("bias", bias.cast(), f32_, bias_len) }?)
         };
         let factors = Factors::new(d_out, d_in, u, s, v)?;
-        register(CpuBank::new(factors, bias)?, out)
+        register(Box::new(CpuBank::new(factors, bias)?), out)
     })
 }
 
@@ -199,8 +190,8 @@ pub unsafe extern "C" fn svft_bank_info(
             opt_out_ptr("adapters", adapters)?,
         ];
         with(bank, |b| {
-            let f = b.factors();
-            for (p, v) in outs.into_iter().zip([f.d_out, f.d_in, f.r, b.len()]) {
+            let (f, len) = (b.host().factors(), b.host().len());
+            for (p, v) in outs.into_iter().zip([f.d_out, f.d_in, f.r, len]) {
                 // SAFETY: checked non-null and aligned.
                 p.into_iter().for_each(|p| unsafe { p.write(v) });
             }
@@ -219,60 +210,72 @@ pub unsafe extern "C" fn svft_bank_contains(bank: *const SvftBank, id: u32, out:
         let out = out_ptr("out", out)?;
         with(bank, |b| {
             // SAFETY: checked non-null and aligned.
-            unsafe { out.write(b.contains(id)) };
+            unsafe { out.write(b.host().contains(id)) };
             Ok(())
         })
     })
 }
 
-/// The adapter a CPU layer holds, and the layer's base (factors, bias) for [`check_base`].
-fn layer_adapter(layer: *const SvftLayer) -> FfiResult<(Adapter, Factors, Option<Vec<f32>>)> {
-    with_cpu_layer(layer, |l| Ok((Adapter::from_layer(l), l.factors().clone(), l.bias().map(<[f32]>::to_vec))))
-}
-
-fn check_base(b: &CpuBank, id: u32, factors: &Factors, bias: Option<&[f32]>) -> FfiResult {
-    if factors != b.factors() || bias != b.bias() {
-        let f = b.factors();
+/// The adapter a layer holds (its index set, coefficients, gamma and gate, copied), after
+/// checking that the layer is over the bank's base: the same factors (as each holds them) and
+/// bias, value for value.
+fn layer_adapter(b: &dyn AbiBank, id: u32, l: &dyn AbiLayer) -> FfiResult<Adapter> {
+    let host = b.host();
+    let f = host.factors();
+    let [u, s, v] = l.factors()?;
+    let d = l.core().dims();
+    let bias = l.bias()?;
+    let same = (d.d_out, d.d_in, d.r) == (f.d_out, f.d_in, f.r)
+        && *u == f.u[..]
+        && *s == f.s[..]
+        && *v == f.v[..]
+        && bias.as_deref() == host.bias();
+    if !same {
         return fail(
             SvftStatus::InvalidArgument,
             format!(
                 "adapter {id}: the layer is not over this bank's base (its {}x{} rank {} factors{} differ from the bank's {}x{} rank {}{})",
-                factors.d_out,
-                factors.d_in,
-                factors.r,
+                d.d_out,
+                d.d_in,
+                d.r,
                 if bias.is_some() { " with bias" } else { "" },
                 f.d_out,
                 f.d_in,
                 f.r,
-                if b.bias().is_some() { " with bias" } else { "" },
+                if host.bias().is_some() { " with bias" } else { "" },
             ),
         );
     }
-    Ok(())
+    let core = l.core();
+    Ok(Adapter::new(core.omega().clone(), l.coefficients()?.into_owned(), l.gamma()?, core.config().gate)?)
 }
 
-/// Adds the adapter of a CPU layer (its index set, coefficients, gamma and gate, copied) as
-/// adapter `id`. The layer must be over the bank's base: the same factors and bias, value for
-/// value (e.g. built by `svft_layer_from_factors` from the bank's factors, or the layer the bank
-/// was made from). An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT` (replace it
+/// `svft_bank_add_layer` and `_replace_layer`: the layer is read (under its lock) while the
+/// bank's check runs, and only the adapter crosses into the step that changes the bank.
+fn with_layer_adapter(
+    bank: *mut SvftBank,
+    id: u32,
+    layer: *const SvftLayer,
+    call: &'static str,
+    act: impl FnOnce(&mut dyn AbiBank, Adapter) -> FfiResult,
+) -> FfiResult {
+    registry::with(layer, |l| with_mut(bank, call, |b| layer_adapter(b, id, &*l.layer), act))
+}
+
+/// Adds the adapter of a layer (its index set, coefficients, gamma and gate, copied) as
+/// adapter `id`. The layer must be over the bank's base: the same factors (as each holds them:
+/// U and V in the layer's dtype on CUDA) and bias, value for value (e.g. the layer the bank was
+/// made from, or one built by `svft_layer_from_factors` from the same factors and dtype). An `id` already resident is `SVFT_STATUS_INVALID_ARGUMENT` (replace it
 /// instead); nothing changes on any failure.
 ///
 /// # Safety
 /// Any handle values are accepted.
 #[no_mangle]
 pub unsafe extern "C" fn svft_bank_add_layer(bank: *mut SvftBank, id: u32, layer: *const SvftLayer) -> SvftStatus {
-    guard("svft_bank_add_layer", || {
-        let (adapter, factors, bias) = layer_adapter(layer)?;
-        with_mut(
-            bank,
-            "svft_bank_add_layer",
-            |b| check_base(b, id, &factors, bias.as_deref()),
-            |b, ()| Ok(b.add(id, adapter)?),
-        )
-    })
+    guard("svft_bank_add_layer", || with_layer_adapter(bank, id, layer, "svft_bank_add_layer", |b, a| b.add(id, a)))
 }
 
-/// Replaces resident adapter `id` by the adapter of a CPU layer over the bank's base (see
+/// Replaces resident adapter `id` by the adapter of a layer over the bank's base (see
 /// `svft_bank_add_layer`). An `id` not resident is `SVFT_STATUS_INVALID_ARGUMENT`; nothing
 /// changes on any failure, and the other adapters are untouched.
 ///
@@ -281,13 +284,7 @@ pub unsafe extern "C" fn svft_bank_add_layer(bank: *mut SvftBank, id: u32, layer
 #[no_mangle]
 pub unsafe extern "C" fn svft_bank_replace_layer(bank: *mut SvftBank, id: u32, layer: *const SvftLayer) -> SvftStatus {
     guard("svft_bank_replace_layer", || {
-        let (adapter, factors, bias) = layer_adapter(layer)?;
-        with_mut(
-            bank,
-            "svft_bank_replace_layer",
-            |b| check_base(b, id, &factors, bias.as_deref()),
-            |b, ()| b.replace(id, adapter).map(drop).map_err(Into::into),
-        )
+        with_layer_adapter(bank, id, layer, "svft_bank_replace_layer", |b, a| b.replace(id, a))
     })
 }
 
@@ -354,8 +351,8 @@ pub unsafe extern "C" fn svft_bank_add(
             bank,
             "svft_bank_add",
             // SAFETY: per the contract.
-            |b| unsafe { raw_adapter(b.factors().r, pattern, rows, cols, nnz, m, gamma, gate) },
-            |b, a| Ok(b.add(id, a)?),
+            |b| unsafe { raw_adapter(b.host().factors().r, pattern, rows, cols, nnz, m, gamma, gate) },
+            |b, a| b.add(id, a),
         )
     })
 }
@@ -383,8 +380,8 @@ pub unsafe extern "C" fn svft_bank_replace(
             bank,
             "svft_bank_replace",
             // SAFETY: per the contract.
-            |b| unsafe { raw_adapter(b.factors().r, pattern, rows, cols, nnz, m, gamma, gate) },
-            |b, a| b.replace(id, a).map(drop).map_err(Into::into),
+            |b| unsafe { raw_adapter(b.host().factors().r, pattern, rows, cols, nnz, m, gamma, gate) },
+            |b, a| b.replace(id, a),
         )
     })
 }
@@ -401,12 +398,12 @@ pub unsafe extern "C" fn svft_bank_remove(bank: *mut SvftBank, id: u32) -> SvftS
             bank,
             "svft_bank_remove",
             |b| {
-                if !b.contains(id) {
+                if !b.host().contains(id) {
                     return fail(SvftStatus::InvalidArgument, format!("adapter id {id} is not in the bank"));
                 }
                 Ok(())
             },
-            |b, ()| b.remove(id).map(drop).map_err(Into::into),
+            |b, ()| b.remove(id),
         )
     })
 }
@@ -416,9 +413,12 @@ pub unsafe extern "C" fn svft_bank_remove(bank: *mut SvftBank, id: u32) -> SvftS
 /// base weight alone for `SVFT_BANK_BASE`, plus the base's bias. `segments` (`num_segments`
 /// entries) must tile `0..n` in order (empty segments allowed) and name resident adapters; the
 /// table is checked in full before anything is written, and a bad one is
-/// `SVFT_STATUS_INVALID_ARGUMENT` naming the offending segment. `dtype` must be
-/// `SVFT_DTYPE_F32`, every pointer host memory, `stream` NULL (banks run on the CPU backend);
-/// `y` must not overlap `x` or `segments`.
+/// `SVFT_STATUS_INVALID_ARGUMENT` naming the offending segment. `dtype` must be the bank's
+/// (`svft_bank_backend` reports it: f32 on the CPU). On the CPU `x` and `y` are host memory and
+/// `stream` NULL; on CUDA they are device buffers on the bank's device and `stream` a `CUstream`
+/// of its primary context (NULL: the legacy default stream), and the call only enqueues work
+/// (see `src/ffi/mod.rs`, CUDA streams). `segments` is host memory on both; `y` must not
+/// overlap `x` or `segments`.
 ///
 /// # Safety
 /// Pointers must be NULL or valid for the sizes given.
@@ -436,18 +436,19 @@ pub unsafe extern "C" fn svft_bank_forward(
     stream: *mut c_void,
 ) -> SvftStatus {
     guard("svft_bank_forward", || {
-        let check = |b: &CpuBank| -> FfiResult<Vec<Segment>> {
+        let check = |b: &dyn AbiBank| -> FfiResult<Vec<Segment>> {
             let dt = parse_dtype(dtype)?;
-            if dt != SvftDtype::F32 {
-                return fail(SvftStatus::UnsupportedDtype, format!("a bank computes in f32, not {}", dt.name()));
+            if dt != b.dtype() {
+                return fail(
+                    SvftStatus::UnsupportedDtype,
+                    format!("this bank computes in {}, not {}", b.dtype().name(), dt.name()),
+                );
             }
-            if !stream.is_null() {
-                return fail(SvftStatus::InvalidArgument, "stream must be NULL (banks run on the CPU backend)");
-            }
+            b.check_stream(stream)?;
             if n == 0 {
                 return fail(SvftStatus::Shape, "n (tokens) must be positive");
             }
-            let f = b.factors();
+            let f = b.host().factors();
             check_len("x (n x d_in)", x_len, mul("x", n, f.d_in)?)?;
             check_len("y (n x d_out)", y_len, mul("y", n, f.d_out)?)?;
             if num_segments == 0 {
@@ -458,14 +459,16 @@ pub unsafe extern "C" fn svft_bank_forward(
             }
             let elem = std::mem::size_of::<SvftSegment>();
             let spans = [
-                span("x", x, x_len, 4)?,
+                b.check_buffer("x", x, x_len, dt.size())?,
                 span("segments", segments.cast(), mul("segments", num_segments, elem / 8)?, 8)?,
-                span("y", y, y_len, 4)?,
+                b.check_buffer("y", y, y_len, dt.size())?,
             ];
             check_disjoint(&spans[1..])?;
             check_disjoint(&[spans[0], spans[2]])?;
-            // T and S (n x r each), the table.
-            preflight("the bank's workspace", mul("workspace", n, f.r)?.saturating_mul(8))?;
+            // T and S (n x r each) on the bank's backend, the table on the host.
+            if b.backend() == SvftBackend::Cpu {
+                preflight("the bank's workspace", mul("workspace", n, f.r)?.saturating_mul(8))?;
+            }
             // SAFETY: checked non-null, aligned and sized; the caller vouches for the length.
             let table = unsafe { std::slice::from_raw_parts(segments, num_segments) };
             try_collect(
@@ -474,15 +477,28 @@ pub unsafe extern "C" fn svft_bank_forward(
                 table.iter().map(|s| Segment { start: s.start, end: s.end, adapter: s.adapter }),
             )
         };
-        with_mut(bank, "svft_bank_forward", check, |b, table| {
-            // SAFETY: checked host buffers of f32, disjoint; the caller vouches for the lengths.
-            let (x, y) = unsafe {
-                (
-                    std::slice::from_raw_parts(x.cast::<f32>(), x_len),
-                    std::slice::from_raw_parts_mut(y.cast::<f32>(), y_len),
-                )
-            };
-            Ok(b.forward_into(x, n, &table, y)?)
+        // SAFETY: checked buffers of the bank's memory, dtype and shape, disjoint.
+        with_mut(bank, "svft_bank_forward", check, |b, table| unsafe {
+            b.forward((x, x_len), n, &table, (y, y_len), stream)
+        })
+    })
+}
+
+/// Writes the backend a bank lives on (`SvftBackend`, as `int32_t`) and the dtype its `x` and
+/// `y` must have (`SvftDtype`). Each output may be NULL when not wanted.
+///
+/// # Safety
+/// Outputs must be NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn svft_bank_backend(bank: *const SvftBank, backend: *mut i32, dtype: *mut i32) -> SvftStatus {
+    guard("svft_bank_backend", || {
+        let outs = [opt_out_ptr("backend", backend)?, opt_out_ptr("dtype", dtype)?];
+        with(bank, |b| {
+            for (p, v) in outs.into_iter().zip([b.backend() as i32, b.dtype() as i32]) {
+                // SAFETY: checked non-null and aligned.
+                p.into_iter().for_each(|p| unsafe { p.write(v) });
+            }
+            Ok(())
         })
     })
 }
