@@ -12,7 +12,7 @@ export CUDA_HOME SVFT_REQUIRE_KERNELS=1
 bundle=gpu-bundle
 rm -rf "$bundle" && mkdir -p "$bundle"
 # Test binaries: cargo prints each executable's path as JSON; keep the GPU-facing ones.
-cargo test --release --no-run --test gpu --test gpu_bench --test ffi_cuda --test layer --message-format=json 2>/dev/null \
+cargo test --release --no-run --test gpu --test gpu_bench --test ffi_cuda --test bank_gpu --test ffi_bank_cuda --test layer --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
@@ -40,7 +40,7 @@ du -sh "$bundle"
 rehearsal="$(mktemp -d)"
 SVFT_GPU_RUN_REHEARSE=1 "$bundle/gpu-run.sh" "$rehearsal" > "$rehearsal.log" 2>&1 || true
 ls "$rehearsal"
-for f in summary.txt bench-table.md bench.jsonl memory-table.md logs.tar.gz; do
+for f in summary.txt bench-table.md bench.jsonl memory-table.md adapters-table.md logs.tar.gz; do
   [ -s "$rehearsal/$f" ] || { echo "gpu-run.sh rehearsal did not write $f (see $rehearsal.log)"; exit 1; }
 done
 grep -q "grid-bf16: ok" "$rehearsal/summary.txt" || { cat "$rehearsal/summary.txt"; exit 1; }

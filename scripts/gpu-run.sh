@@ -11,6 +11,8 @@
 #   bench-table.md   the grid as a table (ratios, plan times, auto/best, fused x, memory)
 #   bench.jsonl      the grid's rows
 #   memory-table.md  svft::memory per grid case (arithmetic, the same on any machine)
+#   adapters-table.md  `svft bench --adapters`: the adapter bank against one adapter, merged
+#                    dense weights and LoRA r=16 (docs/PERF.md 2f), bf16
 #   logs.tar.gz      every log, the plots (time-vs-n-*.png, demo-cuda-loss.png), criterion's data
 # Each step has its own time limit (SVFT_STEP_LIMIT_S scales them: 1 = as below).
 # SVFT_GPU_RUN_REHEARSE=1 rehearses the whole script on a machine without a GPU (tests skip, the
@@ -34,9 +36,10 @@ print(":".join(sorted(dirs)))
 PY
 )
 export LD_LIBRARY_PATH="${libdirs}:/usr/local/cuda/lib64:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}"
-backend=cuda bf16_grid=llama3-8b f32_grid=llama3-8b-subset half=bf16
+backend=cuda bf16_grid=llama3-8b f32_grid=llama3-8b-subset half=bf16 adapters="--adapters 1,8,64,512"
 if [ "${SVFT_GPU_RUN_REHEARSE:-0}" = 1 ]; then
   backend=cpu bf16_grid=tiny f32_grid=tiny half=f32 # the CPU bench runs in f32 only
+  adapters="--adapters 1,4 --adapter-shapes 48x32 --adapter-tokens 16"
   echo "rehearsal: no GPU expected, tests skip, grids on the CPU" | tee "$work/summary.txt"
 else
   export SVFT_REQUIRE_GPU=1
@@ -47,7 +50,7 @@ date -u +"%Y-%m-%d %H:%M UTC" >> "$work/summary.txt"
 # Copies the returned files into $out (the tarball holds everything else).
 publish() {
   cp "$work/summary.txt" "$out/summary.txt"
-  for f in bench-table.md bench.jsonl memory-table.md; do
+  for f in bench-table.md bench.jsonl memory-table.md adapters-table.md; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/$f"
   done
   tar -czf "$out/logs.tar.gz" -C "$work" . 2>/dev/null
@@ -88,6 +91,9 @@ run gpu-tests 240 "$here/test-gpu" --test-threads=1
 run grid-bf16 300 bash -c "$(grid_cmd bf16 "$half" "$bf16_grid")"
 run gpu-bench-tests 90 "$here/test-gpu_bench" --test-threads=1
 run ffi-cuda-tests 90 "$here/test-ffi_cuda" --test-threads=1
+run bank-tests 90 bash -c "\"$here/test-bank_gpu\" --test-threads=1 && \"$here/test-ffi_bank_cuda\" --test-threads=1"
+# The adapter bank: 2 shapes x 2 token counts x 4 adapter counts, 4 methods each.
+run adapters 180 bash -c "\"$here/svft\" bench --backend $backend $adapters --dtype $half --seconds 0.05 > \"$work/adapters-table.md\""
 # The synthetic demo (a bare `svft`), trained on the device (--backend cuda: a missing device fails the run).
 if [ "$backend" = cuda ]; then
   run demo-cuda 120 "$here/svft" demo --backend cuda --plot "$work/demo-cuda-loss.png"

@@ -86,3 +86,47 @@ fn demo_on_cuda_trains() {
     let table = svft_ok(&table);
     assert_eq!(table.contains("virtual device: timings meaningless"), svft::cuda::is_virtual_name(&device), "{table}");
 }
+
+#[test]
+fn bench_adapters_on_cuda_fills_every_row() {
+    let args = [
+        "bench",
+        "--backend",
+        "cuda",
+        "--adapters",
+        "1,3",
+        "--adapter-shapes",
+        "24x16,16x40",
+        "--adapter-tokens",
+        "9",
+        "--dtype",
+        "bf16",
+        "--pattern",
+        "random:2",
+        "--seconds",
+        "0.002",
+        "--json",
+    ];
+    let Some(device) = device_or_check_error("bench_adapters_on_cuda_fills_every_row", &args, |_| ()) else { return };
+    let out = svft_in(None, &args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    if svft::cuda::is_virtual_name(&device) {
+        assert!(stderr.contains("never a speed"), "{stderr}");
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!((v["backend"].as_str(), v["dtype"].as_str()), (Some("cuda"), Some("bf16")), "{v}");
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "2 shapes x 1 n x 2 counts: {v}");
+    for r in rows {
+        for key in ["bank_ms", "one_adapter_ms", "lora_ms", "dense_merged_ms"] {
+            assert!(r[key].as_f64().is_some_and(|t| t > 0.0), "{key}: {r}");
+        }
+    }
+    assert_eq!(rows[1]["adapters"], 3);
+    // The device layout: plain M of r floats, a gate and a 4-int slot record per adapter; bf16
+    // LoRA r=16 at 2 bytes per element.
+    let b = &v["bytes_per_adapter"][0];
+    assert_eq!(b["svft_plain"], 4 * (16 + 1 + 4), "{b}");
+    assert_eq!(b["lora16"], 2 * 16 * (24 + 16), "{b}");
+}

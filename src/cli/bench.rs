@@ -216,10 +216,11 @@ fn plot_grid(grid: &Grid, rows: &[Row], path: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// `svft bench --adapters N,...`: the adapter bank against one adapter, merged dense weights
-/// and LoRA (see `svft::bench::adapters`), CPU only.
+/// and LoRA (see `svft::bench::adapters`), on the CPU in f32 or on CUDA in any dtype.
 fn run_adapters(a: &BenchArgs, counts: &[usize]) -> Result<()> {
-    if matches!(a.backend, super::Backend::Cuda) || a.dtype != "f32" {
-        return Err(Error::InvalidArgument("--adapters: the adapter bank runs on the CPU in f32".into()));
+    let device = resolve_backend(a.backend)?;
+    if matches!(device, Device::Cpu) && a.dtype != "f32" {
+        return Err(Error::InvalidArgument(format!("--dtype {}: the CPU adapter bank runs in f32 only", a.dtype)));
     }
     let shapes = a
         .adapter_shapes
@@ -237,9 +238,23 @@ fn run_adapters(a: &BenchArgs, counts: &[usize]) -> Result<()> {
         budget: Duration::from_secs_f64(a.seconds),
         grouping: true,
     };
-    let report = svft::bench::adapters::run(&cfg, &mut |row| {
+    let mut on_row = |row: &svft::bench::adapters::AdaptersRow| {
         eprintln!("{}x{} n={} N={}: bank {:.3} ms", row.d_out, row.d_in, row.n, row.adapters, row.bank_ms)
-    })?;
+    };
+    let report = match &device {
+        Device::Cpu => svft::bench::adapters::run(&cfg, &mut on_row)?,
+        Device::Cuda(gpu) => {
+            if gpu.is_virtual() {
+                eprintln!("svft bench on {}: virtual device: timings meaningless (never a speed)", gpu.name());
+            }
+            match a.dtype.as_str() {
+                "f32" => svft::bench::run_adapters_cuda::<f32>(gpu, &cfg, &mut on_row)?,
+                "bf16" => svft::bench::run_adapters_cuda::<half::bf16>(gpu, &cfg, &mut on_row)?,
+                "f16" => svft::bench::run_adapters_cuda::<half::f16>(gpu, &cfg, &mut on_row)?,
+                _ => unreachable!("checked in run"),
+            }
+        }
+    };
     if a.json {
         println!("{}", report.to_json());
     } else {

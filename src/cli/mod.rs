@@ -281,7 +281,8 @@ pub struct BenchArgs {
     /// Print JSON instead of a table (with --grid: one JSON line per row, as each is measured).
     #[arg(long)]
     pub json: bool,
-    /// Many adapters in one batch (CPU, f32, inference): time a bank serving each of these
+    /// Many adapters in one batch (inference; CPU in f32, or CUDA in --dtype with --backend
+    /// cuda, or auto with a device): time a bank serving each of these
     /// counts of distinct adapters in equal segments against one adapter, merged dense weights
     /// and LoRA r=16, on --adapter-shapes x --adapter-tokens, SVFT with --pattern (e.g.
     /// `--adapters 1,8,64,512`). --d-out, --d-in and --tokens are ignored.

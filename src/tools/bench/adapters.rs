@@ -1,4 +1,5 @@
-//! `svft bench --adapters`: many adapters in one batch (issue 18), CPU f32, inference.
+//! `svft bench --adapters`: many adapters in one batch (issue 18), inference: CPU f32 here,
+//! CUDA (any dtype, the same rows timed with CUDA events) in `adapters_cuda.rs`.
 //!
 //! For each shape, token count `n` and adapter count `N` (equal segments of `n / N` rows, the
 //! last one shorter when `N` does not divide `n`), in one process, medians of interleaved
@@ -132,7 +133,11 @@ pub struct GroupingRow {
 /// Everything one run measured.
 #[derive(Debug, Clone, Default)]
 pub struct AdaptersReport {
-    /// The CPU.
+    /// "cpu" or "cuda".
+    pub backend: &'static str,
+    /// The activation dtype ("f32", "bf16", "f16").
+    pub dtype: &'static str,
+    /// The CPU or GPU.
     pub device: String,
     /// The SVFT pattern of the timed adapters.
     pub pattern: String,
@@ -144,12 +149,11 @@ pub struct AdaptersReport {
     pub grouping: Option<(String, Vec<GroupingRow>)>,
 }
 
-/// A bank over `f` with `count` adapters of `pattern` (ids 0..count), distinct M and gamma.
-fn bank_of(f: &Factors, count: usize, pattern: impl Fn(usize) -> Pattern, share: bool) -> Result<CpuBank> {
-    let mut bank = CpuBank::new(f.clone(), Some(bench_values(9, f.d_out, 0.1)))?;
-    bank.set_pattern_sharing(share);
+/// `count` adapters over `f`, adapter `id` of `pattern(id)`, with distinct M and gamma.
+pub(super) fn bench_adapters(f: &Factors, count: usize, pattern: impl Fn(usize) -> Pattern) -> Result<Vec<Adapter>> {
     let mut rng = Rng::new(5);
     let mut omegas: Vec<(Pattern, crate::layer::pattern::Omega)> = Vec::new();
+    let mut out = Vec::with_capacity(count);
     for id in 0..count {
         let p = pattern(id);
         if !omegas.iter().any(|(q, _)| *q == p) {
@@ -157,23 +161,46 @@ fn bank_of(f: &Factors, count: usize, pattern: impl Fn(usize) -> Pattern, share:
         }
         let omega = omegas.iter().find(|(q, _)| *q == p).map(|(_, o)| o.clone()).expect("pushed above");
         let m = bench_values(100 + id as u64, omega.len(), 0.05);
-        bank.add(id as u32, Adapter::new(omega, m, rng.normal() as f32, true)?)?;
+        out.push(Adapter::new(omega, m, rng.normal() as f32, true)?);
+    }
+    Ok(out)
+}
+
+/// A bank over `f` with `count` adapters of `pattern` (ids 0..count), distinct M and gamma.
+pub(super) fn bank_of(f: &Factors, count: usize, pattern: impl Fn(usize) -> Pattern, share: bool) -> Result<CpuBank> {
+    let mut bank = CpuBank::new(f.clone(), Some(bench_values(9, f.d_out, 0.1)))?;
+    bank.set_pattern_sharing(share);
+    for (id, a) in bench_adapters(f, count, pattern)?.into_iter().enumerate() {
+        bank.add(id as u32, a)?;
     }
     Ok(bank)
 }
 
+impl AdaptersConfig {
+    /// Checks that there is something to run and that every size is positive.
+    pub fn check(&self) -> Result<()> {
+        if self.shapes.is_empty() || self.tokens.is_empty() || self.counts.is_empty() {
+            return Err(Error::InvalidArgument("--adapters: needs shapes, token counts and adapter counts".into()));
+        }
+        if self.counts.contains(&0) || self.tokens.contains(&0) || self.shapes.iter().any(|&(o, i)| o == 0 || i == 0) {
+            return Err(Error::InvalidArgument("--adapters: counts, tokens and shapes must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
 /// Runs the bench; `on_row` sees each row as it is measured (progress, JSON lines).
 pub fn run(cfg: &AdaptersConfig, on_row: &mut dyn FnMut(&AdaptersRow)) -> Result<AdaptersReport> {
-    if cfg.shapes.is_empty() || cfg.tokens.is_empty() || cfg.counts.is_empty() {
-        return Err(Error::InvalidArgument("--adapters: needs shapes, token counts and adapter counts".into()));
-    }
-    if cfg.counts.contains(&0) || cfg.tokens.contains(&0) || cfg.shapes.iter().any(|&(o, i)| o == 0 || i == 0) {
-        return Err(Error::InvalidArgument("--adapters: counts, tokens and shapes must be positive".into()));
-    }
+    cfg.check()?;
     let max_n = *cfg.tokens.iter().max().expect("non-empty");
     let max_count = *cfg.counts.iter().max().expect("non-empty");
-    let mut report =
-        AdaptersReport { device: crate::cpu::device_name(), pattern: cfg.pattern.to_string(), ..Default::default() };
+    let mut report = AdaptersReport {
+        backend: "cpu",
+        dtype: "f32",
+        device: crate::cpu::device_name(),
+        pattern: cfg.pattern.to_string(),
+        ..Default::default()
+    };
     for &(d_out, d_in) in &cfg.shapes {
         let r = d_out.min(d_in);
         // The inputs, factors, LoRA's base weight and adapters (the dense weights are checked
@@ -416,8 +443,12 @@ impl AdaptersReport {
     /// The report as text tables.
     pub fn to_table(&self) -> String {
         let mut out = format!(
-            "svft bench --adapters (cpu: {}, f32, inference): forward ms, medians of interleaved rounds; SVFT {}\n",
-            self.device, self.pattern
+            "svft bench --adapters ({}: {}, {}, inference): forward ms, {}; SVFT {}\n",
+            self.backend,
+            self.device,
+            self.dtype,
+            if self.backend == "cpu" { "medians of interleaved rounds" } else { "medians of CUDA-event batches" },
+            self.pattern
         );
         out += &format!(
             "{:<11}{:>6}{:>6}{:>6}{:>10}{:>10}{:>9}{:>10}{:>10}{:>9}{:>9}\n",
@@ -465,7 +496,12 @@ impl AdaptersReport {
             };
             out += &format!("crossover {o}x{i} n={n}: {text}\n");
         }
-        out += "\nresident bytes per adapter (SVFT: M, gamma, gate; the index set is shared, counted once)\n";
+        out += &format!(
+            "\nresident bytes per adapter (SVFT: M in f32, gamma, gate{}; the index set is shared, counted once; \
+             LoRA and dense in {})\n",
+            if self.backend == "cuda" { ", slot record: the device layout" } else { "" },
+            self.dtype
+        );
         for b in &self.bytes {
             out += &format!(
                 "{}x{}: SVFT plain {} (+{} shared), banded:2 {} (+{} shared), LoRA r={LORA_RANK} {}, merged dense {}; \
@@ -501,6 +537,8 @@ impl AdaptersReport {
     /// The report as one JSON object.
     pub fn to_json(&self) -> Value {
         json!({
+            "backend": self.backend,
+            "dtype": self.dtype,
             "device": self.device,
             "pattern": self.pattern,
             "rows": self.rows.iter().map(AdaptersRow::to_json).collect::<Vec<_>>(),

@@ -39,7 +39,7 @@ pub fn events_ms(stream: &Arc<CudaStream>, iters: u64, mut f: impl FnMut() -> Re
 }
 
 /// Median milliseconds per call of `f`, from CUDA events around batches of calls.
-fn time_ms(stream: &Arc<CudaStream>, budget_ms: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(super) fn time_ms(stream: &Arc<CudaStream>, budget_ms: f64, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     for _ in 0..3 {
         f()?;
     }
@@ -73,16 +73,21 @@ pub fn copy_bandwidth_gb_per_s(stream: &Arc<CudaStream>) -> Result<f64> {
 }
 
 /// A row-major operand (shorthand).
-fn m_<'a, 'b, T>(data: &'a cudarc::driver::CudaView<'b, T>, rows: usize, cols: usize, trans: bool) -> Mat<'a, 'b, T> {
+pub(super) fn m_<'a, 'b, T>(
+    data: &'a cudarc::driver::CudaView<'b, T>,
+    rows: usize,
+    cols: usize,
+    trans: bool,
+) -> Mat<'a, 'b, T> {
     Mat { data, rows, cols, trans }
 }
 
-fn upload<T: Dtype>(stream: &Arc<CudaStream>, seed: u64, len: usize, std: f64) -> Result<CudaSlice<T>> {
+pub(super) fn upload<T: Dtype>(stream: &Arc<CudaStream>, seed: u64, len: usize, std: f64) -> Result<CudaSlice<T>> {
     let host: Vec<T> = bench_values(seed, len, std).into_iter().map(T::from_f32).collect();
     stream.clone_htod(&host).map_err(|e| driver_err("uploading bench inputs", e))
 }
 
-fn zeros<T: Dtype>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
+pub(super) fn zeros<T: Dtype>(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<T>> {
     stream.alloc_zeros::<T>(len.max(1)).map_err(|e| driver_err("allocating bench buffers", e))
 }
 

@@ -10,8 +10,10 @@
 //! once per shape, one layer per pattern, and asks for a row per token count.
 
 pub mod adapters;
+mod adapters_cuda;
 mod cuda;
 
+pub use adapters_cuda::run_adapters_cuda;
 pub use cuda::{copy_bandwidth_gb_per_s, events_ms, run_cuda, run_cuda_grid, CudaShape};
 
 use std::time::{Duration, Instant};
