@@ -1,7 +1,7 @@
 //! [`CudaBank`] on a device (the virtual GPU in CI: scripts/test-vgpu.sh): a mixed batch equals
 //! the CPU bank's (itself checked against single layers and f64 in tests/bank.rs) in f32 to the
-//! f32 tolerance and in bf16 to 1e-2, with bias, base-weight and empty segments, segments longer
-//! than a tile, band and CSR patterns; after a replace or remove the next forward uses the new
+//! f32 tolerance, in bf16 to 1e-2 and in f16 to 2e-3, with bias, base-weight and empty
+//! segments, segments longer than a tile, band and CSR patterns; after a replace or remove the next forward uses the new
 //! adapters; a bad table is an error. Outputs are poisoned with NaN before every call.
 
 mod common;
@@ -49,12 +49,14 @@ fn cuda_bank_matches_the_cpu_bank() {
     let mut cpu = CpuBank::new(f.clone(), Some(bias.clone())).unwrap();
     let mut g32 = CudaBank::<f32>::new(gpu.clone(), stream.clone(), &f, Some(&bias)).unwrap();
     let mut g16 = CudaBank::<half::bf16>::new(gpu.clone(), stream.clone(), &f, Some(&bias)).unwrap();
+    let mut gh = CudaBank::<half::f16>::new(gpu.clone(), stream.clone(), &f, Some(&bias)).unwrap();
     let list = adapters(&f);
     assert!(list.len() == 5, "every pattern exists for a square core");
     for (id, a) in &list {
         cpu.add(*id, a.clone()).unwrap();
         g32.add(*id, a.clone()).unwrap();
         g16.add(*id, a.clone()).unwrap();
+        gh.add(*id, a.clone()).unwrap();
     }
     let n = 71;
     let x = randn(n * d_in, 5);
@@ -68,15 +70,18 @@ fn cuda_bank_matches_the_cpu_bank() {
         Segment::new(41, 60, ids[4]),
         Segment::new(60, 71, ids[1]),
     ];
-    let check =
-        |cpu: &mut CpuBank, g32: &mut CudaBank<f32>, g16: &mut CudaBank<half::bf16>, segs: &[Segment], what: &str| {
-            let want = wide(&cpu.forward(&x, n, segs).unwrap());
-            let e = rel_err(&run(g32, &x, n, d_out, segs).unwrap(), &want);
-            assert!(e < F32_TOL, "{what}: f32 {e:e}");
-            let e = rel_err(&run(g16, &x, n, d_out, segs).unwrap(), &want);
-            assert!(e < 1e-2, "{what}: bf16 {e:e}");
-        };
-    check(&mut cpu, &mut g32, &mut g16, &segs, "mixed");
+    type Banks<'a> = (&'a mut CudaBank<f32>, &'a mut CudaBank<half::bf16>, &'a mut CudaBank<half::f16>);
+    let check = |cpu: &mut CpuBank, (g32, g16, gh): Banks<'_>, segs: &[Segment], what: &str| {
+        let want = wide(&cpu.forward(&x, n, segs).unwrap());
+        let e = rel_err(&run(g32, &x, n, d_out, segs).unwrap(), &want);
+        assert!(e < F32_TOL, "{what}: f32 {e:e}");
+        let e = rel_err(&run(g16, &x, n, d_out, segs).unwrap(), &want);
+        assert!(e < 1e-2, "{what}: bf16 {e:e}");
+        // f16 keeps 3 more mantissa bits than bf16.
+        let e = rel_err(&run(gh, &x, n, d_out, segs).unwrap(), &want);
+        assert!(e < 2e-3, "{what}: f16 {e:e}");
+    };
+    check(&mut cpu, (&mut g32, &mut g16, &mut gh), &segs, "mixed");
 
     // Replace one adapter by another pattern, remove another (its rows to the base weight).
     let omega = Pattern::Banded { d: 1 }.omega(&f).unwrap();
@@ -87,9 +92,11 @@ fn cuda_bank_matches_the_cpu_bank() {
     g32.remove(ids[3]).unwrap();
     g16.replace(ids[2], new).unwrap();
     g16.remove(ids[3]).unwrap();
+    gh.replace(ids[2], cpu.adapter(ids[2]).unwrap()).unwrap();
+    gh.remove(ids[3]).unwrap();
     let rerouted: Vec<Segment> =
         segs.iter().map(|s| if s.adapter == i64::from(ids[3]) { Segment::base(s.start, s.end) } else { *s }).collect();
-    check(&mut cpu, &mut g32, &mut g16, &rerouted, "after replace and remove");
+    check(&mut cpu, (&mut g32, &mut g16, &mut gh), &rerouted, "after replace and remove");
 
     // The removed id is an error, and so is a table that does not cover the batch.
     let err = run(&mut g32, &x, n, d_out, &segs).unwrap_err().to_string();
