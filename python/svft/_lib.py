@@ -164,10 +164,16 @@ def last_error():
     return buf.value.decode(errors="replace")
 
 
+_functions = {}  # name -> the library's function: one dict lookup per call, no lock
+
+
 def call(name, *args):
     """Calls `name` and raises SvftError on a nonzero status."""
-    code = getattr(lib(), name)(*args)
-    if code != 0:
+    fn = _functions.get(name)
+    if fn is None:
+        fn = _functions[name] = getattr(lib(), name)
+    code = fn(*args)
+    if code:
         message = last_error()  # first: every other svft call clears it
         raise SvftError(code, status_name(code), message)
 
