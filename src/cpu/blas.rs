@@ -9,9 +9,11 @@
 //!   (and reports name the backend, so a benchmark never silently measures the other one);
 //! - `auto`: the system BLAS when one loads, else faer.
 //!
-//! faer stays the default: on the 2-core AMD EPYC build machine OpenBLAS 0.3.21 alone is
-//! 5-20% faster per GEMM, but inside a PyTorch process its threads contend with torch's
-//! (an SVFTLinear step at n = 64 took 1.7x longer); docs/PERF.md section 2d has the figures.
+//! The library runs single-threaded (`openblas_set_num_threads(1)` where it exists) and svft
+//! splits each product into column blocks across rayon's threads ([`Blas::sgemm_split`]): with
+//! OpenBLAS's own threads, an SVFTLinear step inside PyTorch took up to 1.7x longer (its
+//! spinning threads, rayon's and torch's OpenMP threads fought over the cores). faer stays the
+//! default; docs/PERF.md section 2d has the figures for both.
 //!
 //! `SVFT_BLAS_LIB` names the library file; otherwise `libopenblas.so.0`, `libopenblas.so`,
 //! `libcblas.so.3` and `libblas.so.3` are tried in that order. Nothing is linked at build time,
@@ -79,6 +81,13 @@ fn load(name: &str) -> Option<Blas> {
         if sym.is_null() {
             return None;
         }
+        // OpenBLAS's own threads would spin on the cores rayon's threads need (and a PyTorch
+        // process's OpenMP threads too); svft splits each product across rayon's threads
+        // itself ([`Blas::sgemm_split`]), so the library computes single-threaded.
+        let threads = libc::dlsym(handle, c"openblas_set_num_threads".as_ptr());
+        if !threads.is_null() {
+            std::mem::transmute::<*mut c_void, unsafe extern "C" fn(c_int)>(threads)(1);
+        }
         Some(Blas { sgemm: std::mem::transmute::<*mut c_void, SgemmFn>(sym), library: name.to_string() })
     }
 }
@@ -121,7 +130,78 @@ pub fn requested() -> Result<&'static Backend, &'static str> {
         .map_err(String::as_str)
 }
 
+/// A pointer that crosses to rayon's threads (each block writes its own columns).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used for disjoint column blocks of one output, inside a scope that outlives them.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 impl Blas {
+    /// [`Blas::sgemm`] split into column blocks of `c`, one per rayon thread, each a
+    /// single-threaded library call (see `load`): products too small to pay for threads run
+    /// whole on the calling thread.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn sgemm_split(
+        &self,
+        c: &mut [f32],
+        a: &[f32],
+        a_t: bool,
+        b: &[f32],
+        b_t: bool,
+        (m, n, k): (usize, usize, usize),
+        accumulate: bool,
+    ) {
+        let threads = rayon::current_num_threads();
+        let flops = 2.0 * (m * n * k) as f64;
+        if threads < 2 || flops < 2.0e6 || n < 64 {
+            return self.sgemm(c, a, a_t, b, b_t, (m, n, k), accumulate);
+        }
+        let blocks = threads.min(n / 32);
+        let per = n.div_ceil(blocks).next_multiple_of(16);
+        let dim = |x: usize| c_int::try_from(x).expect("GEMM dimension beyond a C int");
+        let lda = if a_t { m } else { k };
+        let ldb = if b_t { k } else { n };
+        let cp = SendPtr(c.as_mut_ptr());
+        rayon::scope(|scope| {
+            for j0 in (0..n).step_by(per) {
+                let nb = per.min(n - j0);
+                // Columns j0.. of B: an offset along a row (row-major k x n) or down the rows
+                // (its transpose stored n x k).
+                let b_off = if b_t { j0 * k } else { j0 };
+                scope.spawn(move |_| {
+                    // SAFETY: block j0 reads a and columns j0..j0+nb of b (in bounds: b holds
+                    // the whole k x n operand) and writes only columns j0..j0+nb of c, which no
+                    // other block touches; c outlives the scope.
+                    unsafe {
+                        (self.sgemm)(
+                            ROW_MAJOR,
+                            if a_t { TRANS } else { NO_TRANS },
+                            if b_t { TRANS } else { NO_TRANS },
+                            dim(m),
+                            dim(nb),
+                            dim(k),
+                            1.0,
+                            a.as_ptr(),
+                            dim(lda.max(1)),
+                            b.as_ptr().add(b_off),
+                            dim(ldb.max(1)),
+                            if accumulate { 1.0 } else { 0.0 },
+                            cp.get().add(j0),
+                            dim(n),
+                        )
+                    }
+                });
+            }
+        });
+    }
+
     /// `c = alpha-free a b (+ c)`: row-major `c (m x n)`, `a (m x k)` or its transpose stored
     /// `k x m`, `b (k x n)` or its transpose stored `n x k`. Dimensions must fit a C int.
     #[allow(clippy::too_many_arguments)]

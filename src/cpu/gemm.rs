@@ -72,7 +72,7 @@ pub fn gemm_on(backend: &Backend, c: &mut [f32], a: Operand<'_>, b: Operand<'_>,
     assert_eq!(c.len(), m * n, "output size");
     if let Backend::System(blas) = backend {
         if m > 0 && n > 0 {
-            blas.sgemm(c, a.data, a.transposed, b.data, b.transposed, (m, n, k), accumulate);
+            blas.sgemm_split(c, a.data, a.transposed, b.data, b.transposed, (m, n, k), accumulate);
         }
         return;
     }
@@ -96,24 +96,29 @@ mod tests {
             Err(why) if std::env::var_os("SVFT_REQUIRE_BLAS").is_some() => panic!("SVFT_REQUIRE_BLAS: {why}"),
             Err(why) => eprintln!("system BLAS not tested: {why}"),
         }
-        let (m, n, k) = (7, 5, 9);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
-        let b: Vec<f32> = (0..k * n).map(|i| ((i * 17 % 13) as f32 - 6.0) / 4.0).collect();
-        let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect(); // k x m
-        let bt: Vec<f32> = (0..k * n).map(|i| b[(i % k) * n + i / k]).collect(); // n x k
-        let want: Vec<f32> =
-            (0..m * n).map(|i| (0..k).map(|p| a[(i / n) * k + p] * b[p * n + i % n]).sum::<f32>() + 0.5).collect();
-        for be in &backends {
-            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let oa = if ta { Operand::t(&at, k, m) } else { Operand::n(&a, m, k) };
-                let ob = if tb { Operand::t(&bt, n, k) } else { Operand::n(&b, k, n) };
-                let mut c = vec![0.5f32; m * n];
-                gemm_on(be, &mut c, oa, ob, true);
-                let err = c.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max);
-                assert!(err < 1e-4, "{} ta={ta} tb={tb}: {err}", be.name());
-                let mut c = vec![f32::NAN; m * n]; // replace must ignore the poisoned output
-                gemm_on(be, &mut c, oa, ob, false);
-                assert!(c.iter().zip(&want).all(|(x, y)| (x - (y - 0.5)).abs() < 1e-4), "{}", be.name());
+        // The second size is large enough for the BLAS backend to split it into column blocks
+        // (uneven: 203 columns), the first runs whole.
+        for (m, n, k) in [(7, 5, 9), (37, 203, 301)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 11) as f32 - 5.0) / 3.0).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 17 % 13) as f32 - 6.0) / 4.0).collect();
+            let at: Vec<f32> = (0..m * k).map(|i| a[(i % m) * k + i / m]).collect(); // k x m
+            let bt: Vec<f32> = (0..k * n).map(|i| b[(i % k) * n + i / k]).collect(); // n x k
+            let want: Vec<f64> = (0..m * n)
+                .map(|i| (0..k).map(|p| f64::from(a[(i / n) * k + p]) * f64::from(b[p * n + i % n])).sum::<f64>() + 0.5)
+                .collect();
+            let close = |got: f32, want: f64| (f64::from(got) - want).abs() < 1e-4 * (1.0 + want.abs());
+            for be in &backends {
+                for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                    let what = format!("{} {m}x{k}x{n} ta={ta} tb={tb}", be.name());
+                    let oa = if ta { Operand::t(&at, k, m) } else { Operand::n(&a, m, k) };
+                    let ob = if tb { Operand::t(&bt, n, k) } else { Operand::n(&b, k, n) };
+                    let mut c = vec![0.5f32; m * n];
+                    gemm_on(be, &mut c, oa, ob, true);
+                    assert!(c.iter().zip(&want).all(|(&x, &y)| close(x, y)), "{what}: accumulate");
+                    let mut c = vec![f32::NAN; m * n]; // replace must ignore the poisoned output
+                    gemm_on(be, &mut c, oa, ob, false);
+                    assert!(c.iter().zip(&want).all(|(&x, &y)| close(x, y - 0.5)), "{what}: replace");
+                }
             }
         }
     }
