@@ -23,7 +23,7 @@
 #                  check can see (the SDDMM epilogue launched for nnz + 1 coefficients: it
 #                  reads dC and writes dM one past their ends, into the red zones:
 #                  CUDA_ERROR_ILLEGAL_ADDRESS);
-#        d.  join  the C ABI's layer stream no longer waits for the caller's stream (run with
+#        d.  join  the C ABI's layer stream no longer waits for the caller's stream (join.rs, run with
 #                  SVFT_VGPU_ADVERSARIAL; wrong results, also without it, as the virtual GPU
 #                  runs each stream on its own worker);
 #        e.  load  a kernel name missing from Gpu::new's load list (gate_from_gamma).
@@ -221,8 +221,8 @@ mutant c2 "ws: the SDDMM epilogue launched for one coefficient more than dC and 
   "    let nnz_i = nnz as i32 + 1;" \
   "$ILLEGAL" -- "$PARAMS"
 
-mutant d "join: the C ABI's layer stream no longer waits for the caller's stream" src/ffi/cuda/mod.rs \
-  "        own.wait(&inner.entered).map_err(|e| drv(\"ordering the layer's stream after the caller's\", e))?;" \
+mutant d "join: the C ABI's layer stream no longer waits for the caller's stream" src/ffi/cuda/join.rs \
+  "        own.wait(&self.entered).map_err(|e| drv(\"ordering the library's stream after the caller's\", e))?;" \
   "" \
   "" "${ADVERSARIAL[@]}" -- "$CYCLE"
 

@@ -130,3 +130,28 @@ pub fn pattern_possible(p: &svft::Pattern, d_out: usize, d_in: usize, r: usize) 
         _ => true,
     }
 }
+
+/// The CUDA context of device 0 for a test that drives the C ABI with its own device buffers,
+/// or `None` after [`gpu_or_skip`] said why there is none.
+pub fn device_or_skip(test: &str) -> Option<std::sync::Arc<cudarc::driver::CudaContext>> {
+    gpu_or_skip(test)?;
+    Some(cudarc::driver::CudaContext::new(0).unwrap())
+}
+
+/// The raw device address of `s`, as a C caller passes it.
+pub fn dptr<T>(
+    s: &cudarc::driver::CudaSlice<T>,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> *mut std::ffi::c_void {
+    use cudarc::driver::DevicePtr;
+    let (p, _sync) = s.device_ptr(stream);
+    p as *mut std::ffi::c_void
+}
+
+/// `host` rounded to `T` and copied to the device on `stream`.
+pub fn upload<T: svft::cuda::Dtype>(
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    host: &[f32],
+) -> cudarc::driver::CudaSlice<T> {
+    stream.clone_htod(&host.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap()
+}

@@ -17,8 +17,8 @@ use std::ffi::{c_void, CString};
 use std::ptr::null_mut;
 use std::sync::Arc;
 
-use common::{factors, last_error, randn, wide, F32_TOL};
-use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr};
+use common::{device_or_skip, dptr, factors, last_error, randn, upload, wide, F32_TOL};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream};
 use half::bf16;
 use svft::bank::{Adapter, CpuBank, Segment};
 use svft::cuda::Dtype;
@@ -38,20 +38,6 @@ fn expect(st: SvftStatus, want: SvftStatus, what: &str) -> String {
     assert_eq!(st, want, "{what}: {msg}");
     assert!(!msg.is_empty(), "{what}: no message");
     msg
-}
-
-fn device_or_skip(test: &str) -> Option<Arc<CudaContext>> {
-    common::gpu_or_skip(test)?;
-    Some(CudaContext::new(0).unwrap())
-}
-
-fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> *mut c_void {
-    let (p, _sync) = s.device_ptr(stream);
-    p as *mut c_void
-}
-
-fn upload<T: Dtype>(stream: &Arc<CudaStream>, host: &[f32]) -> CudaSlice<T> {
-    stream.clone_htod(&host.iter().map(|&x| T::from_f32(x)).collect::<Vec<T>>()).unwrap()
 }
 
 fn current_context() -> sys::CUcontext {

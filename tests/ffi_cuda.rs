@@ -19,8 +19,8 @@ use common::last_error;
 use std::ffi::{c_void, CString};
 use std::sync::Arc;
 
-use common::{randn, wide};
-use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use common::{device_or_skip, dptr, randn, upload, wide};
+use cudarc::driver::{sys, CudaContext, CudaSlice, CudaStream, DeviceRepr};
 use svft::cuda::{device_count, Dtype};
 use svft::ffi::*;
 use svft::reference::{rel_err, Reference};
@@ -282,21 +282,6 @@ fn cuda_argument_errors_need_no_device() {
 }
 
 // ---- with a device -------------------------------------------------------------------------
-
-fn device_or_skip(test: &str) -> Option<Arc<CudaContext>> {
-    common::gpu_or_skip(test)?;
-    Some(CudaContext::new(0).unwrap())
-}
-
-fn dptr<T>(s: &CudaSlice<T>, stream: &Arc<CudaStream>) -> *mut c_void {
-    let (p, _sync) = s.device_ptr(stream);
-    p as *mut c_void
-}
-
-fn upload<T: Dtype>(stream: &Arc<CudaStream>, host: &[f32]) -> CudaSlice<T> {
-    let v: Vec<T> = host.iter().map(|&x| T::from_f32(x)).collect();
-    stream.clone_htod(&v).unwrap()
-}
 
 fn download<T: Dtype>(stream: &Arc<CudaStream>, dev: &CudaSlice<T>) -> Vec<f32> {
     stream.clone_dtoh(dev).unwrap().into_iter().map(T::to_f32).collect()

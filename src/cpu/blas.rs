@@ -165,9 +165,6 @@ impl Blas {
         }
         let blocks = threads.min(n / 32);
         let per = n.div_ceil(blocks).next_multiple_of(16);
-        let dim = |x: usize| c_int::try_from(x).expect("GEMM dimension beyond a C int");
-        let lda = if a_t { m } else { k };
-        let ldb = if b_t { k } else { n };
         let cp = SendPtr(c.as_mut_ptr());
         rayon::scope(|scope| {
             for j0 in (0..n).step_by(per) {
@@ -180,22 +177,8 @@ impl Blas {
                     // the whole k x n operand) and writes only columns j0..j0+nb of c, which no
                     // other block touches; c outlives the scope.
                     unsafe {
-                        (self.sgemm)(
-                            ROW_MAJOR,
-                            if a_t { TRANS } else { NO_TRANS },
-                            if b_t { TRANS } else { NO_TRANS },
-                            dim(m),
-                            dim(nb),
-                            dim(k),
-                            1.0,
-                            a.as_ptr(),
-                            dim(lda.max(1)),
-                            b.as_ptr().add(b_off),
-                            dim(ldb.max(1)),
-                            if accumulate { 1.0 } else { 0.0 },
-                            cp.get().add(j0),
-                            dim(n),
-                        )
+                        let b = b.as_ptr().add(b_off);
+                        self.raw((a.as_ptr(), a_t), (b, b_t), (m, nb, k), n, cp.get().add(j0), accumulate)
                     }
                 });
             }
@@ -215,11 +198,30 @@ impl Blas {
         (m, n, k): (usize, usize, usize),
         accumulate: bool,
     ) {
-        let dim = |x: usize| c_int::try_from(x).expect("GEMM dimension beyond a C int");
-        let lda = if a_t { m } else { k };
-        let ldb = if b_t { k } else { n };
         // SAFETY: the slices hold exactly the row-major matrices the arguments describe
         // (checked by the caller), and the library writes only c.
+        unsafe { self.raw((a.as_ptr(), a_t), (b.as_ptr(), b_t), (m, n, k), n, c.as_mut_ptr(), accumulate) }
+    }
+
+    /// One `cblas_sgemm`: `c (m x n, row stride ldc)` = `a b (+ c)`, the leading dimensions
+    /// of `a` and `b` those of the whole operands (`b` may point into a column block).
+    ///
+    /// # Safety
+    /// `a` and `b` valid for the operands described, `c` for `m` rows of stride `ldc`, and no
+    /// other thread writing what this call reads or writes.
+    unsafe fn raw(
+        &self,
+        (a, a_t): (*const f32, bool),
+        (b, b_t): (*const f32, bool),
+        (m, n, k): (usize, usize, usize),
+        ldc: usize,
+        c: *mut f32,
+        accumulate: bool,
+    ) {
+        let dim = |x: usize| c_int::try_from(x).expect("GEMM dimension beyond a C int");
+        let lda = if a_t { m } else { k };
+        let ldb = if b_t { k } else { ldc };
+        // SAFETY: per the contract.
         unsafe {
             (self.sgemm)(
                 ROW_MAJOR,
@@ -229,13 +231,13 @@ impl Blas {
                 dim(n),
                 dim(k),
                 1.0,
-                a.as_ptr(),
+                a,
                 dim(lda.max(1)),
-                b.as_ptr(),
+                b,
                 dim(ldb.max(1)),
                 if accumulate { 1.0 } else { 0.0 },
-                c.as_mut_ptr(),
-                dim(n.max(1)),
+                c,
+                dim(ldc.max(1)),
             )
         }
     }

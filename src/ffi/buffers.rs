@@ -85,6 +85,14 @@ pub(crate) struct Span {
 
 /// A checked buffer of `len` elements of `elem` bytes (`len` > 0): non-null, aligned, and
 /// small enough to be a Rust slice.
+/// The CPU backend's stream rule: `stream` must be NULL.
+pub(crate) fn host_stream(stream: *mut c_void) -> FfiResult {
+    if !stream.is_null() {
+        return fail(SvftStatus::InvalidArgument, "stream must be NULL on the CPU backend");
+    }
+    Ok(())
+}
+
 pub(crate) fn span(what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
     check_addr(what, p as usize, elem)?;
     let bytes = len.checked_mul(elem).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use std::ffi::c_void;
 
 use super::bank::AbiBank;
-use super::buffers::{mul, preflight, read_as_f32, span, Span};
+use super::buffers::{host_stream, mul, preflight, read_as_f32, span, Span};
 use super::layer::{AbiLayer, In, Out};
 use super::status::{fail, FfiResult, SvftStatus};
 use super::{SvftBackend, SvftDtype};
@@ -108,10 +108,7 @@ impl AbiLayer for CpuLayer {
         }
     }
     fn check_stream(&self, stream: *mut c_void) -> FfiResult {
-        if !stream.is_null() {
-            return fail(SvftStatus::InvalidArgument, "stream must be NULL on the CPU backend");
-        }
-        Ok(())
+        host_stream(stream)
     }
     fn check_buffer(&self, what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
         span(what, p, len, elem)

@@ -5,9 +5,9 @@
 
 use std::ffi::c_void;
 
-use super::super::buffers::{span, Span};
+use super::super::buffers::{host_stream, span, Span};
 use super::super::layer::{In, Out};
-use super::super::status::{fail, FfiResult, SvftStatus};
+use super::super::status::FfiResult;
 use super::super::{SvftBackend, SvftDtype};
 use crate::bank::{Adapter, CpuBank, Segment};
 
@@ -59,10 +59,7 @@ impl AbiBank for CpuBank {
         Ok(CpuBank::remove(self, id).map(drop)?)
     }
     fn check_stream(&self, stream: *mut c_void) -> FfiResult {
-        if !stream.is_null() {
-            return fail(SvftStatus::InvalidArgument, "stream must be NULL on the CPU backend");
-        }
-        Ok(())
+        host_stream(stream)
     }
     fn check_buffer(&self, what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
         span(what, p, len, elem)
