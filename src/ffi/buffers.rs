@@ -83,8 +83,6 @@ pub(crate) struct Span {
     end: usize,
 }
 
-/// A checked buffer of `len` elements of `elem` bytes (`len` > 0): non-null, aligned, and
-/// small enough to be a Rust slice.
 /// The CPU backend's stream rule: `stream` must be NULL.
 pub(crate) fn host_stream(stream: *mut c_void) -> FfiResult {
     if !stream.is_null() {
@@ -93,6 +91,8 @@ pub(crate) fn host_stream(stream: *mut c_void) -> FfiResult {
     Ok(())
 }
 
+/// A checked buffer of `len` elements of `elem` bytes (`len` > 0): non-null, aligned, and
+/// small enough to be a Rust slice.
 pub(crate) fn span(what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
     check_addr(what, p as usize, elem)?;
     let bytes = len.checked_mul(elem).filter(|&b| b <= isize::MAX as usize).ok_or_else(|| {

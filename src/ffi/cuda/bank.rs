@@ -3,7 +3,6 @@
 //! `CUstream`, with the same stream join as layers (`join.rs`): forward only enqueues work.
 
 use std::ffi::c_void;
-use std::sync::Arc;
 
 use super::super::bank::AbiBank;
 use super::super::buffers::{preflight, Span};
@@ -14,12 +13,11 @@ use super::join::StreamJoin;
 use super::memory::{device_buffer_on, Borrowed, ContextGuard, InContext};
 use super::{drv, dtype_of, CudaRecord};
 use crate::bank::{Adapter, CpuBank, CudaBank, Segment};
-use crate::cuda::{Dtype, Gpu};
+use crate::cuda::Dtype;
 use crate::layer::svd::Factors;
 
 struct Inner<T: Dtype> {
     bank: CudaBank<T>,
-    gpu: Arc<Gpu>,
     ordinal: usize,
     join: StreamJoin,
 }
@@ -39,11 +37,11 @@ impl<T: Dtype> CudaBankRecord<T> {
         let [u, s, v] = layer.factors()?;
         let bias = layer.bias()?.map(|b| b.into_owned());
         let factors = Factors::new(d.d_out, d.d_in, u.into_owned(), s.into_owned(), v.into_owned())?;
-        let gpu = layer.inner.gpu.clone();
+        let gpu = layer.inner.gpu().clone();
         let _ctx = ContextGuard::new(Some(&gpu))?;
         let stream = gpu.context().new_stream().map_err(|e| drv("creating the bank's stream", e))?;
         let bank = CudaBank::<T>::new(gpu.clone(), stream, &factors, bias.as_deref())?;
-        let inner = Inner { bank, join: StreamJoin::new(&gpu)?, ordinal: layer.inner.ordinal, gpu: gpu.clone() };
+        let inner = Inner { bank, join: StreamJoin::new(&gpu)?, ordinal: layer.inner.ordinal };
         Ok(CudaBankRecord { inner: InContext::new(gpu, inner) })
     }
 }
@@ -61,22 +59,22 @@ impl<T: Dtype> AbiBank for CudaBankRecord<T> {
     // A change drops the device layout (freed with the bank's context current); the next
     // forward uploads it again.
     fn add(&mut self, id: u32, adapter: Adapter) -> FfiResult {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         Ok(self.inner.bank.add(id, adapter)?)
     }
     fn replace(&mut self, id: u32, adapter: Adapter) -> FfiResult {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         Ok(self.inner.bank.replace(id, adapter).map(drop)?)
     }
     fn remove(&mut self, id: u32) -> FfiResult {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         Ok(self.inner.bank.remove(id).map(drop)?)
     }
     fn check_stream(&self, _stream: *mut c_void) -> FfiResult {
         Ok(()) // any CUstream of the bank's context, NULL included; the driver checks it in use
     }
     fn check_buffer(&self, what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         device_buffer_on(what, p, len, elem, self.inner.ordinal)
     }
     unsafe fn forward(
@@ -87,7 +85,7 @@ impl<T: Dtype> AbiBank for CudaBankRecord<T> {
         (y, y_len): Out,
         stream: *mut c_void,
     ) -> FfiResult {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         let Inner { bank, join, .. } = &mut *self.inner;
         let own = bank.stream().clone();
         join.run(&own, stream, || {

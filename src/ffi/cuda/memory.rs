@@ -244,6 +244,14 @@ impl<T> InContext<T> {
     pub(super) fn new(gpu: Arc<Gpu>, value: T) -> Self {
         InContext { gpu, value: std::mem::ManuallyDrop::new(value) }
     }
+    /// The device the value lives on.
+    pub(super) fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+    /// Makes the value's context current until the guard drops (then the caller's again).
+    pub(super) fn enter(&self) -> FfiResult<ContextGuard> {
+        ContextGuard::new(Some(&self.gpu))
+    }
 }
 
 impl<T> std::ops::Deref for InContext<T> {

@@ -83,7 +83,6 @@ fn dtype_of<T: Dtype>() -> SvftDtype {
 
 struct Inner<T: Dtype> {
     layer: CudaLayer<T>,
-    gpu: Arc<Gpu>,
     ordinal: usize,
     has_bias: bool,
     /// Orders the layer's stream with the caller's on every call (shared so that a call can
@@ -146,9 +145,8 @@ fn record<T: Dtype>(
         layer,
         ordinal,
         has_bias: bias.is_some(),
-        gpu,
     };
-    Ok(CudaRecord { inner: InContext::new(inner.gpu.clone(), inner) })
+    Ok(CudaRecord { inner: InContext::new(gpu, inner) })
 }
 
 /// What both CUDA creation paths stage before they build: the device the inputs are on (that
@@ -257,20 +255,20 @@ impl<T: Dtype> CudaRecord<T> {
     /// Runs `f` on the layer's stream, joined with the caller's `stream` both ways, with the
     /// layer's context current. The join back happens even when `f` fails.
     fn on_stream<R>(&mut self, stream: *mut c_void, f: impl FnOnce(&mut Inner<T>) -> FfiResult<R>) -> FfiResult<R> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         let (own, join) = (self.inner.layer.stream().clone(), self.inner.join.clone());
         join.run(&own, stream, || f(&mut self.inner))
     }
 
     /// Runs `f` on the layer with its context current (for calls that synchronise the host).
     fn bound<R>(&self, f: impl FnOnce(&CudaLayer<T>) -> crate::Result<R>) -> FfiResult<R> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         Ok(f(&self.inner.layer)?)
     }
 
     /// As [`CudaRecord::bound`], mutably.
     fn bound_mut<R>(&mut self, f: impl FnOnce(&mut CudaLayer<T>) -> crate::Result<R>) -> FfiResult<R> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         Ok(f(&mut self.inner.layer)?)
     }
 }
@@ -305,7 +303,7 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
         Ok(()) // any CUstream of the layer's context, NULL included; the driver checks it in use
     }
     fn check_buffer(&self, what: &'static str, p: *const c_void, len: usize, elem: usize) -> FfiResult<Span> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         device_buffer_on(what, p, len, elem, self.inner.ordinal)
     }
 
@@ -432,7 +430,7 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
     }
     /// As the layer holds them: U and V rounded to its dtype, s in f32 (synchronises).
     fn factors(&self) -> FfiResult<[Cow<'_, [f32]>; 3]> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         let l = &self.inner.layer;
         let (u, s, v) = l.device_factors();
         let st = l.stream();
@@ -444,7 +442,7 @@ impl<T: Dtype> AbiLayer for CudaRecord<T> {
         ])
     }
     fn bias(&self) -> FfiResult<Option<Cow<'_, [f32]>>> {
-        let _ctx = ContextGuard::new(Some(&self.inner.gpu))?;
+        let _ctx = self.inner.enter()?;
         let l = &self.inner.layer;
         let Some(b) = l.device_bias() else { return Ok(None) };
         let b = l.stream().clone_dtoh(b).map_err(|e| drv("reading the bias", e))?;
